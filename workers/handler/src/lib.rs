@@ -1,0 +1,214 @@
+//! The contract between the Stevedore core and its job kinds.
+//!
+//! A job kind is a payload type plus a [`Handler`] impl living in its own
+//! worker crate. The core knows kinds only through this crate: it validates
+//! payloads at submit time ([`Payload::validate`]), runs handlers with a
+//! [`JobContext`], and maps a [`JobError`] to the job's next state. Worker
+//! crates never see the store or the broker.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A payload field that failed validation; `field` is a dotted path relative
+/// to the payload (`sleep_ms`, `questions[2].options`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A job payload: parsed strictly (`#[serde(deny_unknown_fields)]` on the
+/// type), then checked by `validate` for what serde cannot express.
+pub trait Payload: DeserializeOwned + Serialize + Send + 'static {
+    fn validate(&self) -> Result<(), FieldError> {
+        Ok(())
+    }
+}
+
+/// Parses and validates a payload, naming the offending field on failure.
+pub fn parse_payload<P: Payload>(value: &serde_json::Value) -> Result<P, FieldError> {
+    let payload: P = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        FieldError::new(field, e.inner().to_string())
+    })?;
+    payload.validate()?;
+    Ok(payload)
+}
+
+/// Why an attempt failed. The class decides the job's fate: retrying a
+/// permanent error is a bug, so classify where the error happens.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobError {
+    /// Timeouts, 429, 5xx, lost connections: try again after the backoff, or
+    /// after `retry_after` when the remote side said how long to wait.
+    #[error("{message}")]
+    Retryable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// Bad input, 4xx, nothing to extract: the job goes to the dead letters.
+    #[error("{message}")]
+    Permanent { message: String },
+}
+
+impl JobError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::Retryable {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn retry_after(message: impl Into<String>, after: Duration) -> Self {
+        Self::Retryable {
+            message: message.into(),
+            retry_after: Some(after),
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self::Permanent {
+            message: message.into(),
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable { .. })
+    }
+}
+
+/// A job the running job asks the core to submit when it succeeds, in the
+/// same transaction that records the success (chains such as scrape → analyze).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChildJob {
+    pub kind: String,
+    pub payload: serde_json::Value,
+}
+
+/// What a handler knows about the attempt it runs.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub job_id: Uuid,
+    /// Attempt number, counting every attempt ever made (replays included).
+    pub attempt: u32,
+    /// Fired when the job is cancelled or its lease is lost: stop soon, the
+    /// result will be discarded anyway.
+    pub cancelled: CancellationToken,
+    children: Arc<Mutex<Vec<ChildJob>>>,
+}
+
+impl JobContext {
+    pub fn new(job_id: Uuid, attempt: u32, cancelled: CancellationToken) -> Self {
+        Self {
+            job_id,
+            attempt,
+            cancelled,
+            children: Arc::default(),
+        }
+    }
+
+    /// Queues a child job, submitted only if this attempt succeeds.
+    pub fn spawn_child(&self, kind: impl Into<String>, payload: serde_json::Value) {
+        let child = ChildJob {
+            kind: kind.into(),
+            payload,
+        };
+        // A poisoned lock means another thread panicked mid-push; the vector
+        // itself is still valid, so keep going rather than lose the child.
+        match self.children.lock() {
+            Ok(mut c) => c.push(child),
+            Err(p) => p.into_inner().push(child),
+        }
+    }
+
+    pub fn take_children(&self) -> Vec<ChildJob> {
+        match self.children.lock() {
+            Ok(mut c) => std::mem::take(&mut *c),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        }
+    }
+}
+
+/// One job kind. `KIND` is stored with every job and must never change:
+/// renaming it would orphan stored jobs, so it is not derived from the type.
+pub trait Handler: Send + Sync + 'static {
+    const KIND: &'static str;
+    type Payload: Payload;
+    type Output: Serialize + Send;
+
+    fn run(
+        &self,
+        ctx: &JobContext,
+        payload: Self::Payload,
+    ) -> impl Future<Output = Result<Self::Output, JobError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        n: u32,
+        #[serde(default)]
+        inner: Vec<Inner>,
+    }
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        s: String,
+    }
+    impl Payload for P {
+        fn validate(&self) -> Result<(), FieldError> {
+            if self.n > 10 {
+                return Err(FieldError::new("n", "must be at most 10"));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn parse_payload_names_nested_field_and_rejects_unknown() {
+        let err = parse_payload::<P>(&serde_json::json!({"n": 1, "inner": [{"s": 3}]}))
+            .expect_err("wrong type");
+        assert_eq!(err.field, "inner[0].s");
+        let err = parse_payload::<P>(&serde_json::json!({"n": 1, "extra": true}))
+            .expect_err("unknown field");
+        assert!(err.message.contains("unknown field"), "{err}");
+        let err = parse_payload::<P>(&serde_json::json!({"n": 11})).expect_err("range");
+        assert_eq!(err, FieldError::new("n", "must be at most 10"));
+        assert_eq!(
+            parse_payload::<P>(&serde_json::json!({"n": 3}))
+                .expect("valid")
+                .n,
+            3
+        );
+    }
+
+    #[test]
+    fn children_are_taken_once() {
+        let ctx = JobContext::new(Uuid::nil(), 1, CancellationToken::new());
+        ctx.spawn_child("probe", serde_json::json!({}));
+        assert_eq!(ctx.take_children().len(), 1);
+        assert!(ctx.take_children().is_empty());
+    }
+}

@@ -1,1 +1,241 @@
-fn main() {}
+//! The `stevedore` binary: one subcommand per role of the fleet, plus the
+//! operator CLI.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use stevedore::cli::{self, DlqCommand};
+use stevedore::config::{BackendArgs, ClientArgs, LogFormat, TimingArgs};
+use stevedore::dispatcher::DispatcherConfig;
+use stevedore::fleet::{self, Backend, Roles};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "stevedore", version, about = "Queue-driven job fleet: scrape quiz pages, analyze their questions.")]
+struct Cli {
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process on an SQLite file: API, dispatcher, every pool. No services needed.
+    Dev {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = ".stevedore")]
+        data_dir: PathBuf,
+        /// Concurrency of each worker pool.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[command(flatten)]
+        timing: TimingArgs,
+    },
+    /// The HTTP API (with an embedded dispatcher unless --no-dispatcher).
+    Api {
+        #[arg(long, env = "STEVEDORE_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        #[arg(long)]
+        no_dispatcher: bool,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
+    /// One worker pool process.
+    Worker {
+        #[arg(long)]
+        pool: String,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
+    /// Outbox relay, lease rescue and lost-message repair.
+    Dispatcher {
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
+    /// Submit a job.
+    Submit {
+        kind: String,
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Wait until the job finishes and print it.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a job.
+    Status {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Inspect and replay the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Submit probe jobs through the API and measure throughput and latency.
+    Bench(cli::bench::BenchArgs),
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STEVEDORE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+/// Cancels on SIGTERM or Ctrl-C.
+fn stop_on_signal() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot listen for SIGTERM.");
+                    let _ = ctrl_c.await;
+                    s.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("Stop signal received.");
+        s.cancel();
+    });
+    stop
+}
+
+async fn run_roles(backend: Backend, roles: Roles) -> anyhow::Result<()> {
+    stevedore::metrics::init();
+    let running = fleet::start(backend, fleet::default_kinds(), roles).await?;
+    if let Some(addr) = running.addr {
+        tracing::info!(%addr, "API listening.");
+    }
+    let stop = stop_on_signal();
+    let inner = running.stop.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        inner.cancel();
+    });
+    running.wait().await;
+    Ok(())
+}
+
+fn dispatcher_cfg(t: &TimingArgs) -> DispatcherConfig {
+    DispatcherConfig {
+        lost_after: t.lost_after(),
+        ..DispatcherConfig::default()
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command {
+        Command::Dev {
+            listen,
+            data_dir,
+            concurrency,
+            timing,
+        } => {
+            let backend = Backend::embedded(&data_dir, &timing).await?;
+            eprintln!(
+                "stevedore dev: API and display on http://{listen}  (data in {})\n  try: stevedore submit probe --payload '{{\"sleep_ms\": 200}}' --wait",
+                data_dir.display()
+            );
+            let workers = fleet::default_kinds()
+                .names()
+                .into_iter()
+                .map(|k| (k.to_owned(), concurrency))
+                .collect();
+            let roles = Roles {
+                api: Some(listen),
+                dispatcher: Some(dispatcher_cfg(&timing)),
+                workers,
+                timing,
+            };
+            run_roles(backend, roles).await
+        }
+        Command::Api {
+            listen,
+            no_dispatcher,
+            backend,
+        } => {
+            let roles = Roles {
+                api: Some(listen),
+                dispatcher: (!no_dispatcher).then(|| dispatcher_cfg(&backend.timing)),
+                workers: vec![],
+                timing: backend.timing.clone(),
+            };
+            run_roles(Backend::production(&backend).await?, roles).await
+        }
+        Command::Worker {
+            pool,
+            concurrency,
+            backend,
+        } => {
+            anyhow::ensure!(
+                fleet::default_kinds().get(&pool).is_some(),
+                "unknown pool {pool:?}; known: {}",
+                fleet::default_kinds().names().join(", ")
+            );
+            let roles = Roles {
+                api: None,
+                dispatcher: None,
+                workers: vec![(pool, concurrency)],
+                timing: backend.timing.clone(),
+            };
+            run_roles(Backend::production(&backend).await?, roles).await
+        }
+        Command::Dispatcher { backend } => {
+            let roles = Roles {
+                api: None,
+                dispatcher: Some(dispatcher_cfg(&backend.timing)),
+                workers: vec![],
+                timing: backend.timing.clone(),
+            };
+            run_roles(Backend::production(&backend).await?, roles).await
+        }
+        Command::Migrate { backend } => {
+            Backend::production(&backend).await.context("migrate")?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Submit {
+            kind,
+            payload,
+            wait,
+            client,
+        } => cli::submit(&client, &kind, &payload, wait).await,
+        Command::Status { id, client } => cli::status(&client, &id).await,
+        Command::Dlq { command, client } => cli::dlq(&client, command).await,
+        Command::Bench(args) => cli::bench::run(args).await,
+    }
+}

@@ -1,0 +1,239 @@
+//! Job routes: submit (single and batch, idempotent), get, list, cancel.
+
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use stevedore_handler::FieldError;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::{parse_body, parse_id, ApiError, AppState};
+use crate::job::{Inserted, Job, JobStatus, NewJob, SubmitRequest};
+use crate::store::{CancelOutcome, ListFilter};
+
+#[derive(Serialize, ToSchema)]
+pub struct Links {
+    #[serde(rename = "self")]
+    pub self_: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    pub id: Uuid,
+    pub status: JobStatus,
+    /// False when an earlier job with the same idempotency key was returned.
+    pub created: bool,
+    pub links: Links,
+}
+
+impl From<Inserted> for Accepted {
+    fn from(i: Inserted) -> Self {
+        Self {
+            id: i.id,
+            status: i.status,
+            created: i.created,
+            links: Links {
+                self_: format!("/v1/jobs/{}", i.id),
+            },
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// 1 to 1000 jobs, inserted in one transaction.
+    pub jobs: Vec<SubmitRequest>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BatchAccepted {
+    pub jobs: Vec<Accepted>,
+}
+
+pub const MAX_BATCH: usize = 1000;
+
+async fn insert(s: &AppState, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, ApiError> {
+    let inserted = s.store.insert_jobs(&jobs).await?;
+    for (job, ins) in jobs.iter().zip(&inserted) {
+        if ins.created {
+            crate::metrics::SUBMITTED.with_label_values(&[&job.kind]).inc();
+        }
+    }
+    if let Some(w) = &s.wake {
+        w.notify_one();
+    }
+    Ok(inserted)
+}
+
+/// Submit one job.
+#[utoipa::path(post, path = "/v1/jobs", request_body = SubmitRequest, responses(
+    (status = 202, description = "Accepted", body = Accepted),
+    (status = 200, description = "The idempotency key was seen before: the first job", body = Accepted),
+    (status = 400, description = "Not JSON", body = super::error::ErrorBody),
+    (status = 413, description = "Body over 1 MiB", body = super::error::ErrorBody),
+    (status = 422, description = "Invalid job; `field` names the path", body = super::error::ErrorBody)))]
+pub async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: SubmitRequest = parse_body(body)?;
+    let job = NewJob::parse(req, &s.kinds).map_err(ApiError::Invalid)?;
+    let ins = insert(&s, vec![job])
+        .await?
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("insert returned nothing"))?;
+    let status = if ins.created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Json(Accepted::from(ins))).into_response())
+}
+
+/// Submit up to 1000 jobs in one transaction.
+#[utoipa::path(post, path = "/v1/jobs/batch", request_body = BatchRequest, responses(
+    (status = 202, description = "Accepted", body = BatchAccepted),
+    (status = 422, description = "A job is invalid; `field` is e.g. `jobs[3].payload.sleep_ms`", body = super::error::ErrorBody)))]
+pub async fn submit_batch(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: BatchRequest = parse_body(body)?;
+    if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH {
+        return Err(ApiError::Invalid(FieldError::new("jobs", "must hold 1 to 1000 jobs")));
+    }
+    let jobs = req
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            NewJob::parse(r, &s.kinds)
+                .map_err(|e| ApiError::Invalid(FieldError::new(format!("jobs[{i}].{}", e.field), e.message)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let inserted = insert(&s, jobs).await?;
+    let body = BatchAccepted {
+        jobs: inserted.into_iter().map(Accepted::from).collect(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// One job, with its result, errors and children.
+#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = Uuid, Path)), responses(
+    (status = 200, body = Job), (status = 404, body = super::error::ErrorBody)))]
+pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+    let id = parse_id(&id)?;
+    s.store.get_job(id).await?.map(Json).ok_or(ApiError::NotFound("job"))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    pub kind: Option<String>,
+    /// 1..=500, default 50.
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<Uuid>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+pub(crate) fn filter_from(q: ListQuery) -> Result<ListFilter, ApiError> {
+    let status = q
+        .status
+        .map(|s| {
+            JobStatus::parse(&s).ok_or_else(|| {
+                ApiError::BadParam(FieldError::new(
+                    "status",
+                    "must be queued, running, retrying, succeeded, dead or cancelled",
+                ))
+            })
+        })
+        .transpose()?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadParam(FieldError::new("limit", "must be between 1 and 500")));
+    }
+    Ok(ListFilter {
+        status,
+        kind: q.kind,
+        limit,
+        before: q.cursor,
+    })
+}
+
+pub(crate) fn page(jobs: Vec<Job>, limit: i64) -> JobPage {
+    let next_cursor = if jobs.len() as i64 == limit {
+        jobs.last().map(|j| j.id)
+    } else {
+        None
+    };
+    JobPage { jobs, next_cursor }
+}
+
+pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::BadParam(FieldError::new("query", e.body_text())))
+}
+
+/// A page of jobs, newest first.
+#[utoipa::path(get, path = "/v1/jobs", params(ListQuery), responses((status = 200, body = JobPage)))]
+pub async fn list(
+    State(s): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<JobPage>, ApiError> {
+    let f = filter_from(query(q)?)?;
+    let jobs = s.store.list_jobs(&f).await?;
+    Ok(Json(page(jobs, f.limit)))
+}
+
+/// Cancel a job: queued and retrying jobs at once, a running job at its
+/// worker's next lease check.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = Uuid, Path)), responses(
+    (status = 200, description = "Cancelled"),
+    (status = 202, description = "Running: cancellation requested"),
+    (status = 404, body = super::error::ErrorBody),
+    (status = 409, description = "Already finished", body = super::error::ErrorBody)))]
+pub async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    match s.store.cancel(id).await? {
+        CancelOutcome::Cancelled => Ok((
+            StatusCode::OK,
+            Json(serde_json::json!({"id": id, "status": "cancelled"})),
+        )
+            .into_response()),
+        CancelOutcome::Requested => Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"id": id, "status": "running", "cancel_requested": true})),
+        )
+            .into_response()),
+        CancelOutcome::AlreadyFinished(st) => Err(ApiError::Conflict(format!(
+            "job is already {}; only queued, retrying or running jobs can be cancelled",
+            st.as_str()
+        ))),
+        CancelOutcome::NotFound => Err(ApiError::NotFound("job")),
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    /// Count only jobs with this id or a newer one.
+    pub since: Option<Uuid>,
+    pub kind: Option<String>,
+}
+
+/// Jobs by status, for dashboards and `stevedore bench`.
+#[utoipa::path(get, path = "/v1/stats", params(StatsQuery), responses((status = 200, description = "`{\"counts\": {status: n}}`")))]
+pub async fn stats(
+    State(s): State<AppState>,
+    q: Result<Query<StatsQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = query(q)?;
+    let counts = s.store.counts(q.since, q.kind.as_deref()).await?;
+    Ok(Json(serde_json::json!({"counts": counts})))
+}

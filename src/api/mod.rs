@@ -1,0 +1,128 @@
+//! The HTTP API (axum): routes, shared state and the request-body rules
+//! (1 MiB limit, strict JSON). Handlers live in `jobs` and `dlq`; the
+//! OpenAPI document is assembled in `openapi`.
+
+mod dlq;
+pub mod error;
+mod jobs;
+mod openapi;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use stevedore_handler::FieldError;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+pub use error::ApiError;
+
+use crate::broker::Brokers;
+use crate::kinds::Kinds;
+use crate::store::Store;
+
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub kinds: Kinds,
+    pub brokers: Brokers,
+    /// Wakes an in-process outbox relay right after a submit commits.
+    pub wake: Option<Arc<Notify>>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs/batch", post(jobs::submit_batch))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/dead-letters", get(dlq::list))
+        .route("/v1/dead-letters/{id}", get(dlq::show).delete(dlq::purge))
+        .route("/v1/dead-letters/{id}/replay", post(dlq::replay))
+        .route("/v1/stats", get(jobs::stats))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("route")
+}
+
+async fn method_not_allowed() -> impl IntoResponse {
+    let body = serde_json::json!({"error": {"code": "method_not_allowed", "message": "method not allowed on this route"}});
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body))
+}
+
+/// Parses a JSON body strictly: 413 over the limit, 400 when it is not JSON,
+/// 422 naming the field when it is JSON of the wrong shape.
+pub(crate) fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge
+        } else {
+            ApiError::NotJson(e.body_text())
+        }
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::NotJson(e.to_string()))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        ApiError::Invalid(FieldError::new(field, e.inner().to_string()))
+    })
+}
+
+pub(crate) fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::BadParam(FieldError::new("id", "not a UUID")))
+}
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up")))]
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "Database and every broker in use are reachable"),
+    (status = 503, description = "A dependency is down")))]
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let db = match s.store.ping().await {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    let mut ready = db == "ok";
+    let mut brokers = serde_json::Map::new();
+    for b in s.brokers.all() {
+        let state = match b.ping().await {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => {
+                ready = false;
+                e.to_string()
+            }
+        };
+        brokers.insert(b.name().to_owned(), state.into());
+    }
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({"ready": ready, "database": db, "brokers": brokers});
+    (status, Json(body))
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+}

@@ -1,0 +1,160 @@
+//! The operator CLI: thin commands over the HTTP API, with tables for
+//! people and `--json` for scripts. `bench` lives in its own module.
+
+pub mod bench;
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Subcommand;
+use serde_json::Value;
+
+use crate::config::ClientArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Dead jobs, newest first.
+    List {
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One dead job with its error history.
+    Show { id: String },
+    /// Queue a dead job again with a fresh budget of attempts.
+    Replay { id: String },
+    /// Delete a dead job.
+    Purge { id: String },
+}
+
+pub(crate) fn client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")
+}
+
+/// Sends a request and returns the JSON body, turning API errors into a
+/// readable message.
+pub(crate) async fn call(req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    let resp = req.send().await.context("the API is not reachable (is `stevedore dev` running? see --url)")?;
+    let status = resp.status();
+    let text = resp.text().await.context("reading the response")?;
+    if status.is_success() {
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        return serde_json::from_str(&text).context("the API answered something that is not JSON");
+    }
+    let msg = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| {
+            let e = v.get("error")?;
+            let field = e.get("field").and_then(Value::as_str).map(|f| format!(" (field {f})")).unwrap_or_default();
+            Some(format!("{}{field}", e.get("message")?.as_str()?))
+        })
+        .unwrap_or(text);
+    bail!("{status}: {msg}")
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn print_job(job: &Value) {
+    for k in ["id", "kind", "status", "attempt", "created_at", "started_at", "finished_at", "next_run_at"] {
+        println!("{k:<12} {}", s(job, k));
+    }
+    if let Some(r) = job.get("result").filter(|r| !r.is_null()) {
+        println!("{:<12} {r}", "result");
+    }
+    if let Some(Value::Array(errors)) = job.get("errors") {
+        for e in errors {
+            println!("{:<12} #{} {} {}: {}", "error", s(e, "attempt"), s(e, "at"), s(e, "class"), s(e, "message"));
+        }
+    }
+    if let Some(Value::Array(kids)) = job.get("children") {
+        for c in kids {
+            println!("{:<12} {} {} {}", "child", s(c, "id"), s(c, "kind"), s(c, "status"));
+        }
+    }
+}
+
+fn print_page(page: &Value) {
+    println!("{:<38} {:<10} {:<10} {:>7}  CREATED", "ID", "KIND", "STATUS", "ATTEMPT");
+    if let Some(Value::Array(jobs)) = page.get("jobs") {
+        for j in jobs {
+            println!("{:<38} {:<10} {:<10} {:>7}  {}", s(j, "id"), s(j, "kind"), s(j, "status"), s(j, "attempt"), s(j, "created_at"));
+        }
+    }
+}
+
+fn output(c: &ClientArgs, v: &Value, human: impl Fn(&Value)) {
+    if c.json {
+        println!("{v}");
+    } else {
+        human(v);
+    }
+}
+
+pub async fn submit(c: &ClientArgs, kind: &str, payload: &str, wait: bool) -> anyhow::Result<()> {
+    let payload: Value = serde_json::from_str(payload).context("--payload is not valid JSON")?;
+    let http = client()?;
+    let body = serde_json::json!({"kind": kind, "payload": payload});
+    let accepted = call(http.post(format!("{}/v1/jobs", c.url)).json(&body)).await?;
+    let id = s(&accepted, "id");
+    if !wait {
+        output(c, &accepted, |v| println!("{} {}", s(v, "id"), s(v, "status")));
+        return Ok(());
+    }
+    if !c.json {
+        eprintln!("submitted {id}; waiting…");
+    }
+    loop {
+        let job = call(http.get(format!("{}/v1/jobs/{id}", c.url))).await?;
+        let status = s(&job, "status");
+        if matches!(status.as_str(), "succeeded" | "dead" | "cancelled") {
+            output(c, &job, print_job);
+            if status != "succeeded" {
+                bail!("job ended {status}");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn status(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
+    let job = call(client()?.get(format!("{}/v1/jobs/{id}", c.url))).await?;
+    output(c, &job, print_job);
+    Ok(())
+}
+
+pub async fn dlq(c: &ClientArgs, cmd: DlqCommand) -> anyhow::Result<()> {
+    let http = client()?;
+    let base = format!("{}/v1/dead-letters", c.url);
+    match cmd {
+        DlqCommand::List { kind, limit } => {
+            let mut req = http.get(&base).query(&[("limit", limit.to_string())]);
+            if let Some(k) = kind {
+                req = req.query(&[("kind", k)]);
+            }
+            output(c, &call(req).await?, print_page);
+        }
+        DlqCommand::Show { id } => output(c, &call(http.get(format!("{base}/{id}"))).await?, print_job),
+        DlqCommand::Replay { id } => {
+            let v = call(http.post(format!("{base}/{id}/replay"))).await?;
+            output(c, &v, |v| println!("{} {}", s(v, "id"), s(v, "status")));
+        }
+        DlqCommand::Purge { id } => {
+            call(http.delete(format!("{base}/{id}"))).await?;
+            output(c, &serde_json::json!({"id": id, "purged": true}), |_| println!("{id} purged"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! The dispatcher: small named services that keep jobs moving when nothing
+//! else would. `OutboxRelay` publishes committed jobs (and due retries and
+//! delayed jobs) to their broker; `LeaseRescuer` returns jobs whose worker
+//! died; `LostMessageRepair` re-sends jobs a broker forgot. Each has a
+//! `run_once` that tests call directly. Several dispatchers may run at once:
+//! the store takes rows with `FOR UPDATE SKIP LOCKED`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Brokers;
+use crate::job::JobStatus;
+use crate::metrics;
+use crate::store::{Store, StoreResult};
+
+#[derive(Debug, Clone)]
+pub struct DispatcherConfig {
+    pub batch: i64,
+    /// Idle poll interval of the relay when nobody wakes it.
+    pub poll: Duration,
+    pub rescue_every: Duration,
+    /// A job waiting this long after it was sent is presumed lost by the broker.
+    pub lost_after: Duration,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self {
+            batch: 1000,
+            poll: Duration::from_millis(100),
+            rescue_every: Duration::from_secs(1),
+            lost_after: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    brokers: Brokers,
+    cfg: DispatcherConfig,
+    /// Woken by an in-process submit so the relay publishes at once.
+    wake: Arc<Notify>,
+}
+
+impl Dispatcher {
+    pub fn new(store: Arc<dyn Store>, brokers: Brokers, cfg: DispatcherConfig) -> Self {
+        Self {
+            store,
+            brokers,
+            cfg,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// OutboxRelay: one batch of due outbox rows to the brokers.
+    pub async fn relay_once(&self) -> StoreResult<usize> {
+        self.store.relay_outbox(self.cfg.batch, &self.brokers).await
+    }
+
+    /// LeaseRescuer: one batch of expired leases.
+    pub async fn rescue_once(&self) -> StoreResult<usize> {
+        let n = self.store.rescue_expired(self.cfg.batch).await?;
+        if n > 0 {
+            metrics::REPAIRED.with_label_values(&["lease_rescuer"]).inc_by(n as u64);
+            tracing::info!(jobs = n, "Expired leases rescued.");
+        }
+        Ok(n)
+    }
+
+    /// LostMessageRepair: one batch of jobs the broker lost.
+    pub async fn repair_once(&self) -> StoreResult<usize> {
+        let n = self.store.repair_lost(self.cfg.lost_after, self.cfg.batch).await?;
+        if n > 0 {
+            metrics::REPAIRED.with_label_values(&["lost_message_repair"]).inc_by(n as u64);
+            tracing::info!(jobs = n, "Jobs re-sent after their message was lost.");
+        }
+        Ok(n)
+    }
+
+    async fn refresh_gauges(&self) -> StoreResult<()> {
+        let d = self.store.depths().await?;
+        metrics::DEPTH.reset();
+        for ((kind, status), n) in d.by_kind_status {
+            metrics::DEPTH.with_label_values(&[&kind, status.as_str()]).set(n);
+        }
+        for s in [JobStatus::Queued, JobStatus::Dead] {
+            // Keep a zero visible for the probe pool so dashboards have a series.
+            metrics::DEPTH.with_label_values(&["probe", s.as_str()]).add(0);
+        }
+        Ok(())
+    }
+
+    /// Runs every service until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let me = self.clone();
+        let s = stop.clone();
+        tracker.spawn(async move {
+            while !s.is_cancelled() {
+                match me.relay_once().await {
+                    Ok(n) if n as i64 >= me.cfg.batch => continue,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "Outbox relay failed."),
+                }
+                tokio::select! {
+                    () = me.wake.notified() => {},
+                    () = tokio::time::sleep(me.cfg.poll) => {},
+                    () = s.cancelled() => {},
+                }
+            }
+        });
+        let me = self.clone();
+        let every = self.cfg.rescue_every;
+        tracker.spawn(periodic(stop.clone(), every, move || {
+            let me = me.clone();
+            async move {
+                me.rescue_once().await?;
+                Ok(())
+            }
+        }));
+        let me = self.clone();
+        let every = (self.cfg.lost_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+        tracker.spawn(periodic(stop.clone(), every, move || {
+            let me = me.clone();
+            async move {
+                me.repair_once().await?;
+                Ok(())
+            }
+        }));
+        let me = self.clone();
+        tracker.spawn(periodic(stop.clone(), Duration::from_secs(5), move || {
+            let me = me.clone();
+            async move { me.refresh_gauges().await }
+        }));
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+async fn periodic<F, Fut>(stop: CancellationToken, every: Duration, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<()>>,
+{
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            () = stop.cancelled() => return,
+        }
+        if let Err(e) = f().await {
+            tracing::warn!(error = %e, "Dispatcher service failed; will retry.");
+        }
+    }
+}

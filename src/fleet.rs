@@ -1,0 +1,165 @@
+//! Assembles the roles of the fleet from a store, brokers and kinds: the
+//! API server, the dispatcher and worker pools, alone (production roles) or
+//! all in one process (`stevedore dev`, tests).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppState};
+use crate::broker::embedded::EmbeddedBroker;
+use crate::broker::redis::RedisBroker;
+use crate::broker::Brokers;
+use crate::config::{BackendArgs, TimingArgs};
+use crate::dispatcher::{Dispatcher, DispatcherConfig};
+use crate::kinds::Kinds;
+use crate::store::postgres::PgStore;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+use crate::worker::{Worker, WorkerConfig};
+
+/// A store and the brokers that go with it.
+#[derive(Clone)]
+pub struct Backend {
+    pub store: Arc<dyn Store>,
+    pub brokers: Brokers,
+}
+
+impl Backend {
+    /// Postgres + Redis, migrated.
+    pub async fn production(args: &BackendArgs) -> anyhow::Result<Self> {
+        let store = PgStore::connect(&args.database_url, args.db_pool).await?;
+        let store: Arc<dyn Store> = Arc::new(store);
+        migrate_with_retry(store.as_ref()).await?;
+        let redis = RedisBroker::connect(&args.redis_url, &args.redis_prefix, args.timing.lease())
+            .await
+            .context("connecting to Redis (REDIS_URL)")?;
+        Ok(Self {
+            store,
+            brokers: Brokers::new(Arc::new(redis)),
+        })
+    }
+
+    /// One SQLite file holding jobs and the embedded queue.
+    pub async fn embedded(data_dir: &Path, timing: &TimingArgs) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let store = SqliteStore::open(&data_dir.join("stevedore.db")).await?;
+        store.migrate().await?;
+        let broker = EmbeddedBroker::new(store.pool().clone(), timing.lease());
+        Ok(Self {
+            store: Arc::new(store),
+            brokers: Brokers::new(Arc::new(broker)),
+        })
+    }
+}
+
+/// Applies migrations, waiting for a database that is still starting.
+async fn migrate_with_retry(store: &dyn Store) -> anyhow::Result<()> {
+    use backon::Retryable;
+    (|| store.migrate())
+        .retry(
+            backon::ExponentialBuilder::default()
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(10),
+        )
+        .when(|e| matches!(e, crate::store::StoreError::Unavailable(_)))
+        .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "Database not ready."))
+        .await
+        .context("migrating the database")
+}
+
+/// The kinds every role knows.
+pub fn default_kinds() -> Kinds {
+    Kinds::default().register(crate::kinds::probe::Probe)
+}
+
+/// What runs in one process.
+#[derive(Clone)]
+pub struct Roles {
+    pub api: Option<SocketAddr>,
+    pub dispatcher: Option<DispatcherConfig>,
+    /// (pool, concurrency)
+    pub workers: Vec<(String, usize)>,
+    pub timing: TimingArgs,
+}
+
+/// A running set of roles; `stop` drains them and waits.
+pub struct Running {
+    pub addr: Option<SocketAddr>,
+    pub stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Running {
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    pub async fn wait(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Result<Running> {
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut wake = None;
+    if let Some(cfg) = roles.dispatcher.clone() {
+        let d = Dispatcher::new(backend.store.clone(), backend.brokers.clone(), cfg);
+        wake = Some(d.waker());
+        tracker.spawn(d.run(stop.clone()));
+    }
+    for (pool, concurrency) in &roles.workers {
+        let mut cfg = WorkerConfig::new(pool, *concurrency);
+        cfg.lease = roles.timing.lease();
+        cfg.heartbeat = roles.timing.heartbeat();
+        cfg.grace = roles.timing.grace();
+        cfg.check()?;
+        let w = Worker::new(
+            backend.store.clone(),
+            backend.brokers.for_pool(pool).clone(),
+            kinds.clone(),
+            cfg,
+        );
+        let s = stop.clone();
+        tracker.spawn(async move {
+            if let Err(e) = w.run(s).await {
+                tracing::error!(error = %e, "Worker stopped with an error.");
+            }
+        });
+    }
+    let mut addr = None;
+    if let Some(listen) = roles.api {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        addr = Some(listener.local_addr()?);
+        let state = AppState {
+            store: backend.store.clone(),
+            kinds: kinds.clone(),
+            brokers: backend.brokers.clone(),
+            wake,
+        };
+        let app = api::router(state);
+        let s = stop.clone();
+        tracker.spawn(async move {
+            let res = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "API server failed.");
+            }
+        });
+    }
+    Ok(Running { addr, stop, tracker })
+}

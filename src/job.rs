@@ -1,0 +1,278 @@
+//! The job model: states and their allowed transitions, the submit request
+//! (parsed into a [`NewJob`] that can only hold valid values), and the stored
+//! [`Job`] as the API shows it.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use stevedore_handler::FieldError;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::kinds::Kinds;
+
+/// Where a job is in its life. Transitions (each one conditional UPDATE):
+///
+/// ```text
+/// queued ──claim──▶ running ──ok──▶ succeeded
+///    ▲                 │ ├──retryable──▶ retrying ──due+claim──▶ running
+///    │                 │ └──permanent / last attempt──▶ dead ──replay──▶ queued
+///    └── hand back ────┘
+/// queued | retrying | running(at next lease check) ──cancel──▶ cancelled
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Retrying,
+    Succeeded,
+    Dead,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 6] = [
+        Self::Queued,
+        Self::Running,
+        Self::Retrying,
+        Self::Succeeded,
+        Self::Dead,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Succeeded => "succeeded",
+            Self::Dead => "dead",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Dead | Self::Cancelled)
+    }
+
+    /// The event type recorded when a job enters this state.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Self::Queued => "job.queued",
+            Self::Running => "job.started",
+            Self::Retrying => "job.retrying",
+            Self::Succeeded => "job.succeeded",
+            Self::Dead => "job.dead",
+            Self::Cancelled => "job.cancelled",
+        }
+    }
+}
+
+/// Per-job retry delay: exponential from `base_ms`, capped at `max_ms`, with
+/// full jitter (see `lifecycle::retry_delay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    pub base_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base_ms: 1_000,
+            max_ms: 600_000,
+        }
+    }
+}
+
+/// The error of one failed attempt, kept for the whole life of the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AttemptError {
+    pub attempt: i32,
+    /// `retryable` or `permanent`.
+    pub class: String,
+    pub message: String,
+    pub at: DateTime<Utc>,
+}
+
+/// `POST /v1/jobs` body, as the client sends it.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// `probe`, `scrape` or `analyze`.
+    pub kind: String,
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+    /// 1..=25, default 5.
+    pub max_attempts: Option<i32>,
+    /// 1..=86400, default 300.
+    pub timeout_secs: Option<i32>,
+    pub backoff: Option<Backoff>,
+    /// RFC 3339; the job does not start before then.
+    pub run_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+}
+
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 5;
+pub const DEFAULT_TIMEOUT_SECS: i32 = 300;
+
+/// A submit request that passed validation; only `NewJob::parse` builds one.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub max_attempts: i32,
+    pub timeout_secs: i32,
+    pub backoff: Backoff,
+    pub run_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+    pub parent_id: Option<Uuid>,
+}
+
+impl NewJob {
+    pub fn parse(req: SubmitRequest, kinds: &Kinds) -> Result<Self, FieldError> {
+        let handler = kinds.get(&req.kind).ok_or_else(|| {
+            FieldError::new(
+                "kind",
+                format!("unknown kind {:?}; known: {}", req.kind, kinds.names().join(", ")),
+            )
+        })?;
+        handler.validate(&req.payload).map_err(|e| {
+            let field = if e.field.is_empty() {
+                "payload".to_owned()
+            } else {
+                format!("payload.{}", e.field)
+            };
+            FieldError::new(field, e.message)
+        })?;
+        let max_attempts = req.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if !(1..=25).contains(&max_attempts) {
+            return Err(FieldError::new("max_attempts", "must be between 1 and 25"));
+        }
+        let timeout_secs = req.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        if !(1..=86_400).contains(&timeout_secs) {
+            return Err(FieldError::new("timeout_secs", "must be between 1 and 86400"));
+        }
+        let backoff = req.backoff.unwrap_or_default();
+        if backoff.base_ms == 0 || backoff.base_ms > 3_600_000 {
+            return Err(FieldError::new(
+                "backoff.base_ms",
+                "must be between 1 and 3600000",
+            ));
+        }
+        if backoff.max_ms < backoff.base_ms || backoff.max_ms > 86_400_000 {
+            return Err(FieldError::new(
+                "backoff.max_ms",
+                "must be at least base_ms and at most 86400000",
+            ));
+        }
+        if let Some(key) = &req.idempotency_key {
+            if key.is_empty() || key.len() > 200 {
+                return Err(FieldError::new(
+                    "idempotency_key",
+                    "must be 1 to 200 characters",
+                ));
+            }
+        }
+        Ok(Self {
+            id: Uuid::now_v7(),
+            kind: req.kind,
+            payload: req.payload,
+            max_attempts,
+            timeout_secs,
+            backoff,
+            run_at: req.run_at,
+            idempotency_key: req.idempotency_key,
+            parent_id: None,
+        })
+    }
+
+    /// A child submitted by a finishing job (chains). The parent's handler
+    /// built the payload, so it is validated like any other submit.
+    pub fn child(
+        parent: Uuid,
+        child: stevedore_handler::ChildJob,
+        kinds: &Kinds,
+    ) -> Result<Self, FieldError> {
+        let req = SubmitRequest {
+            kind: child.kind,
+            payload: child.payload,
+            max_attempts: None,
+            timeout_secs: None,
+            backoff: None,
+            run_at: None,
+            idempotency_key: None,
+        };
+        let mut job = Self::parse(req, kinds)?;
+        job.parent_id = Some(parent);
+        Ok(job)
+    }
+}
+
+/// Result of inserting one job: `created` is false when an earlier job with
+/// the same idempotency key was returned instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inserted {
+    pub id: Uuid,
+    pub status: JobStatus,
+    pub created: bool,
+}
+
+/// A job's child as the parent shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChildRef {
+    pub id: Uuid,
+    pub kind: String,
+    pub status: JobStatus,
+}
+
+/// A stored job, everything included.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Job {
+    pub id: Uuid,
+    pub kind: String,
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+    pub status: JobStatus,
+    /// Attempts started so far, replays included.
+    pub attempt: i32,
+    pub max_attempts: i32,
+    /// The attempt number that is the last one allowed (moves on replay).
+    pub attempt_limit: i32,
+    pub backoff: Backoff,
+    pub timeout_secs: i32,
+    pub run_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+    pub errors: Vec<AttemptError>,
+    pub parent_id: Option<Uuid>,
+    pub children: Vec<ChildRef>,
+    pub cancel_requested: bool,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub next_run_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_and_terminality() {
+        for s in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+        }
+        assert!(JobStatus::Dead.is_terminal());
+        assert!(!JobStatus::Retrying.is_terminal());
+        assert_eq!(JobStatus::parse("done"), None);
+    }
+}

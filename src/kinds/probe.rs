@@ -1,0 +1,73 @@
+//! The `probe` kind: a real job for synthetic end-to-end checks, drills and
+//! benchmarks. It sleeps, then fails while the attempt number (all attempts
+//! ever made, replays included) is at most `fail_attempts`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use stevedore_handler::{FieldError, Handler, JobContext, JobError, Payload};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureClass {
+    #[default]
+    Retryable,
+    Permanent,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbePayload {
+    #[serde(default)]
+    pub sleep_ms: u64,
+    #[serde(default)]
+    pub fail_attempts: u32,
+    #[serde(default)]
+    pub failure: FailureClass,
+}
+
+impl Payload for ProbePayload {
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.sleep_ms > 3_600_000 {
+            return Err(FieldError::new("sleep_ms", "must be at most 3600000"));
+        }
+        if self.fail_attempts > 1_000 {
+            return Err(FieldError::new("fail_attempts", "must be at most 1000"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProbeOutput {
+    pub attempt: u32,
+    pub slept_ms: u64,
+}
+
+pub struct Probe;
+
+impl Handler for Probe {
+    const KIND: &'static str = "probe";
+    type Payload = ProbePayload;
+    type Output = ProbeOutput;
+
+    async fn run(&self, ctx: &JobContext, p: ProbePayload) -> Result<ProbeOutput, JobError> {
+        if p.sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(p.sleep_ms)).await;
+        }
+        if ctx.attempt <= p.fail_attempts {
+            let msg = format!(
+                "probe failure on attempt {} (fails while attempt <= {})",
+                ctx.attempt, p.fail_attempts
+            );
+            return Err(match p.failure {
+                FailureClass::Retryable => JobError::retryable(msg),
+                FailureClass::Permanent => JobError::permanent(msg),
+            });
+        }
+        Ok(ProbeOutput {
+            attempt: ctx.attempt,
+            slept_ms: p.sleep_ms,
+        })
+    }
+}

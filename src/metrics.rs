@@ -1,0 +1,124 @@
+//! Prometheus metrics of the core, in one registry that `/metrics` renders.
+//! Worker crates register their own metrics into the same [`REGISTRY`].
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+fn reg<C: prometheus::core::Collector + Clone + 'static>(c: C) -> C {
+    // Registering the same name twice only happens if a metric is defined
+    // twice, a programming error caught by the first test that renders.
+    if let Err(e) = REGISTRY.register(Box::new(c.clone())) {
+        tracing::error!(error = %e, "Metric registration failed.");
+    }
+    c
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition"))
+}
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let buckets = exponential_buckets(0.001, 2.5, 14).unwrap_or_default();
+    reg(
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+            .expect("static metric definition"),
+    )
+}
+
+pub static SUBMITTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec("stevedore_jobs_submitted_total", "Jobs accepted by the API.", &["kind"])
+});
+pub static STARTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec("stevedore_jobs_started_total", "Attempts started (claims).", &["kind"])
+});
+pub static FINISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "stevedore_jobs_finished_total",
+        "Attempts finished, by outcome (succeeded, retrying, dead, cancelled, queued = handed back).",
+        &["kind", "outcome"],
+    )
+});
+pub static RUN_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec("stevedore_job_run_seconds", "Handler run time per attempt.", &["kind"])
+});
+pub static WAIT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "stevedore_job_wait_seconds",
+        "Time from submit to the start of an attempt.",
+        &["kind"],
+    )
+});
+pub static DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    reg(IntGaugeVec::new(
+        Opts::new("stevedore_queue_depth", "Jobs by kind and status (queued, retrying, running, dead)."),
+        &["kind", "status"],
+    )
+    .expect("static metric definition"))
+});
+pub static FENCED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "stevedore_fenced_writes_total",
+        "Writes refused because the attempt lost its lease (heartbeat or finish).",
+        &["op"],
+    )
+});
+pub static BROKER_PUBLISH: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "stevedore_broker_publish_total",
+        "Job ids published, by broker and outcome.",
+        &["broker", "outcome"],
+    )
+});
+pub static BROKER_ACK_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    reg(IntCounter::new("stevedore_broker_ack_errors_total", "Broker acks that failed.")
+        .expect("static metric definition"))
+});
+pub static POISON: LazyLock<IntCounter> = LazyLock::new(|| {
+    reg(IntCounter::new(
+        "stevedore_poison_messages_total",
+        "Undecodable broker messages moved aside.",
+    )
+    .expect("static metric definition"))
+});
+pub static REPAIRED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "stevedore_dispatcher_repairs_total",
+        "Jobs moved by the dispatcher's repair services.",
+        &["service"],
+    )
+});
+
+pub fn broker_publish(broker: &str, n: usize, ok: bool) {
+    BROKER_PUBLISH
+        .with_label_values(&[broker, if ok { "ok" } else { "error" }])
+        .inc_by(n as u64);
+}
+
+/// Touches every metric so `/metrics` lists them before first use.
+pub fn init() {
+    LazyLock::force(&SUBMITTED);
+    LazyLock::force(&STARTED);
+    LazyLock::force(&FINISHED);
+    LazyLock::force(&RUN_SECONDS);
+    LazyLock::force(&WAIT_SECONDS);
+    LazyLock::force(&DEPTH);
+    LazyLock::force(&FENCED);
+    LazyLock::force(&BROKER_PUBLISH);
+    LazyLock::force(&BROKER_ACK_ERRORS);
+    LazyLock::force(&POISON);
+    LazyLock::force(&REPAIRED);
+}
+
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&REGISTRY.gather(), &mut buf) {
+        tracing::error!(error = %e, "Encoding metrics failed.");
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}

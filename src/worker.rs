@@ -1,0 +1,406 @@
+//! The worker runtime of one pool: receive job ids from the broker, claim
+//! them in batches with a lease, run each attempt under its timeout while a
+//! heartbeat extends the leases, then commit finishes in batches and ack the
+//! broker only after the commit. SIGTERM (the `stop` token) stops intake,
+//! lets in-flight attempts finish within a grace period and hands back the
+//! rest.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use futures::FutureExt;
+use stevedore_handler::{JobContext, JobError};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::broker::{Acker, Broker, Delivery, Tag};
+use crate::job::NewJob;
+use crate::kinds::Kinds;
+use crate::lifecycle::{after_failure, Finish, FinishCmd};
+use crate::metrics;
+use crate::store::{Claimed, Store};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub pool: String,
+    pub concurrency: usize,
+    /// How long a claim holds the job without a heartbeat.
+    pub lease: Duration,
+    /// How often leases are extended; at most a third of `lease`, so two
+    /// heartbeats can be missed before another worker may take the job.
+    pub heartbeat: Duration,
+    /// How long in-flight attempts may run on after SIGTERM.
+    pub grace: Duration,
+    /// Name of this process for the broker and the `worker` column.
+    pub name: String,
+}
+
+impl WorkerConfig {
+    pub fn new(pool: &str, concurrency: usize) -> Self {
+        Self {
+            pool: pool.to_owned(),
+            concurrency: concurrency.max(1),
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+            grace: Duration::from_secs(20),
+            name: format!("{pool}-{}-{}", std::process::id(), Uuid::now_v7().simple()),
+        }
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.heartbeat * 3 <= self.lease,
+            "heartbeat interval ({:?}) must be at most a third of the lease ({:?})",
+            self.heartbeat,
+            self.lease
+        );
+        Ok(())
+    }
+}
+
+/// Why an attempt's token was fired.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Interrupt {
+    Cancelled,
+    LeaseLost,
+    HandBack,
+}
+
+struct Running {
+    attempt: i32,
+    token: CancellationToken,
+    why: Option<Interrupt>,
+}
+
+type RunningMap = Arc<Mutex<HashMap<Uuid, Running>>>;
+
+fn lock(map: &RunningMap) -> std::sync::MutexGuard<'_, HashMap<Uuid, Running>> {
+    // The map holds plain data; a panic elsewhere cannot leave it half-written.
+    map.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn interrupt(map: &RunningMap, id: Uuid, why: Interrupt) {
+    if let Some(r) = lock(map).get_mut(&id) {
+        r.why.get_or_insert(why);
+        r.token.cancel();
+    }
+}
+
+/// What a finished attempt hands to the finisher: the write (none when the
+/// lease was lost, since it would be refused anyway) and the message to ack.
+struct Done {
+    cmd: Option<FinishCmd>,
+    kind: String,
+    tag: Tag,
+}
+
+pub struct Worker {
+    store: Arc<dyn Store>,
+    broker: Arc<dyn Broker>,
+    kinds: Kinds,
+    cfg: WorkerConfig,
+}
+
+fn retry_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
+impl Worker {
+    pub fn new(store: Arc<dyn Store>, broker: Arc<dyn Broker>, kinds: Kinds, cfg: WorkerConfig) -> Self {
+        Self {
+            store,
+            broker,
+            kinds,
+            cfg,
+        }
+    }
+
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        self.cfg.check()?;
+        let cfg = &self.cfg;
+        let span = tracing::info_span!("worker", pool = %cfg.pool, name = %cfg.name);
+        let mut consumer = (|| self.broker.consumer(&cfg.pool, &cfg.name))
+            .retry(retry_policy())
+            .when(|_| !stop.is_cancelled())
+            .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "Broker not reachable."))
+            .await?;
+        let running: RunningMap = Arc::default();
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let finisher = tokio::spawn(
+            finisher(self.store.clone(), consumer.acker(), done_rx).instrument(span.clone()),
+        );
+        let hb_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(
+            heartbeater(self.store.clone(), running.clone(), cfg.clone(), hb_stop.clone())
+                .instrument(span.clone()),
+        );
+        let sem = Arc::new(Semaphore::new(cfg.concurrency));
+        let tracker = TaskTracker::new();
+        tracing::info!(parent: &span, concurrency = cfg.concurrency, "Worker started.");
+
+        while !stop.is_cancelled() {
+            let first = tokio::select! {
+                p = sem.clone().acquire_owned() => p.ok(),
+                () = stop.cancelled() => None,
+            };
+            let Some(first) = first else { break };
+            let mut permits = vec![first];
+            while permits.len() < 256 {
+                match sem.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let received = tokio::select! {
+                r = consumer.receive(permits.len(), Duration::from_secs(1)) => r,
+                () = stop.cancelled() => break,
+            };
+            let deliveries = match received {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(parent: &span, error = %e, "Receive failed; backing off.");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {},
+                        () = stop.cancelled() => {},
+                    }
+                    continue;
+                }
+            };
+            if deliveries.is_empty() {
+                continue;
+            }
+            let Some(claimed) = self.claim(&deliveries, &stop).await else {
+                break;
+            };
+            let mut by_id: HashMap<Uuid, Claimed> = claimed.into_iter().map(|c| (c.id, c)).collect();
+            for d in deliveries {
+                // A duplicate delivery, or a job running elsewhere, finished
+                // or cancelled: ack it so it is not redelivered, do no work.
+                let Some(job) = by_id.remove(&d.job_id) else {
+                    let _ = done_tx.send(Done {
+                        cmd: None,
+                        kind: String::new(),
+                        tag: d.tag,
+                    });
+                    continue;
+                };
+                let Some(permit) = permits.pop() else {
+                    // Cannot happen: we received at most one id per permit.
+                    tracing::error!(parent: &span, "More claims than permits.");
+                    break;
+                };
+                let token = CancellationToken::new();
+                lock(&running).insert(
+                    job.id,
+                    Running {
+                        attempt: job.attempt,
+                        token: token.clone(),
+                        why: None,
+                    },
+                );
+                let attempt_span = tracing::info_span!(
+                    parent: &span, "job", job.id = %job.id, job.kind = %job.kind, attempt = job.attempt
+                );
+                let fut = run_attempt(self.kinds.clone(), job, token, running.clone(), done_tx.clone(), d);
+                tracker.spawn(
+                    async move {
+                        fut.await;
+                        drop(permit);
+                    }
+                    .instrument(attempt_span),
+                );
+            }
+        }
+
+        tracing::info!(parent: &span, in_flight = tracker.len(), "Stopping: no new work taken.");
+        tracker.close();
+        if tokio::time::timeout(cfg.grace, tracker.wait()).await.is_err() {
+            let ids: Vec<Uuid> = lock(&running).keys().copied().collect();
+            tracing::warn!(parent: &span, handed_back = ids.len(), "Grace period over; handing back.");
+            for id in ids {
+                interrupt(&running, id, Interrupt::HandBack);
+            }
+            tracker.wait().await;
+        }
+        hb_stop.cancel();
+        drop(done_tx);
+        let _ = heartbeat.await;
+        let _ = finisher.await;
+        tracing::info!(parent: &span, "Worker stopped.");
+        Ok(())
+    }
+
+    /// Claims with retries while the database is unreachable: the messages
+    /// are not acked, so giving up would only delay the jobs.
+    async fn claim(&self, deliveries: &[Delivery], stop: &CancellationToken) -> Option<Vec<Claimed>> {
+        let ids: Vec<Uuid> = deliveries.iter().map(|d| d.job_id).collect();
+        let res = (|| self.store.claim(&ids, &self.cfg.name, self.cfg.lease))
+            .retry(retry_policy())
+            .when(|_| !stop.is_cancelled())
+            .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "Claim failed; retrying."))
+            .await;
+        match res {
+            Ok(c) => {
+                for job in &c {
+                    metrics::STARTED.with_label_values(&[&job.kind]).inc();
+                    let waited = (chrono::Utc::now() - job.created_at).to_std().unwrap_or_default();
+                    metrics::WAIT_SECONDS
+                        .with_label_values(&[&job.kind])
+                        .observe(waited.as_secs_f64());
+                }
+                Some(c)
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+async fn run_attempt(
+    kinds: Kinds,
+    job: Claimed,
+    token: CancellationToken,
+    running: RunningMap,
+    done: mpsc::UnboundedSender<Done>,
+    delivery: Delivery,
+) {
+    let started = Instant::now();
+    let ctx = JobContext::new(job.id, u32::try_from(job.attempt).unwrap_or(0), token.clone());
+    let outcome: Result<serde_json::Value, JobError> = match kinds.get(&job.kind) {
+        None => Err(JobError::permanent(format!("no handler for kind {:?} in this worker", job.kind))),
+        Some(handler) => {
+            let limit = Duration::from_secs(u64::try_from(job.timeout_secs).unwrap_or(1));
+            let run = AssertUnwindSafe(handler.run(&ctx, job.payload.clone())).catch_unwind();
+            tokio::select! {
+                r = tokio::time::timeout(limit, run) => match r {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(JobError::retryable("handler panicked")),
+                    Err(_) => Err(JobError::retryable(format!("timed out after {}s", job.timeout_secs))),
+                },
+                () = token.cancelled() => Err(JobError::retryable("interrupted")),
+            }
+        }
+    };
+    let why = lock(&running).remove(&job.id).and_then(|r| r.why);
+    metrics::RUN_SECONDS
+        .with_label_values(&[&job.kind])
+        .observe(started.elapsed().as_secs_f64());
+    let finish = match (why, outcome) {
+        (Some(Interrupt::LeaseLost), _) => None,
+        (Some(Interrupt::Cancelled), _) => Some(Finish::Cancelled),
+        (Some(Interrupt::HandBack), _) => Some(Finish::HandedBack),
+        (None, Ok(result)) => Some(success(&kinds, &job, result, &ctx)),
+        (None, Err(e)) => {
+            tracing::info!(error = %e, retryable = e.is_retryable(), "Attempt failed.");
+            Some(after_failure(job.attempt, job.attempt_limit, job.backoff, &e, chrono::Utc::now()))
+        }
+    };
+    let _ = done.send(Done {
+        cmd: finish.map(|finish| FinishCmd {
+            id: job.id,
+            attempt: job.attempt,
+            finish,
+        }),
+        kind: job.kind,
+        tag: delivery.tag,
+    });
+}
+
+fn success(kinds: &Kinds, job: &Claimed, result: serde_json::Value, ctx: &JobContext) -> Finish {
+    let children: Result<Vec<NewJob>, _> = ctx
+        .take_children()
+        .into_iter()
+        .map(|c| NewJob::child(job.id, c, kinds))
+        .collect();
+    match children {
+        Ok(children) => Finish::Succeeded { result, children },
+        // A child the core cannot accept is a bug in the handler's output;
+        // retrying would build the same child again.
+        Err(e) => after_failure(
+            job.attempt,
+            job.attempt_limit,
+            job.backoff,
+            &JobError::permanent(format!("invalid child job: {e}")),
+            chrono::Utc::now(),
+        ),
+    }
+}
+
+/// Commits finishes in batches, then acks their messages. A finish is never
+/// dropped: store errors are retried until the write lands (or is fenced).
+async fn finisher(store: Arc<dyn Store>, acker: Arc<dyn Acker>, mut rx: mpsc::UnboundedReceiver<Done>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        let cmds: Vec<FinishCmd> = batch.iter().filter_map(|d| d.cmd.clone()).collect();
+        let applied = (|| store.finish(&cmds))
+            .retry(retry_policy())
+            .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "Finish failed; retrying."))
+            .await
+            .unwrap_or_default();
+        for d in &batch {
+            let Some(cmd) = &d.cmd else { continue };
+            if applied.contains(&cmd.id) {
+                metrics::FINISHED
+                    .with_label_values(&[&d.kind, cmd.finish.status().as_str()])
+                    .inc();
+            } else {
+                metrics::FENCED.with_label_values(&["finish"]).inc();
+                tracing::warn!(job.id = %cmd.id, attempt = cmd.attempt, "Late finish refused: the lease was lost.");
+            }
+        }
+        let tags: Vec<Tag> = batch.drain(..).map(|d| d.tag).collect();
+        // Acked only now that the state is committed; a failed ack means a
+        // redelivery, which the conditional claim turns into a no-op.
+        if let Err(e) = acker.ack(&tags).await {
+            metrics::BROKER_ACK_ERRORS.inc();
+            tracing::warn!(error = %e, "Ack failed; messages will be redelivered and dropped.");
+        }
+    }
+}
+
+async fn heartbeater(store: Arc<dyn Store>, running: RunningMap, cfg: WorkerConfig, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            () = stop.cancelled() => return,
+        }
+        let held: Vec<(Uuid, i32)> = lock(&running)
+            .iter()
+            .filter(|(_, r)| r.why.is_none())
+            .map(|(id, r)| (*id, r.attempt))
+            .collect();
+        if held.is_empty() {
+            continue;
+        }
+        match store.heartbeat(&held, cfg.lease).await {
+            Ok(still) => {
+                let still: HashMap<Uuid, bool> = still.into_iter().map(|h| (h.id, h.cancel_requested)).collect();
+                for (id, _) in held {
+                    match still.get(&id) {
+                        Some(true) => interrupt(&running, id, Interrupt::Cancelled),
+                        Some(false) => {}
+                        None => {
+                            metrics::FENCED.with_label_values(&["heartbeat"]).inc();
+                            tracing::warn!(job.id = %id, "Lease lost; abandoning the attempt.");
+                            interrupt(&running, id, Interrupt::LeaseLost);
+                        }
+                    }
+                }
+            }
+            // Keep running: if the database stays away past the lease, the
+            // late finish is fenced and the newer attempt wins.
+            Err(e) => tracing::warn!(error = %e, "Heartbeat failed."),
+        }
+    }
+}

@@ -86,7 +86,12 @@ impl TimingArgs {
 /// The API address for CLI commands.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    #[arg(long, env = "STEVEDORE_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "STEVEDORE_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]

@@ -70,7 +70,9 @@ impl Dispatcher {
     pub async fn rescue_once(&self) -> StoreResult<usize> {
         let n = self.store.rescue_expired(self.cfg.batch).await?;
         if n > 0 {
-            metrics::REPAIRED.with_label_values(&["lease_rescuer"]).inc_by(n as u64);
+            metrics::REPAIRED
+                .with_label_values(&["lease_rescuer"])
+                .inc_by(n as u64);
             tracing::info!(jobs = n, "Expired leases rescued.");
         }
         Ok(n)
@@ -78,9 +80,14 @@ impl Dispatcher {
 
     /// LostMessageRepair: one batch of jobs the broker lost.
     pub async fn repair_once(&self) -> StoreResult<usize> {
-        let n = self.store.repair_lost(self.cfg.lost_after, self.cfg.batch).await?;
+        let n = self
+            .store
+            .repair_lost(self.cfg.lost_after, self.cfg.batch)
+            .await?;
         if n > 0 {
-            metrics::REPAIRED.with_label_values(&["lost_message_repair"]).inc_by(n as u64);
+            metrics::REPAIRED
+                .with_label_values(&["lost_message_repair"])
+                .inc_by(n as u64);
             tracing::info!(jobs = n, "Jobs re-sent after their message was lost.");
         }
         Ok(n)
@@ -90,11 +97,15 @@ impl Dispatcher {
         let d = self.store.depths().await?;
         metrics::DEPTH.reset();
         for ((kind, status), n) in d.by_kind_status {
-            metrics::DEPTH.with_label_values(&[&kind, status.as_str()]).set(n);
+            metrics::DEPTH
+                .with_label_values(&[&kind, status.as_str()])
+                .set(n);
         }
         for s in [JobStatus::Queued, JobStatus::Dead] {
             // Keep a zero visible for the probe pool so dashboards have a series.
-            metrics::DEPTH.with_label_values(&["probe", s.as_str()]).add(0);
+            metrics::DEPTH
+                .with_label_values(&["probe", s.as_str()])
+                .add(0);
         }
         Ok(())
     }
@@ -128,7 +139,8 @@ impl Dispatcher {
             }
         }));
         let me = self.clone();
-        let every = (self.cfg.lost_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+        let every =
+            (self.cfg.lost_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
         tracker.spawn(periodic(stop.clone(), every, move || {
             let me = me.clone();
             async move {

@@ -161,5 +161,9 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
             }
         });
     }
-    Ok(Running { addr, stop, tracker })
+    Ok(Running {
+        addr,
+        stop,
+        tracker,
+    })
 }

@@ -98,6 +98,9 @@ pub struct AttemptError {
     pub class: String,
     pub message: String,
     pub at: DateTime<Utc>,
+    /// When the next attempt may start, for errors that were retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
 }
 
 /// `POST /v1/jobs` body, as the client sends it.
@@ -140,7 +143,11 @@ impl NewJob {
         let handler = kinds.get(&req.kind).ok_or_else(|| {
             FieldError::new(
                 "kind",
-                format!("unknown kind {:?}; known: {}", req.kind, kinds.names().join(", ")),
+                format!(
+                    "unknown kind {:?}; known: {}",
+                    req.kind,
+                    kinds.names().join(", ")
+                ),
             )
         })?;
         handler.validate(&req.payload).map_err(|e| {
@@ -157,7 +164,10 @@ impl NewJob {
         }
         let timeout_secs = req.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
         if !(1..=86_400).contains(&timeout_secs) {
-            return Err(FieldError::new("timeout_secs", "must be between 1 and 86400"));
+            return Err(FieldError::new(
+                "timeout_secs",
+                "must be between 1 and 86400",
+            ));
         }
         let backoff = req.backoff.unwrap_or_default();
         if backoff.base_ms == 0 || backoff.base_ms > 3_600_000 {

@@ -71,7 +71,7 @@ pub fn after_failure(
     err: &JobError,
     now: DateTime<Utc>,
 ) -> Finish {
-    let error = AttemptError {
+    let mut error = AttemptError {
         attempt,
         class: if err.is_retryable() {
             "retryable"
@@ -81,15 +81,15 @@ pub fn after_failure(
         .to_owned(),
         message: err.to_string(),
         at: now,
+        retry_at: None,
     };
     match err {
         JobError::Retryable { retry_after, .. } if attempt < attempt_limit => {
             let delay = retry_after.unwrap_or_else(|| retry_delay(backoff, attempt));
             let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-            Finish::Retrying {
-                error,
-                next_run_at: now.checked_add_signed(delay).unwrap_or(now),
-            }
+            let next_run_at = now.checked_add_signed(delay).unwrap_or(now);
+            error.retry_at = Some(next_run_at);
+            Finish::Retrying { error, next_run_at }
         }
         _ => Finish::Dead { error },
     }

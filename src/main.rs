@@ -13,7 +13,11 @@ use stevedore::fleet::{self, Backend, Roles};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "stevedore", version, about = "Queue-driven job fleet: scrape quiz pages, analyze their questions.")]
+#[command(
+    name = "stevedore",
+    version,
+    about = "Queue-driven job fleet: scrape quiz pages, analyze their questions."
+)]
 struct Cli {
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -32,6 +36,9 @@ enum Command {
         /// Concurrency of each worker pool.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// Submit a demo job once the fleet is up and print how it ends.
+        #[arg(long)]
+        demo: bool,
         #[command(flatten)]
         timing: TimingArgs,
     },
@@ -94,7 +101,9 @@ enum Command {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STEVEDORE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().flatten_event(true).with_current_span(true).init(),
@@ -109,15 +118,16 @@ fn stop_on_signal() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(error = %e, "Cannot listen for SIGTERM.");
-                    let _ = ctrl_c.await;
-                    s.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Cannot listen for SIGTERM.");
+                        let _ = ctrl_c.await;
+                        s.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {},
                 _ = term.recv() => {},
@@ -163,9 +173,13 @@ async fn main() -> anyhow::Result<()> {
             listen,
             data_dir,
             concurrency,
+            demo,
             timing,
         } => {
             let backend = Backend::embedded(&data_dir, &timing).await?;
+            if demo {
+                tokio::spawn(cli::demo(format!("http://{listen}")));
+            }
             eprintln!(
                 "stevedore dev: API and display on http://{listen}  (data in {})\n  try: stevedore submit probe --payload '{{\"sleep_ms\": 200}}' --wait",
                 data_dir.display()

@@ -32,10 +32,18 @@ fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
 }
 
 pub static SUBMITTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    counter_vec("stevedore_jobs_submitted_total", "Jobs accepted by the API.", &["kind"])
+    counter_vec(
+        "stevedore_jobs_submitted_total",
+        "Jobs accepted by the API.",
+        &["kind"],
+    )
 });
 pub static STARTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    counter_vec("stevedore_jobs_started_total", "Attempts started (claims).", &["kind"])
+    counter_vec(
+        "stevedore_jobs_started_total",
+        "Attempts started (claims).",
+        &["kind"],
+    )
 });
 pub static FINISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
@@ -45,7 +53,11 @@ pub static FINISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 pub static RUN_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
-    histogram_vec("stevedore_job_run_seconds", "Handler run time per attempt.", &["kind"])
+    histogram_vec(
+        "stevedore_job_run_seconds",
+        "Handler run time per attempt.",
+        &["kind"],
+    )
 });
 pub static WAIT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     histogram_vec(
@@ -56,7 +68,10 @@ pub static WAIT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
 });
 pub static DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     reg(IntGaugeVec::new(
-        Opts::new("stevedore_queue_depth", "Jobs by kind and status (queued, retrying, running, dead)."),
+        Opts::new(
+            "stevedore_queue_depth",
+            "Jobs by kind and status (queued, retrying, running, dead).",
+        ),
         &["kind", "status"],
     )
     .expect("static metric definition"))
@@ -76,8 +91,11 @@ pub static BROKER_PUBLISH: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 pub static BROKER_ACK_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
-    reg(IntCounter::new("stevedore_broker_ack_errors_total", "Broker acks that failed.")
-        .expect("static metric definition"))
+    reg(IntCounter::new(
+        "stevedore_broker_ack_errors_total",
+        "Broker acks that failed.",
+    )
+    .expect("static metric definition"))
 });
 pub static POISON: LazyLock<IntCounter> = LazyLock::new(|| {
     reg(IntCounter::new(

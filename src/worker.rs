@@ -116,7 +116,12 @@ fn retry_policy() -> ExponentialBuilder {
 }
 
 impl Worker {
-    pub fn new(store: Arc<dyn Store>, broker: Arc<dyn Broker>, kinds: Kinds, cfg: WorkerConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        broker: Arc<dyn Broker>,
+        kinds: Kinds,
+        cfg: WorkerConfig,
+    ) -> Self {
         Self {
             store,
             broker,
@@ -141,8 +146,13 @@ impl Worker {
         );
         let hb_stop = CancellationToken::new();
         let heartbeat = tokio::spawn(
-            heartbeater(self.store.clone(), running.clone(), cfg.clone(), hb_stop.clone())
-                .instrument(span.clone()),
+            heartbeater(
+                self.store.clone(),
+                running.clone(),
+                cfg.clone(),
+                hb_stop.clone(),
+            )
+            .instrument(span.clone()),
         );
         let sem = Arc::new(Semaphore::new(cfg.concurrency));
         let tracker = TaskTracker::new();
@@ -182,7 +192,8 @@ impl Worker {
             let Some(claimed) = self.claim(&deliveries, &stop).await else {
                 break;
             };
-            let mut by_id: HashMap<Uuid, Claimed> = claimed.into_iter().map(|c| (c.id, c)).collect();
+            let mut by_id: HashMap<Uuid, Claimed> =
+                claimed.into_iter().map(|c| (c.id, c)).collect();
             for d in deliveries {
                 // A duplicate delivery, or a job running elsewhere, finished
                 // or cancelled: ack it so it is not redelivered, do no work.
@@ -211,7 +222,14 @@ impl Worker {
                 let attempt_span = tracing::info_span!(
                     parent: &span, "job", job.id = %job.id, job.kind = %job.kind, attempt = job.attempt
                 );
-                let fut = run_attempt(self.kinds.clone(), job, token, running.clone(), done_tx.clone(), d);
+                let fut = run_attempt(
+                    self.kinds.clone(),
+                    job,
+                    token,
+                    running.clone(),
+                    done_tx.clone(),
+                    d,
+                );
                 tracker.spawn(
                     async move {
                         fut.await;
@@ -224,7 +242,10 @@ impl Worker {
 
         tracing::info!(parent: &span, in_flight = tracker.len(), "Stopping: no new work taken.");
         tracker.close();
-        if tokio::time::timeout(cfg.grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(cfg.grace, tracker.wait())
+            .await
+            .is_err()
+        {
             let ids: Vec<Uuid> = lock(&running).keys().copied().collect();
             tracing::warn!(parent: &span, handed_back = ids.len(), "Grace period over; handing back.");
             for id in ids {
@@ -242,7 +263,11 @@ impl Worker {
 
     /// Claims with retries while the database is unreachable: the messages
     /// are not acked, so giving up would only delay the jobs.
-    async fn claim(&self, deliveries: &[Delivery], stop: &CancellationToken) -> Option<Vec<Claimed>> {
+    async fn claim(
+        &self,
+        deliveries: &[Delivery],
+        stop: &CancellationToken,
+    ) -> Option<Vec<Claimed>> {
         let ids: Vec<Uuid> = deliveries.iter().map(|d| d.job_id).collect();
         let res = (|| self.store.claim(&ids, &self.cfg.name, self.cfg.lease))
             .retry(retry_policy())
@@ -253,7 +278,9 @@ impl Worker {
             Ok(c) => {
                 for job in &c {
                     metrics::STARTED.with_label_values(&[&job.kind]).inc();
-                    let waited = (chrono::Utc::now() - job.created_at).to_std().unwrap_or_default();
+                    let waited = (chrono::Utc::now() - job.created_at)
+                        .to_std()
+                        .unwrap_or_default();
                     metrics::WAIT_SECONDS
                         .with_label_values(&[&job.kind])
                         .observe(waited.as_secs_f64());
@@ -274,9 +301,16 @@ async fn run_attempt(
     delivery: Delivery,
 ) {
     let started = Instant::now();
-    let ctx = JobContext::new(job.id, u32::try_from(job.attempt).unwrap_or(0), token.clone());
+    let ctx = JobContext::new(
+        job.id,
+        u32::try_from(job.attempt).unwrap_or(0),
+        token.clone(),
+    );
     let outcome: Result<serde_json::Value, JobError> = match kinds.get(&job.kind) {
-        None => Err(JobError::permanent(format!("no handler for kind {:?} in this worker", job.kind))),
+        None => Err(JobError::permanent(format!(
+            "no handler for kind {:?} in this worker",
+            job.kind
+        ))),
         Some(handler) => {
             let limit = Duration::from_secs(u64::try_from(job.timeout_secs).unwrap_or(1));
             let run = AssertUnwindSafe(handler.run(&ctx, job.payload.clone())).catch_unwind();
@@ -301,7 +335,13 @@ async fn run_attempt(
         (None, Ok(result)) => Some(success(&kinds, &job, result, &ctx)),
         (None, Err(e)) => {
             tracing::info!(error = %e, retryable = e.is_retryable(), "Attempt failed.");
-            Some(after_failure(job.attempt, job.attempt_limit, job.backoff, &e, chrono::Utc::now()))
+            Some(after_failure(
+                job.attempt,
+                job.attempt_limit,
+                job.backoff,
+                &e,
+                chrono::Utc::now(),
+            ))
         }
     };
     let _ = done.send(Done {
@@ -337,7 +377,11 @@ fn success(kinds: &Kinds, job: &Claimed, result: serde_json::Value, ctx: &JobCon
 
 /// Commits finishes in batches, then acks their messages. A finish is never
 /// dropped: store errors are retried until the write lands (or is fenced).
-async fn finisher(store: Arc<dyn Store>, acker: Arc<dyn Acker>, mut rx: mpsc::UnboundedReceiver<Done>) {
+async fn finisher(
+    store: Arc<dyn Store>,
+    acker: Arc<dyn Acker>,
+    mut rx: mpsc::UnboundedReceiver<Done>,
+) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 512).await > 0 {
         let cmds: Vec<FinishCmd> = batch.iter().filter_map(|d| d.cmd.clone()).collect();
@@ -367,7 +411,12 @@ async fn finisher(store: Arc<dyn Store>, acker: Arc<dyn Acker>, mut rx: mpsc::Un
     }
 }
 
-async fn heartbeater(store: Arc<dyn Store>, running: RunningMap, cfg: WorkerConfig, stop: CancellationToken) {
+async fn heartbeater(
+    store: Arc<dyn Store>,
+    running: RunningMap,
+    cfg: WorkerConfig,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -385,7 +434,10 @@ async fn heartbeater(store: Arc<dyn Store>, running: RunningMap, cfg: WorkerConf
         }
         match store.heartbeat(&held, cfg.lease).await {
             Ok(still) => {
-                let still: HashMap<Uuid, bool> = still.into_iter().map(|h| (h.id, h.cancel_requested)).collect();
+                let still: HashMap<Uuid, bool> = still
+                    .into_iter()
+                    .map(|h| (h.id, h.cancel_requested))
+                    .collect();
                 for (id, _) in held {
                     match still.get(&id) {
                         Some(true) => interrupt(&running, id, Interrupt::Cancelled),

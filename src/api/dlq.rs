@@ -44,7 +44,10 @@ pub async fn list(
 /// One dead job with its whole error history.
 #[utoipa::path(get, path = "/v1/dead-letters/{id}", params(("id" = Uuid, Path)), responses(
     (status = 200, body = Job), (status = 404, body = super::error::ErrorBody)))]
-pub async fn show(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+pub async fn show(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
     let id = parse_id(&id)?;
     match s.store.get_job(id).await? {
         Some(j) if j.status == JobStatus::Dead => Ok(Json(j)),
@@ -67,7 +70,10 @@ fn outcome(o: DeadLetterOutcome) -> Result<(), ApiError> {
 #[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", params(("id" = Uuid, Path)), responses(
     (status = 200, description = "Queued again"), (status = 404, body = super::error::ErrorBody),
     (status = 409, description = "Not dead", body = super::error::ErrorBody)))]
-pub async fn replay(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn replay(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     outcome(s.store.replay(id).await?)?;
     if let Some(w) = &s.wake {
@@ -80,7 +86,10 @@ pub async fn replay(State(s): State<AppState>, Path(id): Path<String>) -> Result
 #[utoipa::path(delete, path = "/v1/dead-letters/{id}", params(("id" = Uuid, Path)), responses(
     (status = 204, description = "Purged"), (status = 404, body = super::error::ErrorBody),
     (status = 409, description = "Not dead", body = super::error::ErrorBody)))]
-pub async fn purge(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn purge(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     outcome(s.store.purge(id).await?)?;
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -58,7 +58,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, field) = match &self {
             Self::NotJson(_) => (StatusCode::BAD_REQUEST, "invalid_json", None),
-            Self::BadParam(f) => (StatusCode::BAD_REQUEST, "invalid_parameter", Some(f.field.clone())),
+            Self::BadParam(f) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                Some(f.field.clone()),
+            ),
             Self::Invalid(f) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_job",

@@ -61,7 +61,9 @@ async fn insert(s: &AppState, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, ApiErr
     let inserted = s.store.insert_jobs(&jobs).await?;
     for (job, ins) in jobs.iter().zip(&inserted) {
         if ins.created {
-            crate::metrics::SUBMITTED.with_label_values(&[&job.kind]).inc();
+            crate::metrics::SUBMITTED
+                .with_label_values(&[&job.kind])
+                .inc();
         }
     }
     if let Some(w) = &s.wake {
@@ -77,14 +79,21 @@ async fn insert(s: &AppState, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, ApiErr
     (status = 400, description = "Not JSON", body = super::error::ErrorBody),
     (status = 413, description = "Body over 1 MiB", body = super::error::ErrorBody),
     (status = 422, description = "Invalid job; `field` names the path", body = super::error::ErrorBody)))]
-pub async fn submit(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn submit(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let req: SubmitRequest = parse_body(body)?;
     let job = NewJob::parse(req, &s.kinds).map_err(ApiError::Invalid)?;
     let ins = insert(&s, vec![job])
         .await?
         .pop()
         .ok_or_else(|| anyhow::anyhow!("insert returned nothing"))?;
-    let status = if ins.created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let status = if ins.created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(Accepted::from(ins))).into_response())
 }
 
@@ -98,15 +107,19 @@ pub async fn submit_batch(
 ) -> Result<Response, ApiError> {
     let req: BatchRequest = parse_body(body)?;
     if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH {
-        return Err(ApiError::Invalid(FieldError::new("jobs", "must hold 1 to 1000 jobs")));
+        return Err(ApiError::Invalid(FieldError::new(
+            "jobs",
+            "must hold 1 to 1000 jobs",
+        )));
     }
     let jobs = req
         .jobs
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            NewJob::parse(r, &s.kinds)
-                .map_err(|e| ApiError::Invalid(FieldError::new(format!("jobs[{i}].{}", e.field), e.message)))
+            NewJob::parse(r, &s.kinds).map_err(|e| {
+                ApiError::Invalid(FieldError::new(format!("jobs[{i}].{}", e.field), e.message))
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let inserted = insert(&s, jobs).await?;
@@ -121,7 +134,11 @@ pub async fn submit_batch(
     (status = 200, body = Job), (status = 404, body = super::error::ErrorBody)))]
 pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
     let id = parse_id(&id)?;
-    s.store.get_job(id).await?.map(Json).ok_or(ApiError::NotFound("job"))
+    s.store
+        .get_job(id)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound("job"))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -156,7 +173,10 @@ pub(crate) fn filter_from(q: ListQuery) -> Result<ListFilter, ApiError> {
         .transpose()?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
-        return Err(ApiError::BadParam(FieldError::new("limit", "must be between 1 and 500")));
+        return Err(ApiError::BadParam(FieldError::new(
+            "limit",
+            "must be between 1 and 500",
+        )));
     }
     Ok(ListFilter {
         status,
@@ -198,7 +218,10 @@ pub async fn list(
     (status = 202, description = "Running: cancellation requested"),
     (status = 404, body = super::error::ErrorBody),
     (status = 409, description = "Already finished", body = super::error::ErrorBody)))]
-pub async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     match s.store.cancel(id).await? {
         CancelOutcome::Cancelled => Ok((

@@ -69,7 +69,9 @@ async fn method_not_allowed() -> impl IntoResponse {
 
 /// Parses a JSON body strictly: 413 over the limit, 400 when it is not JSON,
 /// 422 naming the field when it is JSON of the wrong shape.
-pub(crate) fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge
@@ -115,14 +117,21 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         };
         brokers.insert(b.name().to_owned(), state.into());
     }
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = serde_json::json!({"ready": ready, "database": db, "brokers": brokers});
     (status, Json(body))
 }
 
 async fn metrics() -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         crate::metrics::render(),
     )
 }

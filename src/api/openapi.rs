@@ -6,11 +6,23 @@ use utoipa::OpenApi;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Stevedore", description = "Submit jobs, follow them, manage dead letters."),
+    info(
+        title = "Stevedore",
+        description = "Submit jobs, follow them, manage dead letters."
+    ),
     paths(
-        super::jobs::submit, super::jobs::submit_batch, super::jobs::get, super::jobs::list,
-        super::jobs::cancel, super::dlq::list, super::dlq::show, super::dlq::replay,
-        super::dlq::purge, super::jobs::stats, super::healthz, super::readyz
+        super::jobs::submit,
+        super::jobs::submit_batch,
+        super::jobs::get,
+        super::jobs::list,
+        super::jobs::cancel,
+        super::dlq::list,
+        super::dlq::show,
+        super::dlq::replay,
+        super::dlq::purge,
+        super::jobs::stats,
+        super::healthz,
+        super::readyz
     ),
     components(schemas(crate::job::Job, crate::job::SubmitRequest, crate::job::JobStatus))
 )]

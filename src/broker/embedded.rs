@@ -57,7 +57,10 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(err)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
         Ok(())
     }
 
@@ -78,7 +81,11 @@ impl Broker for EmbeddedBroker {
         Ok(())
     }
 
-    async fn consumer(&self, pool: &str, _consumer: &str) -> Result<Box<dyn Consumer>, BrokerError> {
+    async fn consumer(
+        &self,
+        pool: &str,
+        _consumer: &str,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
         Ok(Box::new(EmbeddedConsumer {
             broker: self.clone(),
             pool: pool.to_owned(),

@@ -36,7 +36,11 @@ fn err(e: RedisError) -> BrokerError {
 }
 
 impl RedisBroker {
-    pub async fn connect(url: &str, prefix: &str, claim_idle: Duration) -> Result<Self, BrokerError> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        claim_idle: Duration,
+    ) -> Result<Self, BrokerError> {
         let client = Client::open(url).map_err(err)?;
         // The manager reconnects by itself; the timeouts keep a stalled
         // network from hanging a publish forever (the outbox row stays and
@@ -141,7 +145,10 @@ impl RedisConsumer {
     /// Splits entries into deliveries and poison: an entry whose body is not
     /// a job id can never be processed, so it is copied to the poison stream
     /// and acked instead of being redelivered forever.
-    async fn sort(&mut self, entries: Vec<(String, Option<String>)>) -> Result<Vec<Delivery>, BrokerError> {
+    async fn sort(
+        &mut self,
+        entries: Vec<(String, Option<String>)>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
         let mut out = Vec::with_capacity(entries.len());
         let mut poison = Vec::new();
         for (id, body) in entries {
@@ -157,8 +164,12 @@ impl RedisConsumer {
             let mut pipe = redis::pipe();
             for (id, body) in &poison {
                 tracing::warn!(entry = %id, stream = %self.stream, "Undecodable message dead-lettered.");
-                pipe.xadd(&self.poison, "*", &[("entry", id.as_str()), ("body", body.as_str())])
-                    .ignore();
+                pipe.xadd(
+                    &self.poison,
+                    "*",
+                    &[("entry", id.as_str()), ("body", body.as_str())],
+                )
+                .ignore();
                 pipe.xack(&self.stream, GROUP, &[id]).ignore();
                 pipe.xdel(&self.stream, &[id]).ignore();
             }
@@ -216,7 +227,11 @@ impl Consumer for RedisConsumer {
         let opts = StreamReadOptions::default()
             .group(GROUP, &self.name)
             .count(max)
-            .block(usize::try_from(wait.as_millis()).unwrap_or(usize::MAX).max(1));
+            .block(
+                usize::try_from(wait.as_millis())
+                    .unwrap_or(usize::MAX)
+                    .max(1),
+            );
         let reply: Result<Option<StreamReadReply>, RedisError> =
             r.xread_options(&[&self.stream], &[">"], &opts).await;
         let reply = match reply {

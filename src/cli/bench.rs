@@ -47,11 +47,17 @@ fn ts(v: &Value, k: &str) -> Option<DateTime<Utc>> {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.jobs > 0 && a.batch > 0 && a.concurrency > 0, "jobs, batch and concurrency must be positive");
+    anyhow::ensure!(
+        a.jobs > 0 && a.batch > 0 && a.concurrency > 0,
+        "jobs, batch and concurrency must be positive"
+    );
     let http = client()?;
     let url = a.url.trim_end_matches('/').to_owned();
     let job = json!({"kind": "probe", "payload": {"sleep_ms": a.sleep_ms}});
-    let chunks: Vec<usize> = (0..a.jobs).step_by(a.batch).map(|s| a.batch.min(a.jobs - s)).collect();
+    let chunks: Vec<usize> = (0..a.jobs)
+        .step_by(a.batch)
+        .map(|s| a.batch.min(a.jobs - s))
+        .collect();
     let started = Instant::now();
     let ids: Vec<Vec<Uuid>> = stream::iter(chunks)
         .map(|n| {
@@ -68,7 +74,12 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                     .as_array()
                     .context("batch answer without jobs")?
                     .iter()
-                    .map(|j| j["id"].as_str().and_then(|s| s.parse().ok()).context("job without id"))
+                    .map(|j| {
+                        j["id"]
+                            .as_str()
+                            .and_then(|s| s.parse().ok())
+                            .context("job without id")
+                    })
                     .collect::<anyhow::Result<Vec<Uuid>>>()
             }
         })
@@ -88,14 +99,25 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
 
     let deadline = Instant::now() + Duration::from_secs(a.timeout_secs);
     loop {
-        let stats = call(http.get(format!("{url}/v1/stats")).query(&[("since", since.to_string()), ("kind", "probe".into())])).await?;
-        let counts: HashMap<String, i64> = serde_json::from_value(stats["counts"].clone()).unwrap_or_default();
-        let done: i64 = ["succeeded", "dead", "cancelled"].iter().filter_map(|k| counts.get(*k)).sum();
+        let stats = call(
+            http.get(format!("{url}/v1/stats"))
+                .query(&[("since", since.to_string()), ("kind", "probe".into())]),
+        )
+        .await?;
+        let counts: HashMap<String, i64> =
+            serde_json::from_value(stats["counts"].clone()).unwrap_or_default();
+        let done: i64 = ["succeeded", "dead", "cancelled"]
+            .iter()
+            .filter_map(|k| counts.get(*k))
+            .sum();
         if done as usize >= ids.len() {
             break;
         }
         if Instant::now() > deadline {
-            bail!("timed out with {done} of {} jobs finished: {counts:?}", ids.len());
+            bail!(
+                "timed out with {done} of {} jobs finished: {counts:?}",
+                ids.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -116,7 +138,11 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             if id.is_none_or(|id| id < since) {
                 continue;
             }
-            let (Some(c), Some(s), Some(f)) = (ts(j, "created_at"), ts(j, "started_at"), ts(j, "finished_at")) else {
+            let (Some(c), Some(s), Some(f)) = (
+                ts(j, "created_at"),
+                ts(j, "started_at"),
+                ts(j, "finished_at"),
+            ) else {
                 continue;
             };
             to_start.push((s - c).as_seconds_f64() * 1000.0);
@@ -124,7 +150,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             first = Some(first.map_or(c, |x| x.min(c)));
             last = Some(last.map_or(f, |x| x.max(f)));
         }
-        let older = jobs.last().and_then(|j| j["id"].as_str()).and_then(|s| s.parse::<Uuid>().ok());
+        let older = jobs
+            .last()
+            .and_then(|j| j["id"].as_str())
+            .and_then(|s| s.parse::<Uuid>().ok());
         match (page["next_cursor"].as_str(), older) {
             (Some(c), Some(o)) if o >= since => cursor = Some(c.to_owned()),
             _ => break,

@@ -38,7 +38,10 @@ pub(crate) fn client() -> anyhow::Result<reqwest::Client> {
 /// Sends a request and returns the JSON body, turning API errors into a
 /// readable message.
 pub(crate) async fn call(req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-    let resp = req.send().await.context("the API is not reachable (is `stevedore dev` running? see --url)")?;
+    let resp = req
+        .send()
+        .await
+        .context("the API is not reachable (is `stevedore dev` running? see --url)")?;
     let status = resp.status();
     let text = resp.text().await.context("reading the response")?;
     if status.is_success() {
@@ -51,7 +54,11 @@ pub(crate) async fn call(req: reqwest::RequestBuilder) -> anyhow::Result<Value> 
         .ok()
         .and_then(|v| {
             let e = v.get("error")?;
-            let field = e.get("field").and_then(Value::as_str).map(|f| format!(" (field {f})")).unwrap_or_default();
+            let field = e
+                .get("field")
+                .and_then(Value::as_str)
+                .map(|f| format!(" (field {f})"))
+                .unwrap_or_default();
             Some(format!("{}{field}", e.get("message")?.as_str()?))
         })
         .unwrap_or(text);
@@ -67,7 +74,16 @@ fn s(v: &Value, k: &str) -> String {
 }
 
 fn print_job(job: &Value) {
-    for k in ["id", "kind", "status", "attempt", "created_at", "started_at", "finished_at", "next_run_at"] {
+    for k in [
+        "id",
+        "kind",
+        "status",
+        "attempt",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "next_run_at",
+    ] {
         println!("{k:<12} {}", s(job, k));
     }
     if let Some(r) = job.get("result").filter(|r| !r.is_null()) {
@@ -75,21 +91,44 @@ fn print_job(job: &Value) {
     }
     if let Some(Value::Array(errors)) = job.get("errors") {
         for e in errors {
-            println!("{:<12} #{} {} {}: {}", "error", s(e, "attempt"), s(e, "at"), s(e, "class"), s(e, "message"));
+            println!(
+                "{:<12} #{} {} {}: {}",
+                "error",
+                s(e, "attempt"),
+                s(e, "at"),
+                s(e, "class"),
+                s(e, "message")
+            );
         }
     }
     if let Some(Value::Array(kids)) = job.get("children") {
         for c in kids {
-            println!("{:<12} {} {} {}", "child", s(c, "id"), s(c, "kind"), s(c, "status"));
+            println!(
+                "{:<12} {} {} {}",
+                "child",
+                s(c, "id"),
+                s(c, "kind"),
+                s(c, "status")
+            );
         }
     }
 }
 
 fn print_page(page: &Value) {
-    println!("{:<38} {:<10} {:<10} {:>7}  CREATED", "ID", "KIND", "STATUS", "ATTEMPT");
+    println!(
+        "{:<38} {:<10} {:<10} {:>7}  CREATED",
+        "ID", "KIND", "STATUS", "ATTEMPT"
+    );
     if let Some(Value::Array(jobs)) = page.get("jobs") {
         for j in jobs {
-            println!("{:<38} {:<10} {:<10} {:>7}  {}", s(j, "id"), s(j, "kind"), s(j, "status"), s(j, "attempt"), s(j, "created_at"));
+            println!(
+                "{:<38} {:<10} {:<10} {:>7}  {}",
+                s(j, "id"),
+                s(j, "kind"),
+                s(j, "status"),
+                s(j, "attempt"),
+                s(j, "created_at")
+            );
         }
     }
 }
@@ -109,7 +148,9 @@ pub async fn submit(c: &ClientArgs, kind: &str, payload: &str, wait: bool) -> an
     let accepted = call(http.post(format!("{}/v1/jobs", c.url)).json(&body)).await?;
     let id = s(&accepted, "id");
     if !wait {
-        output(c, &accepted, |v| println!("{} {}", s(v, "id"), s(v, "status")));
+        output(c, &accepted, |v| {
+            println!("{} {}", s(v, "id"), s(v, "status"))
+        });
         return Ok(());
     }
     if !c.json {
@@ -146,15 +187,33 @@ pub async fn dlq(c: &ClientArgs, cmd: DlqCommand) -> anyhow::Result<()> {
             }
             output(c, &call(req).await?, print_page);
         }
-        DlqCommand::Show { id } => output(c, &call(http.get(format!("{base}/{id}"))).await?, print_job),
+        DlqCommand::Show { id } => {
+            output(c, &call(http.get(format!("{base}/{id}"))).await?, print_job)
+        }
         DlqCommand::Replay { id } => {
             let v = call(http.post(format!("{base}/{id}/replay"))).await?;
             output(c, &v, |v| println!("{} {}", s(v, "id"), s(v, "status")));
         }
         DlqCommand::Purge { id } => {
             call(http.delete(format!("{base}/{id}"))).await?;
-            output(c, &serde_json::json!({"id": id, "purged": true}), |_| println!("{id} purged"));
+            output(c, &serde_json::json!({"id": id, "purged": true}), |_| {
+                println!("{id} purged")
+            });
         }
     }
     Ok(())
+}
+
+/// The newcomer's first job: submitted through the API of the fleet that
+/// just started, followed to its end and printed.
+pub async fn demo(url: String) {
+    let c = ClientArgs { url, json: false };
+    // The API binds before this task first polls, but give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    eprintln!("demo: submitting a probe job that fails once, then succeeds on its retry");
+    let payload = r#"{"sleep_ms": 250, "fail_attempts": 1}"#;
+    match submit(&c, "probe", payload, true).await {
+        Ok(()) => eprintln!("demo: done. The fleet keeps running; Ctrl-C stops it."),
+        Err(e) => eprintln!("demo failed: {e:#}"),
+    }
 }

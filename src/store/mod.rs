@@ -93,6 +93,15 @@ pub struct ListFilter {
     pub before: Option<Uuid>,
 }
 
+/// One recorded transition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobEvent {
+    /// `job.queued`, `job.started`, ...
+    pub kind: String,
+    pub attempt: i32,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
 /// Counts for the metrics gauges.
 #[derive(Debug, Clone, Default)]
 pub struct Depths {
@@ -145,9 +154,13 @@ pub trait Store: Send + Sync + 'static {
     async fn depths(&self) -> StoreResult<Depths>;
     /// Jobs by status, optionally only ids from `since` on (UUIDv7 order)
     /// and of one kind.
-    async fn counts(&self, since: Option<Uuid>, kind: Option<&str>) -> StoreResult<HashMap<String, i64>>;
-    /// Event rows of one job, oldest first: (type, attempt).
-    async fn job_events(&self, id: Uuid) -> StoreResult<Vec<(String, i32)>>;
+    async fn counts(
+        &self,
+        since: Option<Uuid>,
+        kind: Option<&str>,
+    ) -> StoreResult<HashMap<String, i64>>;
+    /// Event rows of one job, oldest first.
+    async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>>;
 }
 
 pub(crate) fn ms(d: Duration) -> i64 {

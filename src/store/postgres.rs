@@ -13,8 +13,8 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::{
-    ms, CancelOutcome, Claimed, DeadLetterOutcome, Depths, Held, ListFilter, Publisher, Store,
-    StoreResult,
+    ms, CancelOutcome, Claimed, DeadLetterOutcome, Depths, Held, JobEvent, ListFilter, Publisher,
+    Store, StoreResult,
 };
 use crate::job::{Backoff, ChildRef, Inserted, Job, JobStatus, NewJob};
 use crate::lifecycle::{Finish, FinishCmd};
@@ -260,19 +260,20 @@ impl Store for PgStore {
             return Ok(None);
         };
         let mut job = row_to_job(&row)?;
-        job.children = sqlx::query("SELECT id, kind, status FROM jobs WHERE parent_id = $1 ORDER BY id")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(ChildRef {
-                    id: r.try_get(0)?,
-                    kind: r.try_get(1)?,
-                    status: parse_status(r.try_get(2)?)?,
+        job.children =
+            sqlx::query("SELECT id, kind, status FROM jobs WHERE parent_id = $1 ORDER BY id")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(ChildRef {
+                        id: r.try_get(0)?,
+                        kind: r.try_get(1)?,
+                        status: parse_status(r.try_get(2)?)?,
+                    })
                 })
-            })
-            .collect::<anyhow::Result<_>>()?;
+                .collect::<anyhow::Result<_>>()?;
         Ok(Some(job))
     }
 
@@ -350,7 +351,12 @@ impl Store for PgStore {
         self.dead_letter_outcome(id, n > 0).await
     }
 
-    async fn claim(&self, ids: &[Uuid], worker: &str, lease: Duration) -> StoreResult<Vec<Claimed>> {
+    async fn claim(
+        &self,
+        ids: &[Uuid],
+        worker: &str,
+        lease: Duration,
+    ) -> StoreResult<Vec<Claimed>> {
         if ids.is_empty() {
             return Ok(vec![]);
         }
@@ -544,7 +550,11 @@ impl Store for PgStore {
         Ok(d)
     }
 
-    async fn counts(&self, since: Option<Uuid>, kind: Option<&str>) -> StoreResult<HashMap<String, i64>> {
+    async fn counts(
+        &self,
+        since: Option<Uuid>,
+        kind: Option<&str>,
+    ) -> StoreResult<HashMap<String, i64>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT status, count(*) FROM jobs
              WHERE ($1::uuid IS NULL OR id >= $1) AND ($2::text IS NULL OR kind = $2) GROUP BY status",
@@ -556,11 +566,17 @@ impl Store for PgStore {
         Ok(rows.into_iter().collect())
     }
 
-    async fn job_events(&self, id: Uuid) -> StoreResult<Vec<(String, i32)>> {
-        Ok(sqlx::query_as("SELECT type, attempt FROM job_events WHERE job_id = $1 ORDER BY id")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?)
+    async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>> {
+        let rows: Vec<(String, i32, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT type, attempt, at FROM job_events WHERE job_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(kind, attempt, at)| JobEvent { kind, attempt, at })
+            .collect())
     }
 }
 

@@ -12,13 +12,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use super::{
-    ms, CancelOutcome, Claimed, DeadLetterOutcome, Depths, Held, ListFilter, Publisher, Store,
-    StoreResult,
+    ms, CancelOutcome, Claimed, DeadLetterOutcome, Depths, Held, JobEvent, ListFilter, Publisher,
+    Store, StoreResult,
 };
 use crate::job::{AttemptError, Backoff, ChildRef, Inserted, Job, JobStatus, NewJob};
 use crate::lifecycle::{Finish, FinishCmd};
@@ -330,7 +332,12 @@ impl Store for SqliteStore {
         self.dead_letter_outcome(id, n > 0).await
     }
 
-    async fn claim(&self, ids: &[Uuid], worker: &str, lease: Duration) -> StoreResult<Vec<Claimed>> {
+    async fn claim(
+        &self,
+        ids: &[Uuid],
+        worker: &str,
+        lease: Duration,
+    ) -> StoreResult<Vec<Claimed>> {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
         let now = now_ms();
@@ -458,7 +465,10 @@ impl Store for SqliteStore {
         }
         let mut by_pool: HashMap<&str, Vec<Uuid>> = HashMap::new();
         for (_, id, pool) in &rows {
-            by_pool.entry(pool.as_str()).or_default().push(parse_id(id)?);
+            by_pool
+                .entry(pool.as_str())
+                .or_default()
+                .push(parse_id(id)?);
         }
         // Dev mode runs one relay, so no row lock is needed; rows are deleted
         // only after the publish, so a crash in between re-sends, never loses.
@@ -509,9 +519,11 @@ impl Store for SqliteStore {
             let error = AttemptError {
                 attempt: *attempt as i32,
                 class: "retryable".into(),
-                message: "lease expired: the worker stopped heartbeating (killed, paused or cut off)"
-                    .into(),
+                message:
+                    "lease expired: the worker stopped heartbeating (killed, paused or cut off)"
+                        .into(),
                 at: Utc::now(),
+                retry_at: None,
             };
             push_error(&mut tx, id, &error).await?;
             if status == JobStatus::Retrying {
@@ -561,7 +573,11 @@ impl Store for SqliteStore {
         Ok(d)
     }
 
-    async fn counts(&self, since: Option<Uuid>, kind: Option<&str>) -> StoreResult<HashMap<String, i64>> {
+    async fn counts(
+        &self,
+        since: Option<Uuid>,
+        kind: Option<&str>,
+    ) -> StoreResult<HashMap<String, i64>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT status, count(*) FROM jobs WHERE (?1 IS NULL OR id >= ?1) AND (?2 IS NULL OR kind = ?2)
              GROUP BY status",
@@ -573,10 +589,19 @@ impl Store for SqliteStore {
         Ok(rows.into_iter().collect())
     }
 
-    async fn job_events(&self, id: Uuid) -> StoreResult<Vec<(String, i32)>> {
-        Ok(sqlx::query_as("SELECT type, attempt FROM job_events WHERE job_id = ? ORDER BY id")
-            .bind(id.to_string())
-            .fetch_all(&self.pool)
-            .await?)
+    async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>> {
+        let rows: Vec<(String, i32, i64)> =
+            sqlx::query_as("SELECT type, attempt, at FROM job_events WHERE job_id = ? ORDER BY id")
+                .bind(id.to_string())
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(kind, attempt, at)| JobEvent {
+                kind,
+                attempt,
+                at: from_ms(Some(at)).unwrap_or_default(),
+            })
+            .collect())
     }
 }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: services up, formatting, lints, then
+# every test of the workspace against the real services.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/services.sh
+command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
+
+# Test databases are dropped by each test; a test that failed leaves its own.
+psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'sdt\_%'" |
+  while read -r db; do psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"; done
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo nextest run --workspace --no-fail-fast

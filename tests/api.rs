@@ -1,0 +1,286 @@
+//! The HTTP API's contract for bad input and its service routes: every
+//! client mistake is a 4xx with a JSON body naming the field, never a 500.
+
+mod support;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use support::{Flavor, TestFleet};
+use uuid::Uuid;
+
+async fn assert_error(
+    f: &TestFleet,
+    body: serde_json::Value,
+    status: StatusCode,
+    code: &str,
+    field: Option<&str>,
+) {
+    let (s, v) = f.post("/v1/jobs", body.clone()).await;
+    assert_eq!(s, status, "{body} -> {v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert_eq!(v["error"]["field"].as_str(), field, "{v}");
+    assert!(!v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .is_empty());
+}
+
+async fn bad_input_gets_a_clear_4xx(flavor: Flavor) {
+    let f = TestFleet::start_with(
+        flavor,
+        support::Opts {
+            workers: vec![],
+            ..Default::default()
+        },
+    )
+    .await;
+    let (s, v) = f.post_raw("/v1/jobs", b"{\"kind\": ".to_vec()).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_json"))
+    );
+    let (s, v) = f.post_raw("/v1/jobs", vec![b' '; 1024 * 1024 + 10]).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))
+    );
+
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    assert_error(
+        &f,
+        json!({"kind": "nope", "payload": {}}),
+        unprocessable,
+        "invalid_job",
+        Some("kind"),
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"payload": {}}),
+        unprocessable,
+        "invalid_job",
+        None,
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"kind": "probe", "payload": {"sleep_ms": -1}}),
+        unprocessable,
+        "invalid_job",
+        Some("payload.sleep_ms"),
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"kind": "probe", "payload": {"bogus": 1}}),
+        unprocessable,
+        "invalid_job",
+        Some("payload.bogus"),
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"kind": "probe", "payload": {"failure": "sometimes"}}),
+        unprocessable,
+        "invalid_job",
+        Some("payload.failure"),
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"kind": "probe", "payload": {}, "extra": 1}),
+        unprocessable,
+        "invalid_job",
+        Some("extra"),
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"kind": "probe", "payload": {}, "max_attempts": 26}),
+        unprocessable,
+        "invalid_job",
+        Some("max_attempts"),
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"kind": "probe", "payload": {}, "max_attempts": 0}),
+        unprocessable,
+        "invalid_job",
+        Some("max_attempts"),
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"kind": "probe", "payload": {}, "timeout_secs": 0}),
+        unprocessable,
+        "invalid_job",
+        Some("timeout_secs"),
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"kind": "probe", "payload": {}, "backoff": {"base_ms": 10, "max_ms": 5}}),
+        unprocessable,
+        "invalid_job",
+        Some("backoff.max_ms"),
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"kind": "probe", "payload": {}, "run_at": "tomorrow"}),
+        unprocessable,
+        "invalid_job",
+        Some("run_at"),
+    )
+    .await;
+    assert_error(
+        &f,
+        json!({"kind": "probe", "payload": {}, "idempotency_key": ""}),
+        unprocessable,
+        "invalid_job",
+        Some("idempotency_key"),
+    )
+    .await;
+
+    let (s, v) = f.post("/v1/jobs/batch", json!({"jobs": [{"kind": "probe", "payload": {}}, {"kind": "probe", "payload": {"sleep_ms": "x"}}]})).await;
+    assert_eq!(s, unprocessable);
+    assert_eq!(v["error"]["field"], "jobs[1].payload.sleep_ms");
+    let (s, v) = f.post("/v1/jobs/batch", json!({"jobs": []})).await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (unprocessable, Some("jobs"))
+    );
+    let too_many: Vec<_> = (0..1001)
+        .map(|_| json!({"kind": "probe", "payload": {}}))
+        .collect();
+    let (s, _) = f.post("/v1/jobs/batch", json!({"jobs": too_many})).await;
+    assert_eq!(s, unprocessable);
+
+    let (s, v) = f.get(&format!("/v1/jobs/{}", Uuid::now_v7())).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (s, v) = f.get("/v1/jobs/not-a-uuid").await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("id"))
+    );
+    let (s, v) = f.get("/v1/jobs?status=done").await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("status"))
+    );
+    let (s, v) = f.get("/v1/jobs?limit=100000").await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("limit"))
+    );
+    let (s, v) = f.get("/v1/nowhere").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (s, v) = f.get(&format!("/v1/dead-letters/{}", Uuid::now_v7())).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    f.shutdown().await;
+}
+
+async fn service_routes_answer(flavor: Flavor) {
+    let f = TestFleet::start(flavor).await;
+    let id = f.probe(json!({}), json!({})).await;
+    f.wait_status(id, "succeeded", 20).await;
+    let (s, v) = f.get("/healthz").await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let (s, v) = f.get("/readyz").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["database"], "ok");
+    let (s, doc) = f.get("/openapi.json").await;
+    assert_eq!(s, StatusCode::OK);
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/batch",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/dead-letters",
+        "/v1/dead-letters/{id}/replay",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "OpenAPI documents {path}");
+    }
+    let metrics = f
+        .http
+        .get(format!("{}/metrics", f.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for name in [
+        "stevedore_jobs_submitted_total",
+        "stevedore_jobs_finished_total",
+        "stevedore_job_run_seconds",
+        "stevedore_job_wait_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} in /metrics");
+    }
+    let (s, v) = f.get(&format!("/v1/stats?since={id}")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["counts"]["succeeded"], 1, "{v}");
+    f.shutdown().await;
+}
+
+both_flavors!(bad_input_gets_a_clear_4xx, service_routes_answer);
+
+/// With Postgres unreachable the API answers 503 with a JSON error, fast.
+#[tokio::test]
+async fn database_down_is_a_503_not_a_hang() {
+    let store =
+        stevedore::store::postgres::PgStore::connect("postgres://postgres@127.0.0.1:1/none", 2)
+            .await
+            .expect("lazy pool");
+    let redis = stevedore::broker::redis::RedisBroker::connect(
+        support::REDIS,
+        "sdt:down",
+        std::time::Duration::from_secs(2),
+    )
+    .await
+    .expect("redis");
+    let backend = stevedore::fleet::Backend {
+        store: std::sync::Arc::new(store),
+        brokers: stevedore::broker::Brokers::new(std::sync::Arc::new(redis)),
+    };
+    let roles = stevedore::fleet::Roles {
+        api: Some("127.0.0.1:0".parse().expect("addr")),
+        dispatcher: None,
+        workers: vec![],
+        timing: support::fast_timing(),
+    };
+    let running = stevedore::fleet::start(backend, stevedore::fleet::default_kinds(), roles)
+        .await
+        .expect("start");
+    let url = format!("http://{}", running.addr.expect("addr"));
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let r = http
+        .post(format!("{url}/v1/jobs"))
+        .json(&json!({"kind": "probe", "payload": {}}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "unavailable");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let r = http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    running.shutdown().await;
+}

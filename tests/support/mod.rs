@@ -1,0 +1,302 @@
+//! Shared test support: a fleet per test on its own Postgres database and
+//! Redis key prefix (or its own SQLite file), driven through the real HTTP
+//! API, plus helpers that wait for a condition with a deadline.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use stevedore::broker::redis::RedisBroker;
+use stevedore::broker::Brokers;
+use stevedore::config::TimingArgs;
+use stevedore::dispatcher::DispatcherConfig;
+use stevedore::fleet::{self, Backend, Roles, Running};
+use stevedore::store::postgres::PgStore;
+use stevedore::store::Store;
+use uuid::Uuid;
+
+pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Flavor {
+    Postgres,
+    Sqlite,
+}
+
+/// Short leases and repair delays so recovery paths run within seconds.
+pub fn fast_timing() -> TimingArgs {
+    TimingArgs {
+        lease_secs: 2.0,
+        heartbeat_secs: 0.4,
+        grace_secs: 2.0,
+        lost_after_secs: 1.0,
+    }
+}
+
+pub fn fast_dispatcher() -> DispatcherConfig {
+    DispatcherConfig {
+        batch: 1000,
+        poll: Duration::from_millis(50),
+        rescue_every: Duration::from_millis(200),
+        lost_after: Duration::from_secs(1),
+    }
+}
+
+/// A fresh database on the shared Postgres, named for this test run.
+pub async fn fresh_pg_database() -> String {
+    let name = format!("sdt_{}", Uuid::now_v7().simple());
+    let admin = sqlx::PgPool::connect(PG_ADMIN)
+        .await
+        .expect("Postgres at 127.0.0.1:5432");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    admin.close().await;
+    format!("postgres://postgres@127.0.0.1:5432/{name}")
+}
+
+pub struct TestFleet {
+    pub flavor: Flavor,
+    pub url: String,
+    pub http: reqwest::Client,
+    pub backend: Backend,
+    pub redis_prefix: String,
+    pub database_url: Option<String>,
+    pub running: Option<Running>,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Opts {
+    pub workers: Vec<(String, usize)>,
+    pub timing: TimingArgs,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            workers: vec![("probe".into(), 8)],
+            timing: fast_timing(),
+        }
+    }
+}
+
+impl TestFleet {
+    pub async fn start(flavor: Flavor) -> Self {
+        Self::start_with(flavor, Opts::default()).await
+    }
+
+    pub async fn backend(
+        flavor: Flavor,
+        dir: &std::path::Path,
+        prefix: &str,
+    ) -> (Backend, Option<String>) {
+        match flavor {
+            Flavor::Sqlite => (
+                Backend::embedded(dir, &fast_timing())
+                    .await
+                    .expect("sqlite backend"),
+                None,
+            ),
+            Flavor::Postgres => {
+                let url = fresh_pg_database().await;
+                let store = PgStore::connect(&url, 8).await.expect("pg store");
+                store.migrate().await.expect("migrate");
+                let redis = RedisBroker::connect(REDIS, prefix, Duration::from_secs(2))
+                    .await
+                    .expect("Redis at 127.0.0.1:6379");
+                let backend = Backend {
+                    store: Arc::new(store),
+                    brokers: Brokers::new(Arc::new(redis)),
+                };
+                (backend, Some(url))
+            }
+        }
+    }
+
+    pub async fn start_with(flavor: Flavor, opts: Opts) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefix = format!("sdt:{}", Uuid::now_v7().simple());
+        let (backend, database_url) = Self::backend(flavor, dir.path(), &prefix).await;
+        let roles = Roles {
+            api: Some("127.0.0.1:0".parse().expect("addr")),
+            dispatcher: Some(fast_dispatcher()),
+            workers: opts.workers,
+            timing: opts.timing,
+        };
+        let running = fleet::start(backend.clone(), fleet::default_kinds(), roles)
+            .await
+            .expect("fleet starts");
+        let url = format!("http://{}", running.addr.expect("api address"));
+        Self {
+            flavor,
+            url,
+            http: reqwest::Client::new(),
+            backend,
+            redis_prefix: prefix,
+            database_url,
+            running: Some(running),
+            _dir: dir,
+        }
+    }
+
+    /// Starts extra worker pools on the same backend (a second process, in effect).
+    pub async fn start_workers(&self, pool: &str, concurrency: usize) -> Running {
+        let roles = Roles {
+            api: None,
+            dispatcher: None,
+            workers: vec![(pool.to_owned(), concurrency)],
+            timing: fast_timing(),
+        };
+        fleet::start(self.backend.clone(), fleet::default_kinds(), roles)
+            .await
+            .expect("workers start")
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.backend.store
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("request");
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, path: &str) -> StatusCode {
+        self.http
+            .delete(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("request")
+            .status()
+    }
+
+    /// Submits a probe job and returns its id.
+    pub async fn probe(&self, payload: Value, extra: Value) -> Uuid {
+        let mut body = json!({"kind": "probe", "payload": payload});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let (status, v) = self.post("/v1/jobs", body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        v["id"].as_str().expect("id").parse().expect("uuid")
+    }
+
+    pub async fn job(&self, id: Uuid) -> Value {
+        let (status, v) = self.get(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v
+    }
+
+    /// Polls until the job has `status`, failing after `secs`.
+    pub async fn wait_status(&self, id: Uuid, status: &str, secs: u64) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let job = self.job(id).await;
+            if job["status"] == status {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} did not become {status} within {secs}s: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn events(&self, id: Uuid) -> Vec<(String, i32)> {
+        self.store()
+            .job_events(id)
+            .await
+            .expect("events")
+            .into_iter()
+            .map(|e| (e.kind, e.attempt))
+            .collect()
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        if let Some(url) = &self.database_url {
+            drop_database(url).await;
+        }
+    }
+}
+
+pub async fn drop_database(url: &str) {
+    let Some(name) = url.rsplit('/').next() else {
+        return;
+    };
+    if let Ok(admin) = sqlx::PgPool::connect(PG_ADMIN).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&admin)
+            .await;
+    }
+}
+
+/// Waits until `f` returns true, failing with `what` after `secs`.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Generates one test per flavor from `async fn name(flavor: Flavor)`.
+#[macro_export]
+macro_rules! both_flavors {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::support::Flavor::Postgres).await })*
+        }
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::support::Flavor::Sqlite).await })*
+        }
+    };
+}

@@ -146,11 +146,15 @@ impl TestFleet {
 
     /// Starts extra worker pools on the same backend (a second process, in effect).
     pub async fn start_workers(&self, pool: &str, concurrency: usize) -> Running {
+        self.start_workers_with(pool, concurrency, fast_timing()).await
+    }
+
+    pub async fn start_workers_with(&self, pool: &str, concurrency: usize, timing: TimingArgs) -> Running {
         let roles = Roles {
             api: None,
             dispatcher: None,
             workers: vec![(pool.to_owned(), concurrency)],
-            timing: fast_timing(),
+            timing,
         };
         fleet::start(self.backend.clone(), fleet::default_kinds(), roles)
             .await

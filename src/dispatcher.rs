@@ -78,12 +78,31 @@ impl Dispatcher {
         Ok(n)
     }
 
-    /// LostMessageRepair: one batch of jobs the broker lost.
+    /// LostMessageRepair: for each pool, when the broker holds fewer
+    /// messages than Postgres has jobs waiting on it, re-sends that many of
+    /// the longest-waiting jobs. Comparing counts first keeps a long but
+    /// healthy queue from being re-sent over and over.
     pub async fn repair_once(&self) -> StoreResult<usize> {
-        let n = self
-            .store
-            .repair_lost(self.cfg.lost_after, self.cfg.batch)
-            .await?;
+        let mut n = 0;
+        for (pool, waiting) in self.store.published_waiting().await? {
+            let broker = self.brokers.for_pool(&pool);
+            let depth = match broker.depth(&pool).await {
+                Ok(d) => i64::try_from(d).unwrap_or(i64::MAX),
+                // Nothing to compare with; once it is back (empty or not)
+                // the next round decides.
+                Err(e) => {
+                    tracing::warn!(%pool, error = %e, "Broker depth unknown; repair skipped.");
+                    continue;
+                }
+            };
+            let missing = waiting.saturating_sub(depth);
+            if missing > 0 {
+                n += self
+                    .store
+                    .repair_lost(&pool, self.cfg.lost_after, missing.min(self.cfg.batch))
+                    .await?;
+            }
+        }
         if n > 0 {
             metrics::REPAIRED
                 .with_label_values(&["lost_message_repair"])

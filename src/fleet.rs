@@ -88,6 +88,8 @@ pub struct Roles {
     /// (pool, concurrency)
     pub workers: Vec<(String, usize)>,
     pub timing: TimingArgs,
+    /// Serve `/metrics` and `/healthz` here (for roles without the API).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A running set of roles; `stop` drains them and waits.
@@ -135,6 +137,20 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
         tracker.spawn(async move {
             if let Err(e) = w.run(s).await {
                 tracing::error!(error = %e, "Worker stopped with an error.");
+            }
+        });
+    }
+    if let Some(listen) = roles.metrics {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the metrics listener {listen}"))?;
+        let s = stop.clone();
+        tracker.spawn(async move {
+            let res = axum::serve(listener, api::metrics_router())
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "Metrics server failed.");
             }
         });
     }

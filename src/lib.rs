@@ -12,6 +12,7 @@
 //! - [`api`]: the HTTP API and its OpenAPI document.
 //! - [`fleet`]: assembles roles into a process.
 //! - [`cli`]: the operator CLI over the HTTP API, and `bench`.
+//! - [`supervisor`]: `stevedore up`, the local process supervisor.
 //! - [`config`], [`metrics`].
 
 pub mod api;
@@ -25,4 +26,5 @@ pub mod kinds;
 pub mod lifecycle;
 pub mod metrics;
 pub mod store;
+pub mod supervisor;
 pub mod worker;

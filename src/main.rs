@@ -57,11 +57,17 @@ enum Command {
         pool: String,
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// Serve /metrics and /healthz on this address.
+        #[arg(long, env = "STEVEDORE_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         backend: BackendArgs,
     },
     /// Outbox relay, lease rescue and lost-message repair.
     Dispatcher {
+        /// Serve /metrics and /healthz on this address.
+        #[arg(long, env = "STEVEDORE_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         backend: BackendArgs,
     },
@@ -93,6 +99,23 @@ enum Command {
         command: DlqCommand,
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Run api, dispatcher and N workers per pool as child processes (like compose --scale).
+    Up {
+        /// Worker processes per pool, e.g. probe=2,scrape=1,analyze=2.
+        #[arg(long, default_value = "probe=1")]
+        scale: String,
+        #[arg(long, env = "STEVEDORE_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Concurrency of each worker process.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// How long children get to drain after SIGTERM before they are killed.
+        #[arg(long, default_value_t = 30)]
+        grace_secs: u64,
+        /// Checked here so a missing URL fails once instead of in every child.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
     },
     /// Submit probe jobs through the API and measure throughput and latency.
     Bench(cli::bench::BenchArgs),
@@ -194,6 +217,7 @@ async fn main() -> anyhow::Result<()> {
                 dispatcher: Some(dispatcher_cfg(&timing)),
                 workers,
                 timing,
+                metrics: None,
             };
             run_roles(backend, roles).await
         }
@@ -207,12 +231,14 @@ async fn main() -> anyhow::Result<()> {
                 dispatcher: (!no_dispatcher).then(|| dispatcher_cfg(&backend.timing)),
                 workers: vec![],
                 timing: backend.timing.clone(),
+                metrics: None,
             };
             run_roles(Backend::production(&backend).await?, roles).await
         }
         Command::Worker {
             pool,
             concurrency,
+            metrics_listen,
             backend,
         } => {
             anyhow::ensure!(
@@ -225,15 +251,20 @@ async fn main() -> anyhow::Result<()> {
                 dispatcher: None,
                 workers: vec![(pool, concurrency)],
                 timing: backend.timing.clone(),
+                metrics: metrics_listen,
             };
             run_roles(Backend::production(&backend).await?, roles).await
         }
-        Command::Dispatcher { backend } => {
+        Command::Dispatcher {
+            metrics_listen,
+            backend,
+        } => {
             let roles = Roles {
                 api: None,
                 dispatcher: Some(dispatcher_cfg(&backend.timing)),
                 workers: vec![],
                 timing: backend.timing.clone(),
+                metrics: metrics_listen,
             };
             run_roles(Backend::production(&backend).await?, roles).await
         }
@@ -250,6 +281,27 @@ async fn main() -> anyhow::Result<()> {
         } => cli::submit(&client, &kind, &payload, wait).await,
         Command::Status { id, client } => cli::status(&client, &id).await,
         Command::Dlq { command, client } => cli::dlq(&client, command).await,
+        Command::Up {
+            scale,
+            listen,
+            concurrency,
+            grace_secs,
+            database_url,
+        } => {
+            let scale = stevedore::supervisor::parse_scale(&scale)?;
+            for pool in scale.keys() {
+                anyhow::ensure!(
+                    fleet::default_kinds().get(pool).is_some(),
+                    "unknown pool {pool:?}; known: {}",
+                    fleet::default_kinds().names().join(", ")
+                );
+            }
+            let specs = stevedore::supervisor::plan(&listen, &scale, concurrency, &database_url);
+            let stop = stop_on_signal();
+            stevedore::supervisor::run(specs, stop, std::time::Duration::from_secs(grace_secs))
+                .await;
+            Ok(())
+        }
         Command::Bench(args) => cli::bench::run(args).await,
     }
 }

@@ -259,6 +259,7 @@ async fn database_down_is_a_503_not_a_hang() {
         dispatcher: None,
         workers: vec![],
         timing: support::fast_timing(),
+        metrics: None,
     };
     let running = stevedore::fleet::start(backend, stevedore::fleet::default_kinds(), roles)
         .await

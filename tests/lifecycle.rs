@@ -402,18 +402,35 @@ async fn batch_submit_and_pagination(flavor: Flavor) {
 }
 
 async fn stopping_a_worker_finishes_short_jobs_and_hands_back_long_ones(flavor: Flavor) {
-    let f = TestFleet::start_with(flavor, Opts { workers: vec![], ..Opts::default() }).await;
+    let f = TestFleet::start_with(
+        flavor,
+        Opts {
+            workers: vec![],
+            ..Opts::default()
+        },
+    )
+    .await;
     let short = f.probe(json!({"sleep_ms": 300}), json!({})).await;
     let long = f.probe(json!({"sleep_ms": 60000}), json!({})).await;
-    let timing = stevedore::config::TimingArgs { grace_secs: 1.5, ..support::fast_timing() };
+    let timing = stevedore::config::TimingArgs {
+        grace_secs: 1.5,
+        ..support::fast_timing()
+    };
     let workers = f.start_workers_with("probe", 4, timing).await;
     f.wait_status(short, "running", 20).await;
     f.wait_status(long, "running", 20).await;
     workers.shutdown().await;
-    assert_eq!(f.job(short).await["status"], "succeeded", "in-flight work finishes within the grace period");
+    assert_eq!(
+        f.job(short).await["status"],
+        "succeeded",
+        "in-flight work finishes within the grace period"
+    );
     let handed_back = f.job(long).await;
     assert_eq!(handed_back["status"], "queued", "{handed_back}");
-    assert_eq!(handed_back["attempt_limit"], 6, "an interrupted attempt does not use up the budget");
+    assert_eq!(
+        handed_back["attempt_limit"], 6,
+        "an interrupted attempt does not use up the budget"
+    );
     assert!(handed_back["errors"].as_array().expect("errors").is_empty());
     f.shutdown().await;
 }

@@ -58,6 +58,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `/metrics` and `/healthz` alone, for worker and dispatcher processes.
+pub fn metrics_router() -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("route")
 }

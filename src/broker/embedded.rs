@@ -81,6 +81,15 @@ impl Broker for EmbeddedBroker {
         Ok(())
     }
 
+    async fn depth(&self, pool: &str) -> Result<u64, BrokerError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM queue WHERE pool = ?")
+            .bind(pool)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     async fn consumer(
         &self,
         pool: &str,

@@ -39,6 +39,10 @@ pub trait Broker: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     async fn ping(&self) -> Result<(), BrokerError>;
     async fn publish(&self, pool: &str, ids: &[Uuid]) -> Result<(), BrokerError>;
+    /// Messages the broker holds for `pool` and has not had acked (waiting
+    /// or delivered-unacked). The dispatcher compares it with the jobs
+    /// Postgres says are waiting, to tell a lost message from a long queue.
+    async fn depth(&self, pool: &str) -> Result<u64, BrokerError>;
     /// A consumer for one worker process of `pool`; `consumer` names it so a
     /// restarted process can be told apart from a dead one.
     async fn consumer(&self, pool: &str, consumer: &str) -> Result<Box<dyn Consumer>, BrokerError>;

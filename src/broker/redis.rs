@@ -91,6 +91,13 @@ impl Broker for RedisBroker {
         pipe.query_async::<()>(&mut c).await.map_err(err)
     }
 
+    async fn depth(&self, pool: &str) -> Result<u64, BrokerError> {
+        // Acked entries are deleted, so the stream's length is exactly what
+        // is waiting or delivered-unacked; a stream Redis forgot has length 0.
+        let mut c = self.conn.clone();
+        c.xlen(self.stream_key(pool)).await.map_err(err)
+    }
+
     async fn consumer(&self, pool: &str, consumer: &str) -> Result<Box<dyn Consumer>, BrokerError> {
         Ok(Box::new(RedisConsumer {
             broker: self.clone(),

@@ -148,9 +148,13 @@ pub trait Store: Send + Sync + 'static {
     /// Jobs whose lease ran out (their worker died): back to the queue, or
     /// dead when that was the last attempt. Returns how many moved.
     async fn rescue_expired(&self, limit: i64) -> StoreResult<usize>;
-    /// Jobs still waiting `older_than` after they were sent, with nothing in
-    /// the outbox: the broker lost the message, so send it again.
-    async fn repair_lost(&self, older_than: Duration, limit: i64) -> StoreResult<usize>;
+    /// Jobs of `pool` the broker should be holding: queued or retrying,
+    /// minus those whose outbox row is not yet published.
+    async fn published_waiting(&self) -> StoreResult<HashMap<String, i64>>;
+    /// Up to `limit` jobs of `pool` still waiting `older_than` after they
+    /// were last sent, with nothing in the outbox, oldest first: sent again.
+    async fn repair_lost(&self, pool: &str, older_than: Duration, limit: i64)
+        -> StoreResult<usize>;
     async fn depths(&self) -> StoreResult<Depths>;
     /// Jobs by status, optionally only ids from `since` on (UUIDv7 order)
     /// and of one kind.

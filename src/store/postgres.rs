@@ -512,16 +512,35 @@ impl Store for PgStore {
         Ok(n as usize)
     }
 
-    async fn repair_lost(&self, older_than: Duration, limit: i64) -> StoreResult<usize> {
+    async fn published_waiting(&self) -> StoreResult<HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT kind, sum(n)::bigint FROM (
+                SELECT kind, count(*) AS n FROM jobs
+                WHERE status IN ('queued', 'retrying') AND NOT cancel_requested GROUP BY kind
+                UNION ALL
+                SELECT pool, -count(*) FROM outbox GROUP BY pool
+             ) t GROUP BY kind",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn repair_lost(
+        &self,
+        pool: &str,
+        older_than: Duration,
+        limit: i64,
+    ) -> StoreResult<usize> {
         let n: i64 = sqlx::query_scalar(
             "WITH x AS (
                 SELECT id FROM jobs j
-                WHERE status IN ('queued', 'retrying')
+                WHERE status IN ('queued', 'retrying') AND kind = $3
                   AND greatest(updated_at, coalesce(next_run_at, updated_at))
                       < now() - $1 * interval '1 millisecond'
                   AND NOT cancel_requested
                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)
-                LIMIT $2 FOR UPDATE SKIP LOCKED
+                ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED
              ), upd AS (
                 UPDATE jobs j SET updated_at = now() FROM x WHERE j.id = x.id RETURNING j.id, j.kind
              ), ob AS (
@@ -531,6 +550,7 @@ impl Store for PgStore {
         )
         .bind(ms(older_than) as f64)
         .bind(limit)
+        .bind(pool)
         .fetch_one(&self.pool)
         .await?;
         Ok(n as usize)

@@ -535,14 +535,34 @@ impl Store for SqliteStore {
         Ok(rows.len())
     }
 
-    async fn repair_lost(&self, older_than: Duration, limit: i64) -> StoreResult<usize> {
+    async fn published_waiting(&self) -> StoreResult<HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT kind, sum(n) FROM (
+                SELECT kind, count(*) AS n FROM jobs
+                WHERE status IN ('queued', 'retrying') AND cancel_requested = 0 GROUP BY kind
+                UNION ALL
+                SELECT pool, -count(*) FROM outbox GROUP BY pool
+             ) GROUP BY kind",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn repair_lost(
+        &self,
+        pool: &str,
+        older_than: Duration,
+        limit: i64,
+    ) -> StoreResult<usize> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT id, kind FROM jobs j WHERE status IN ('queued', 'retrying')
+            "SELECT id, kind FROM jobs j WHERE status IN ('queued', 'retrying') AND kind = ?
                AND max(updated_at, coalesce(next_run_at, updated_at)) < ? AND cancel_requested = 0
-               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id) LIMIT ?",
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id) ORDER BY updated_at LIMIT ?",
         )
+        .bind(pool)
         .bind(now - ms(older_than))
         .bind(limit)
         .fetch_all(&mut *tx)

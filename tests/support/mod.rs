@@ -127,6 +127,7 @@ impl TestFleet {
             dispatcher: Some(fast_dispatcher()),
             workers: opts.workers,
             timing: opts.timing,
+            metrics: None,
         };
         let running = fleet::start(backend.clone(), fleet::default_kinds(), roles)
             .await
@@ -146,15 +147,22 @@ impl TestFleet {
 
     /// Starts extra worker pools on the same backend (a second process, in effect).
     pub async fn start_workers(&self, pool: &str, concurrency: usize) -> Running {
-        self.start_workers_with(pool, concurrency, fast_timing()).await
+        self.start_workers_with(pool, concurrency, fast_timing())
+            .await
     }
 
-    pub async fn start_workers_with(&self, pool: &str, concurrency: usize, timing: TimingArgs) -> Running {
+    pub async fn start_workers_with(
+        &self,
+        pool: &str,
+        concurrency: usize,
+        timing: TimingArgs,
+    ) -> Running {
         let roles = Roles {
             api: None,
             dispatcher: None,
             workers: vec![(pool.to_owned(), concurrency)],
             timing,
+            metrics: None,
         };
         fleet::start(self.backend.clone(), fleet::default_kinds(), roles)
             .await
@@ -304,3 +312,7 @@ macro_rules! both_flavors {
         }
     };
 }
+
+pub mod checker;
+pub mod faultproxy;
+pub mod procs;

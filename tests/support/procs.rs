@@ -1,0 +1,266 @@
+//! Real processes for the drills: `stevedore` roles started from the test's
+//! own binary, and private instances of Redis and Postgres that a drill may
+//! restart or wipe without disturbing the shared services other tests use.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// A free loopback port (bound then released; the tiny race is acceptable
+/// in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub async fn wait_port(port: u16, secs: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "port {port} did not open within {secs}s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process whose output goes to a log file in the drill's directory.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(
+        program: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        dir: &Path,
+        name: &str,
+    ) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+        Self {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// A `stevedore` role.
+    pub fn stevedore(args: &[&str], env: &[(&str, String)], dir: &Path, name: &str) -> Self {
+        Self::spawn(env!("CARGO_BIN_EXE_stevedore"), args, env, dir, name)
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid"))
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap_or_else(|e| panic!("{sig} to {}: {e}", self.name));
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit, failing after `secs`.
+    pub async fn wait_exit(&mut self, secs: u64) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not exit within {secs}s",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A redis-server of the drill's own, keeping nothing on disk.
+pub struct PrivateRedis {
+    pub port: u16,
+    proc: Option<Proc>,
+    dir: PathBuf,
+}
+
+impl PrivateRedis {
+    pub async fn start(dir: &Path) -> Self {
+        let mut r = Self {
+            port: free_port(),
+            proc: None,
+            dir: dir.to_owned(),
+        };
+        r.up().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn up(&mut self) {
+        let port = self.port.to_string();
+        let args = [
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        self.proc = Some(Proc::spawn("redis-server", &args, &[], &self.dir, "redis"));
+        wait_port(self.port, 20).await;
+    }
+
+    /// Kills the server and starts an empty one on the same port.
+    pub async fn restart_empty(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.signal(Signal::SIGKILL);
+            p.wait_exit(10).await;
+        }
+        self.up().await;
+    }
+}
+
+/// A throwaway Postgres cluster (initdb + pg_ctl in a temp dir). Postgres
+/// refuses to run as root, so the cluster belongs to the `postgres` user.
+pub struct PrivatePostgres {
+    pub port: u16,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+fn as_postgres(args: &[&str]) {
+    let status = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("runuser");
+    assert!(status.success(), "{args:?} failed");
+}
+
+impl PrivatePostgres {
+    pub async fn start(dir: &Path) -> Self {
+        let root = dir.join("pg");
+        std::fs::create_dir_all(&root).expect("pg dir");
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&root)
+            .status()
+            .expect("chown");
+        assert!(ok.success());
+        let data = root.join("data");
+        let data_s = data.to_str().expect("utf-8 path");
+        as_postgres(&[
+            "initdb",
+            "-D",
+            data_s,
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ]);
+        let pg = Self {
+            port: free_port(),
+            log: root.join("postgres.log"),
+            data,
+        };
+        pg.up().await;
+        pg
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    async fn up(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.data.display()
+        );
+        as_postgres(&[
+            "pg_ctl",
+            "-D",
+            self.data.to_str().expect("path"),
+            "-o",
+            &opts,
+            "-l",
+            self.log.to_str().expect("path"),
+            "-w",
+            "start",
+        ]);
+        wait_port(self.port, 30).await;
+    }
+
+    pub async fn stop(&self) {
+        as_postgres(&[
+            "pg_ctl",
+            "-D",
+            self.data.to_str().expect("path"),
+            "-m",
+            "fast",
+            "-w",
+            "stop",
+        ]);
+    }
+
+    pub async fn start_again(&self) {
+        self.up().await;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", "pg_ctl", "-D"])
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

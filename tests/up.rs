@@ -3,7 +3,6 @@
 
 mod support;
 
-
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::json;
@@ -28,28 +27,54 @@ async fn up_scales_pools_restarts_crashed_children_and_stops_cleanly() {
     let listen = format!("127.0.0.1:{port}");
     let env = [
         ("DATABASE_URL", db.clone()),
-        ("STEVEDORE_REDIS_PREFIX", format!("sdt:{}", uuid::Uuid::now_v7().simple())),
+        (
+            "STEVEDORE_REDIS_PREFIX",
+            format!("sdt:{}", uuid::Uuid::now_v7().simple()),
+        ),
         ("STEVEDORE_LEASE_SECS", "2".into()),
         ("STEVEDORE_HEARTBEAT_SECS", "0.5".into()),
         ("STEVEDORE_LOST_AFTER_SECS", "3".into()),
     ];
-    let args = ["up", "--scale", "probe=2", "--listen", &listen, "--concurrency", "8", "--grace-secs", "10"];
+    let args = [
+        "up",
+        "--scale",
+        "probe=2",
+        "--listen",
+        &listen,
+        "--concurrency",
+        "8",
+        "--grace-secs",
+        "10",
+    ];
     let mut up = Proc::stevedore(&args, &env, dir.path(), "up");
     wait_port(port, 60).await;
-    support::eventually(30, "both workers started", || async { pid_of(&up.log(), "probe-2").len() == 1 }).await;
+    support::eventually(30, "both workers started", || async {
+        pid_of(&up.log(), "probe-2").len() == 1
+    })
+    .await;
     let log = up.log();
     for name in ["api", "dispatcher", "probe-1", "probe-2"] {
         assert_eq!(pid_of(&log, name).len(), 1, "{name} started once:\n{log}");
     }
 
     let http = reqwest::Client::new();
-    let jobs: Vec<_> = (0..200).map(|_| json!({"kind": "probe", "payload": {"sleep_ms": 50}})).collect();
-    let resp = http.post(format!("http://{listen}/v1/jobs/batch")).json(&json!({"jobs": jobs})).send().await.expect("submit");
+    let jobs: Vec<_> = (0..200)
+        .map(|_| json!({"kind": "probe", "payload": {"sleep_ms": 50}}))
+        .collect();
+    let resp = http
+        .post(format!("http://{listen}/v1/jobs/batch"))
+        .json(&json!({"jobs": jobs}))
+        .send()
+        .await
+        .expect("submit");
     assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED);
 
     let victim = pid_of(&up.log(), "probe-1")[0];
     kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill worker");
-    support::eventually(30, "the crashed worker is restarted", || async { pid_of(&up.log(), "probe-1").len() == 2 }).await;
+    support::eventually(30, "the crashed worker is restarted", || async {
+        pid_of(&up.log(), "probe-1").len() == 2
+    })
+    .await;
     assert!(up.log().contains("[up] probe-1 exited"), "{}", up.log());
 
     let pg = sqlx::PgPool::connect(&db).await.expect("db");

@@ -189,55 +189,19 @@ impl Worker {
             if deliveries.is_empty() {
                 continue;
             }
-            let Some(claimed) = self.claim(&deliveries, &stop).await else {
-                break;
+            // Claim in a task of its own so the next receive overlaps this
+            // claim's commit: with one loop, throughput would be capped at
+            // one batch per database round trip.
+            let intake = Intake {
+                store: self.store.clone(),
+                kinds: self.kinds.clone(),
+                cfg: cfg.clone(),
+                running: running.clone(),
+                done: done_tx.clone(),
+                tracker: tracker.clone(),
+                span: span.clone(),
             };
-            let mut by_id: HashMap<Uuid, Claimed> =
-                claimed.into_iter().map(|c| (c.id, c)).collect();
-            for d in deliveries {
-                // A duplicate delivery, or a job running elsewhere, finished
-                // or cancelled: ack it so it is not redelivered, do no work.
-                let Some(job) = by_id.remove(&d.job_id) else {
-                    let _ = done_tx.send(Done {
-                        cmd: None,
-                        kind: String::new(),
-                        tag: d.tag,
-                    });
-                    continue;
-                };
-                let Some(permit) = permits.pop() else {
-                    // Cannot happen: we received at most one id per permit.
-                    tracing::error!(parent: &span, "More claims than permits.");
-                    break;
-                };
-                let token = CancellationToken::new();
-                lock(&running).insert(
-                    job.id,
-                    Running {
-                        attempt: job.attempt,
-                        token: token.clone(),
-                        why: None,
-                    },
-                );
-                let attempt_span = tracing::info_span!(
-                    parent: &span, "job", job.id = %job.id, job.kind = %job.kind, attempt = job.attempt
-                );
-                let fut = run_attempt(
-                    self.kinds.clone(),
-                    job,
-                    token,
-                    running.clone(),
-                    done_tx.clone(),
-                    d,
-                );
-                tracker.spawn(
-                    async move {
-                        fut.await;
-                        drop(permit);
-                    }
-                    .instrument(attempt_span),
-                );
-            }
+            tracker.spawn(intake.claim_and_run(deliveries, permits, stop.clone()));
         }
 
         tracing::info!(parent: &span, in_flight = tracker.len(), "Stopping: no new work taken.");
@@ -259,6 +223,77 @@ impl Worker {
         let _ = finisher.await;
         tracing::info!(parent: &span, "Worker stopped.");
         Ok(())
+    }
+}
+
+/// What a claim task needs: it claims a batch, acks what it could not
+/// claim, and starts an attempt per claimed job.
+struct Intake {
+    store: Arc<dyn Store>,
+    kinds: Kinds,
+    cfg: WorkerConfig,
+    running: RunningMap,
+    done: mpsc::UnboundedSender<Done>,
+    tracker: TaskTracker,
+    span: tracing::Span,
+}
+
+impl Intake {
+    async fn claim_and_run(
+        self,
+        deliveries: Vec<Delivery>,
+        mut permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+        stop: CancellationToken,
+    ) {
+        // Stopped while claiming: the messages stay unacked and come back.
+        let Some(claimed) = self.claim(&deliveries, &stop).await else {
+            return;
+        };
+        let mut by_id: HashMap<Uuid, Claimed> = claimed.into_iter().map(|c| (c.id, c)).collect();
+        for d in deliveries {
+            // A duplicate delivery, or a job running elsewhere, finished or
+            // cancelled: ack it so it is not redelivered, do no work.
+            let Some(job) = by_id.remove(&d.job_id) else {
+                let _ = self.done.send(Done {
+                    cmd: None,
+                    kind: String::new(),
+                    tag: d.tag,
+                });
+                continue;
+            };
+            let Some(permit) = permits.pop() else {
+                // Cannot happen: we received at most one id per permit.
+                tracing::error!(parent: &self.span, "More claims than permits.");
+                break;
+            };
+            let token = CancellationToken::new();
+            lock(&self.running).insert(
+                job.id,
+                Running {
+                    attempt: job.attempt,
+                    token: token.clone(),
+                    why: None,
+                },
+            );
+            let attempt_span = tracing::info_span!(
+                parent: &self.span, "job", job.id = %job.id, job.kind = %job.kind, attempt = job.attempt
+            );
+            let fut = run_attempt(
+                self.kinds.clone(),
+                job,
+                token,
+                self.running.clone(),
+                self.done.clone(),
+                d,
+            );
+            self.tracker.spawn(
+                async move {
+                    fut.await;
+                    drop(permit);
+                }
+                .instrument(attempt_span),
+            );
+        }
     }
 
     /// Claims with retries while the database is unreachable: the messages

@@ -25,8 +25,10 @@ CREATE TABLE jobs (
     next_run_at      timestamptz,
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
-CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key);
-CREATE INDEX jobs_status_id ON jobs (status, id DESC);
+-- Indexes are kept few and partial: every transition changes `status`, so
+-- no update is HOT and each index costs a new entry per transition.
+CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_dead ON jobs (id DESC) WHERE status = 'dead';
 CREATE INDEX jobs_lease ON jobs (lease_until) WHERE status = 'running';
 CREATE INDEX jobs_waiting ON jobs (updated_at) WHERE status IN ('queued', 'retrying');
 CREATE INDEX jobs_parent ON jobs (parent_id) WHERE parent_id IS NOT NULL;

@@ -69,7 +69,7 @@ async fn insert_in(conn: &mut PgConnection, jobs: &[NewJob]) -> StoreResult<Vec<
                               backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id)
             SELECT id, kind, payload, 'queued', max_attempts, max_attempts, base_ms, max_ms,
                    timeout_secs, run_at, run_at, idem, parent_id FROM input
-            ON CONFLICT (idempotency_key) DO NOTHING
+            ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING id, kind, status, attempt, next_run_at, parent_id
          ), ob AS (
             INSERT INTO outbox (job_id, pool, available_at)

@@ -2,6 +2,7 @@
 //! (1 MiB limit, strict JSON). Handlers live in `jobs` and `dlq`; the
 //! OpenAPI document is assembled in `openapi`.
 
+pub mod demo;
 mod dlq;
 pub mod error;
 mod jobs;

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use stevedore::cli::notify::WebhooksCommand;
 use stevedore::cli::{self, DlqCommand};
-use stevedore::config::{BackendArgs, ClientArgs, LogFormat, TimingArgs};
+use stevedore::config::{BackendArgs, ClientArgs, LogFormat, NotifyArgs, TimingArgs};
 use stevedore::dispatcher::DispatcherConfig;
 use stevedore::fleet::{self, Backend, Roles};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,8 @@ enum Command {
         demo: bool,
         #[command(flatten)]
         timing: TimingArgs,
+        #[command(flatten)]
+        notify: NotifyArgs,
     },
     /// The HTTP API (with an embedded dispatcher unless --no-dispatcher).
     Api {
@@ -50,6 +53,15 @@ enum Command {
         no_dispatcher: bool,
         #[command(flatten)]
         backend: BackendArgs,
+        #[command(flatten)]
+        notify: NotifyArgs,
+    },
+    /// Streams events to the API processes' clients and delivers webhooks.
+    Notifier {
+        #[command(flatten)]
+        backend: BackendArgs,
+        #[command(flatten)]
+        notify: NotifyArgs,
     },
     /// One worker pool process.
     Worker {
@@ -91,6 +103,23 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Follow job events as they happen (reconnects and resumes by itself).
+    Watch {
+        #[arg(long)]
+        kind: Option<String>,
+        /// A job id (repeatable); its children's events are included.
+        #[arg(long = "job")]
+        jobs: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Register and inspect webhooks and their deliveries.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -175,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             demo,
             timing,
+            notify,
         } => {
             let backend = Backend::embedded(&data_dir, &timing).await?;
             if demo {
@@ -193,6 +223,8 @@ async fn main() -> anyhow::Result<()> {
                 api: Some(listen),
                 dispatcher: Some(dispatcher_cfg(&timing)),
                 workers,
+                notifier: true,
+                notify,
                 timing,
             };
             run_roles(backend, roles).await
@@ -201,11 +233,14 @@ async fn main() -> anyhow::Result<()> {
             listen,
             no_dispatcher,
             backend,
+            notify,
         } => {
             let roles = Roles {
                 api: Some(listen),
                 dispatcher: (!no_dispatcher).then(|| dispatcher_cfg(&backend.timing)),
                 workers: vec![],
+                notifier: false,
+                notify,
                 timing: backend.timing.clone(),
             };
             run_roles(Backend::production(&backend).await?, roles).await
@@ -224,6 +259,19 @@ async fn main() -> anyhow::Result<()> {
                 api: None,
                 dispatcher: None,
                 workers: vec![(pool, concurrency)],
+                notifier: false,
+                notify: NotifyArgs::default(),
+                timing: backend.timing.clone(),
+            };
+            run_roles(Backend::production(&backend).await?, roles).await
+        }
+        Command::Notifier { backend, notify } => {
+            let roles = Roles {
+                api: None,
+                dispatcher: None,
+                workers: vec![],
+                notifier: true,
+                notify,
                 timing: backend.timing.clone(),
             };
             run_roles(Backend::production(&backend).await?, roles).await
@@ -233,6 +281,8 @@ async fn main() -> anyhow::Result<()> {
                 api: None,
                 dispatcher: Some(dispatcher_cfg(&backend.timing)),
                 workers: vec![],
+                notifier: false,
+                notify: NotifyArgs::default(),
                 timing: backend.timing.clone(),
             };
             run_roles(Backend::production(&backend).await?, roles).await
@@ -250,6 +300,8 @@ async fn main() -> anyhow::Result<()> {
         } => cli::submit(&client, &kind, &payload, wait).await,
         Command::Status { id, client } => cli::status(&client, &id).await,
         Command::Dlq { command, client } => cli::dlq(&client, command).await,
+        Command::Watch { kind, jobs, client } => cli::notify::watch(&client, kind, jobs).await,
+        Command::Webhooks { command, client } => cli::notify::webhooks(&client, command).await,
         Command::Bench(args) => cli::bench::run(args).await,
     }
 }

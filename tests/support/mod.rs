@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use stevedore::broker::redis::RedisBroker;
 use stevedore::broker::Brokers;
-use stevedore::config::TimingArgs;
+use stevedore::config::{NotifyArgs, TimingArgs};
 use stevedore::dispatcher::DispatcherConfig;
 use stevedore::fleet::{self, Backend, Roles, Running};
 use stevedore::store::postgres::PgStore;
@@ -74,6 +74,9 @@ pub struct TestFleet {
 pub struct Opts {
     pub workers: Vec<(String, usize)>,
     pub timing: TimingArgs,
+    /// Run the notifier in the fleet (tests of its restarts run their own).
+    pub notifier: bool,
+    pub notify: NotifyArgs,
 }
 
 impl Default for Opts {
@@ -81,7 +84,21 @@ impl Default for Opts {
         Self {
             workers: vec![("probe".into(), 8)],
             timing: fast_timing(),
+            notifier: true,
+            notify: fast_notify(""),
         }
+    }
+}
+
+/// Short polls and a seconds-long webhook schedule; `allow` is
+/// `STEVEDORE_ALLOW_HOSTS`.
+pub fn fast_notify(allow: &str) -> NotifyArgs {
+    NotifyArgs {
+        webhook_schedule: "1s,1s,2s".into(),
+        webhook_timeout_secs: 2.0,
+        allow_hosts: allow.into(),
+        notifier_poll_ms: 50,
+        ..NotifyArgs::default()
     }
 }
 
@@ -104,13 +121,14 @@ impl TestFleet {
             ),
             Flavor::Postgres => {
                 let url = fresh_pg_database().await;
-                let store = PgStore::connect(&url, 8).await.expect("pg store");
+                let store = Arc::new(PgStore::connect(&url, 8).await.expect("pg store"));
                 store.migrate().await.expect("migrate");
                 let redis = RedisBroker::connect(REDIS, prefix, Duration::from_secs(2))
                     .await
                     .expect("Redis at 127.0.0.1:6379");
                 let backend = Backend {
-                    store: Arc::new(store),
+                    store: store.clone(),
+                    events: store,
                     brokers: Brokers::new(Arc::new(redis)),
                 };
                 (backend, Some(url))
@@ -126,6 +144,8 @@ impl TestFleet {
             api: Some("127.0.0.1:0".parse().expect("addr")),
             dispatcher: Some(fast_dispatcher()),
             workers: opts.workers,
+            notifier: opts.notifier,
+            notify: opts.notify,
             timing: opts.timing,
         };
         let running = fleet::start(backend.clone(), fleet::default_kinds(), roles)
@@ -150,6 +170,8 @@ impl TestFleet {
             api: None,
             dispatcher: None,
             workers: vec![(pool.to_owned(), concurrency)],
+            notifier: false,
+            notify: Default::default(),
             timing: fast_timing(),
         };
         fleet::start(self.backend.clone(), fleet::default_kinds(), roles)

@@ -180,6 +180,7 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
             events: backend.events.clone(),
             hub,
             webhooks: roles.notify.webhook_config()?,
+            shutdown: stop.clone(),
         };
         let app = api::router(state);
         let s = stop.clone();

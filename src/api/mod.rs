@@ -48,6 +48,9 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// The SSRF guard and default secret, checked at registration and submit.
     pub webhooks: WebhookConfig,
+    /// Cancelled at shutdown: ends open streams, which graceful shutdown
+    /// would otherwise wait for forever.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -88,6 +88,13 @@ struct Feed {
     /// Last id sent: everything at or below it is skipped.
     last: i64,
     pending: VecDeque<Event>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// Why a feed ended.
+enum End {
+    SlowClient,
+    Shutdown,
 }
 
 impl Feed {
@@ -103,15 +110,16 @@ impl Feed {
             last: start,
             sub,
             pending: VecDeque::new(),
+            shutdown: s.shutdown.clone(),
         })
     }
 
-    /// The next event, or None when the hub cut this client off.
-    async fn next(&mut self) -> Result<Option<Event>, crate::store::StoreError> {
+    /// The next event, or why the feed ended.
+    async fn next(&mut self) -> Result<Result<Event, End>, crate::store::StoreError> {
         loop {
             if let Some(e) = self.pending.pop_front() {
                 self.last = e.id;
-                return Ok(Some(e));
+                return Ok(Ok(e));
             }
             if self.read_upto < self.sub.from {
                 let page = self
@@ -125,13 +133,17 @@ impl Feed {
                 );
                 continue;
             }
-            match self.sub.rx.recv().await {
+            let next = tokio::select! {
+                e = self.sub.rx.recv() => e,
+                () = self.shutdown.cancelled() => return Ok(Err(End::Shutdown)),
+            };
+            match next {
                 Some(e) if e.id > self.last => {
                     self.last = e.id;
-                    return Ok(Some((*e).clone()));
+                    return Ok(Ok((*e).clone()));
                 }
                 Some(_) => continue,
-                None => return Ok(None),
+                None => return Ok(Err(End::SlowClient)),
             }
         }
     }
@@ -166,8 +178,9 @@ pub async fn sse(
     let stream = futures::stream::unfold(Some((feed, gauge)), |state| async move {
         let (mut feed, gauge) = state?;
         match feed.next().await {
-            Ok(Some(e)) => Some((Ok(sse_frame(&e)), Some((feed, gauge)))),
-            Ok(None) => {
+            Ok(Ok(e)) => Some((Ok(sse_frame(&e)), Some((feed, gauge)))),
+            Ok(Err(End::Shutdown)) => None,
+            Ok(Err(End::SlowClient)) => {
                 gauge.dropped("slow_client");
                 let frame = SseEvent::default()
                     .event("error")
@@ -231,7 +244,7 @@ async fn serve_ws(socket: WebSocket, mut feed: Feed) {
                 }
             }
             next = feed.next() => match next {
-                Ok(Some(e)) => {
+                Ok(Ok(e)) => {
                     // Not raced with the other branches, so an event taken
                     // from the feed is never dropped by a cancelled send; the
                     // overflow and a write timeout still end a stuck client.
@@ -245,7 +258,8 @@ async fn serve_ws(socket: WebSocket, mut feed: Feed) {
                         () = overflow.cancelled() => break Some(("slow_client", 1013)),
                     }
                 }
-                Ok(None) => break Some(("slow_client", 1013)),
+                Ok(Err(End::SlowClient)) => break Some(("slow_client", 1013)),
+                Ok(Err(End::Shutdown)) => break Some(("shutdown", 1001)),
                 Err(e) => {
                     tracing::warn!(error = %e, "Stream backfill failed; closing the socket.");
                     break Some(("unavailable", 1011));

@@ -322,3 +322,82 @@ macro_rules! both_flavors {
         }
     };
 }
+
+/// One Server-Sent Event: id, type and the JSON data.
+#[derive(Debug, Clone)]
+pub struct Sse {
+    pub id: i64,
+    pub event: String,
+    pub data: Value,
+}
+
+/// A minimal SSE client over reqwest that reads frames as they come.
+pub struct SseClient {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl SseClient {
+    pub async fn connect(url: &str, last_event_id: Option<i64>) -> Self {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id.to_string());
+        }
+        let resp = req.send().await.expect("stream");
+        assert_eq!(resp.status(), StatusCode::OK);
+        Self {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event, or None when the server ends the stream or `secs` pass.
+    pub async fn next(&mut self, secs: u64) -> Option<Sse> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let frame: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, String::new(), String::new());
+                for line in frame.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().parse().ok();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                return Some(Sse {
+                    id: id.unwrap_or(-1),
+                    event,
+                    data: serde_json::from_str(&data).expect("JSON data"),
+                });
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk())
+                .await
+                .ok()?;
+            self.buf
+                .push_str(&String::from_utf8_lossy(&chunk.ok().flatten()?));
+        }
+    }
+}
+
+/// Submits `n` no-op probe jobs in batches; returns their ids.
+pub async fn submit_probes(f: &TestFleet, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(250) {
+        let jobs: Vec<Value> = chunk
+            .iter()
+            .map(|_| json!({"kind": "probe", "payload": {}}))
+            .collect();
+        let (status, v) = f.post("/v1/jobs/batch", json!({"jobs": jobs})).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        for j in v["jobs"].as_array().expect("jobs") {
+            ids.push(j["id"].as_str().expect("id").parse().expect("uuid"));
+        }
+    }
+    ids
+}

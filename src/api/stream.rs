@@ -40,18 +40,24 @@ pub struct StreamQuery {
     types: Option<String>,
     /// Resume after this event id (SSE also reads `Last-Event-ID`).
     since: Option<i64>,
+    /// Without `since`: start with up to this many (≤ 1000) recent events.
+    recent: Option<i64>,
 }
 
-fn parse_query(
-    raw: Option<String>,
-    headers: &HeaderMap,
-) -> Result<(EventFilter, Option<i64>), ApiError> {
+/// Where a client starts: after an event id, or this many ids back.
+enum Start {
+    Since(i64),
+    Recent(i64),
+    Live,
+}
+
+fn parse_query(raw: Option<String>, headers: &HeaderMap) -> Result<(EventFilter, Start), ApiError> {
     let raw = raw.unwrap_or_default();
     let url = reqwest::Url::parse(&format!("http://q/?{raw}"))
         .map_err(|e| ApiError::BadParam(FieldError::new("query", e.to_string())))?;
     let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
     for (k, _) in &pairs {
-        if !["kind", "job", "types", "since"].contains(&k.as_str()) {
+        if !["kind", "job", "types", "since", "recent"].contains(&k.as_str()) {
             return Err(ApiError::BadParam(FieldError::new(
                 k.clone(),
                 "unknown parameter",
@@ -75,7 +81,23 @@ fn parse_query(
                 .map_err(|_| ApiError::BadParam(FieldError::new("since", "must be an event id")))
         })
         .transpose()?;
-    Ok((filter, since))
+    let recent = pairs
+        .iter()
+        .find(|(k, _)| k == "recent")
+        .map(|(_, v)| match v.trim().parse::<i64>() {
+            Ok(n) if (0..=1000).contains(&n) => Ok(n),
+            _ => Err(ApiError::BadParam(FieldError::new(
+                "recent",
+                "must be 0 to 1000",
+            ))),
+        })
+        .transpose()?;
+    let start = match (since, recent) {
+        (Some(s), _) => Start::Since(s),
+        (None, Some(n)) => Start::Recent(n),
+        (None, None) => Start::Live,
+    };
+    Ok((filter, start))
 }
 
 /// One client's position: the backfill still to read, then the live feed.
@@ -98,11 +120,15 @@ enum End {
 }
 
 impl Feed {
-    fn new(s: &AppState, filter: EventFilter, since: Option<i64>) -> Result<Self, ApiError> {
+    fn new(s: &AppState, filter: EventFilter, start: Start) -> Result<Self, ApiError> {
         let sub = s.hub.subscribe(filter.clone()).ok_or_else(|| {
             ApiError::Unavailable("the event stream has not reached the database yet".into())
         })?;
-        let start = since.unwrap_or(sub.from);
+        let start = match start {
+            Start::Since(id) => id,
+            Start::Recent(n) => (sub.from - n).max(0),
+            Start::Live => sub.from,
+        };
         Ok(Self {
             store: s.events.clone(),
             filter,
@@ -172,8 +198,8 @@ pub async fn sse(
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let (filter, since) = parse_query(raw, &headers)?;
-    let feed = Feed::new(&s, filter, since)?;
+    let (filter, start) = parse_query(raw, &headers)?;
+    let feed = Feed::new(&s, filter, start)?;
     let gauge = ClientGauge::new("sse");
     let stream = futures::stream::unfold(Some((feed, gauge)), |state| async move {
         let (mut feed, gauge) = state?;
@@ -211,8 +237,8 @@ pub async fn ws(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let (filter, since) = parse_query(raw, &headers)?;
-    let feed = Feed::new(&s, filter, since)?;
+    let (filter, start) = parse_query(raw, &headers)?;
+    let feed = Feed::new(&s, filter, start)?;
     Ok(upgrade
         .on_upgrade(move |socket| serve_ws(socket, feed))
         .into_response())

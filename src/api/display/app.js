@@ -98,7 +98,8 @@ function onEvent(ev) {
 
 function connect() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const since = lastId === null ? "" : "?since=" + lastId;
+  // First load: the recent history; later: resume exactly where we were.
+  const since = lastId === null ? "?recent=300" : "?since=" + lastId;
   const ws = new WebSocket(`${proto}//${location.host}/v1/stream${since}`);
   ws.onopen = () => { backoff = 500; setConn(true, "live"); };
   ws.onmessage = (m) => {

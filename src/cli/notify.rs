@@ -15,7 +15,9 @@ use crate::config::ClientArgs;
 pub enum WebhooksCommand {
     /// Register an endpoint; prints its secret once.
     Add {
-        url: String,
+        /// The receiver's URL (named `target` because `--url` is the API's).
+        #[arg(value_name = "URL")]
+        target: String,
         /// Event types (default job.succeeded, job.dead, job.cancelled).
         #[arg(long, value_delimiter = ',')]
         events: Vec<String>,
@@ -42,8 +44,12 @@ pub enum WebhooksCommand {
 pub async fn webhooks(c: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Result<()> {
     let http = super::client()?;
     match cmd {
-        WebhooksCommand::Add { url, events, kinds } => {
-            let mut body = serde_json::json!({"url": url});
+        WebhooksCommand::Add {
+            target,
+            events,
+            kinds,
+        } => {
+            let mut body = serde_json::json!({"url": target});
             if !events.is_empty() {
                 body["events"] = events.into();
             }

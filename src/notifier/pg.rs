@@ -246,12 +246,17 @@ impl EventStore for PgStore {
         // notifier holding it died mid-request: the delivery is retried.
         let rows = sqlx::query(&format!(
             "WITH due AS (
-                SELECT d.id, row_number() OVER (PARTITION BY d.url ORDER BY d.next_attempt_at, d.id) AS rn
-                FROM webhook_deliveries d WHERE {DUE} AND NOT (d.url = ANY($1))
+                SELECT id FROM (
+                  SELECT d.id, d.next_attempt_at,
+                         row_number() OVER (PARTITION BY d.url ORDER BY d.next_attempt_at, d.id) AS rn
+                  FROM webhook_deliveries d WHERE {DUE} AND NOT (d.url = ANY($1))) w
+                WHERE rn <= $2 ORDER BY next_attempt_at LIMIT $3
              ), pick AS (
-                SELECT d.id FROM webhook_deliveries d JOIN due ON due.id = d.id
-                WHERE due.rn <= $2 AND {DUE}
-                ORDER BY d.next_attempt_at LIMIT $3 FOR UPDATE OF d SKIP LOCKED
+                -- ids as an array: one pass over the window, then primary-key
+                -- lookups (a join against the window made a nested loop).
+                SELECT d.id FROM webhook_deliveries d
+                WHERE d.id = ANY(ARRAY(SELECT id FROM due)) AND {DUE}
+                FOR UPDATE SKIP LOCKED
              )
              UPDATE webhook_deliveries d SET status = 'delivering',
                lease_until = now() + $4 * interval '1 millisecond', updated_at = now()

@@ -11,10 +11,24 @@
 //!   the broker seems to have lost.
 //! - `STEVEDORE_URL` (default `http://127.0.0.1:8080`): the API the CLI talks to.
 //! - `STEVEDORE_LOG` (default `info`): tracing filter; `--log-format json` for JSON logs.
+//! - Notifier, stream and webhooks ([`NotifyArgs`]): `STEVEDORE_WEBHOOK_SECRET`
+//!   (`whsec_...`, signs job webhooks that bring no secret),
+//!   `STEVEDORE_WEBHOOK_SCHEDULE` (default `5s,5m,30m,2h,5h,10h,10h`),
+//!   `STEVEDORE_WEBHOOK_TIMEOUT_SECS` (10), `STEVEDORE_WEBHOOK_CONCURRENCY`
+//!   (8 per endpoint), `STEVEDORE_WEBHOOK_MAX_INFLIGHT` (256),
+//!   `STEVEDORE_ALLOW_HOSTS` (`host:port,...` let through the SSRF guard),
+//!   `STEVEDORE_EVENT_RETENTION_HOURS` (168), `STEVEDORE_NOTIFIER_POLL_MS`
+//!   (100), `STEVEDORE_STREAM_BUFFER` (1024 events per stream client).
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use clap::{Args, ValueEnum};
+
+use crate::notifier::guard::NetGuard;
+use crate::notifier::sign::Secret;
+use crate::notifier::{NotifierConfig, WebhookConfig};
 
 #[derive(Debug, Clone, Copy, ValueEnum, Default)]
 pub enum LogFormat {
@@ -96,4 +110,121 @@ pub struct ClientArgs {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+/// The notifier, the event stream and webhook delivery.
+#[derive(Debug, Clone, Args)]
+pub struct NotifyArgs {
+    #[arg(long, env = "STEVEDORE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    #[arg(
+        long,
+        env = "STEVEDORE_WEBHOOK_SCHEDULE",
+        default_value = "5s,5m,30m,2h,5h,10h,10h"
+    )]
+    pub webhook_schedule: String,
+    #[arg(long, env = "STEVEDORE_WEBHOOK_TIMEOUT_SECS", default_value_t = 10.0)]
+    pub webhook_timeout_secs: f64,
+    #[arg(long, env = "STEVEDORE_WEBHOOK_CONCURRENCY", default_value_t = 8)]
+    pub webhook_concurrency: usize,
+    #[arg(long, env = "STEVEDORE_WEBHOOK_MAX_INFLIGHT", default_value_t = 256)]
+    pub webhook_max_inflight: usize,
+    #[arg(long, env = "STEVEDORE_ALLOW_HOSTS", default_value = "")]
+    pub allow_hosts: String,
+    #[arg(long, env = "STEVEDORE_EVENT_RETENTION_HOURS", default_value_t = 168.0)]
+    pub event_retention_hours: f64,
+    #[arg(long, env = "STEVEDORE_NOTIFIER_POLL_MS", default_value_t = 100)]
+    pub notifier_poll_ms: u64,
+    #[arg(long, env = "STEVEDORE_STREAM_BUFFER", default_value_t = 1024)]
+    pub stream_buffer: usize,
+}
+
+impl Default for NotifyArgs {
+    fn default() -> Self {
+        Self {
+            webhook_secret: None,
+            webhook_schedule: "5s,5m,30m,2h,5h,10h,10h".into(),
+            webhook_timeout_secs: 10.0,
+            webhook_concurrency: 8,
+            webhook_max_inflight: 256,
+            allow_hosts: String::new(),
+            event_retention_hours: 168.0,
+            notifier_poll_ms: 100,
+            stream_buffer: 1024,
+        }
+    }
+}
+
+/// Parses `5s,5m,30m,2h` (units ms, s, m, h).
+pub fn parse_schedule(s: &str) -> anyhow::Result<Vec<Duration>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let split = p
+                .find(|c: char| !c.is_ascii_digit() && c != '.')
+                .unwrap_or(p.len());
+            let (n, unit) = p.split_at(split);
+            let n: f64 = n
+                .parse()
+                .map_err(|_| anyhow::anyhow!("bad delay {p:?} in the webhook schedule"))?;
+            let mult = match unit {
+                "ms" => 0.001,
+                "s" | "" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                _ => anyhow::bail!("bad unit in {p:?}: use ms, s, m or h"),
+            };
+            Ok(secs(n * mult))
+        })
+        .collect()
+}
+
+impl NotifyArgs {
+    pub fn webhook_config(&self) -> anyhow::Result<WebhookConfig> {
+        let default_secret = self
+            .webhook_secret
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(Secret::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("STEVEDORE_WEBHOOK_SECRET: {e}"))?;
+        Ok(WebhookConfig {
+            schedule: parse_schedule(&self.webhook_schedule)?,
+            timeout: secs(self.webhook_timeout_secs),
+            per_endpoint: self.webhook_concurrency.max(1),
+            max_inflight: self.webhook_max_inflight.max(1),
+            default_secret,
+            guard: Arc::new(NetGuard::new(&self.allow_hosts)),
+        })
+    }
+
+    pub fn notifier_config(&self) -> anyhow::Result<NotifierConfig> {
+        Ok(NotifierConfig {
+            batch: 1000,
+            poll: Duration::from_millis(self.notifier_poll_ms.max(1)),
+            retention: secs(self.event_retention_hours * 3600.0),
+            webhook: self.webhook_config()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_parses_units() {
+        let s = parse_schedule("5s, 5m,2h,250ms").expect("valid");
+        assert_eq!(
+            s,
+            vec![
+                Duration::from_secs(5),
+                Duration::from_secs(300),
+                Duration::from_secs(7200),
+                Duration::from_millis(250)
+            ]
+        );
+        assert!(parse_schedule("5x").is_err());
+    }
 }

@@ -1,6 +1,6 @@
 //! Assembles the roles of the fleet from a store, brokers and kinds: the
-//! API server, the dispatcher and worker pools, alone (production roles) or
-//! all in one process (`stevedore dev`, tests).
+//! API server, the dispatcher, worker pools and the notifier, alone
+//! (production roles) or all in one process (`stevedore dev`, tests).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,9 +16,12 @@ use crate::api::{self, AppState};
 use crate::broker::embedded::EmbeddedBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::Brokers;
-use crate::config::{BackendArgs, TimingArgs};
+use crate::config::{BackendArgs, NotifyArgs, TimingArgs};
 use crate::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::kinds::Kinds;
+use crate::notifier::hub::Hub;
+use crate::notifier::store::EventStore;
+use crate::notifier::Notifier;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -28,20 +31,23 @@ use crate::worker::{Worker, WorkerConfig};
 #[derive(Clone)]
 pub struct Backend {
     pub store: Arc<dyn Store>,
+    /// The same database, seen through the notifier's queries.
+    pub events: Arc<dyn EventStore>,
     pub brokers: Brokers,
 }
 
 impl Backend {
     /// Postgres + Redis, migrated.
     pub async fn production(args: &BackendArgs) -> anyhow::Result<Self> {
-        let store = PgStore::connect(&args.database_url, args.db_pool).await?;
-        let store: Arc<dyn Store> = Arc::new(store);
+        let pg = Arc::new(PgStore::connect(&args.database_url, args.db_pool).await?);
+        let store: Arc<dyn Store> = pg.clone();
         migrate_with_retry(store.as_ref()).await?;
         let redis = RedisBroker::connect(&args.redis_url, &args.redis_prefix, args.timing.lease())
             .await
             .context("connecting to Redis (REDIS_URL)")?;
         Ok(Self {
             store,
+            events: pg,
             brokers: Brokers::new(Arc::new(redis)),
         })
     }
@@ -53,8 +59,10 @@ impl Backend {
         let store = SqliteStore::open(&data_dir.join("stevedore.db")).await?;
         store.migrate().await?;
         let broker = EmbeddedBroker::new(store.pool().clone(), timing.lease());
+        let store = Arc::new(store);
         Ok(Self {
-            store: Arc::new(store),
+            store: store.clone(),
+            events: store,
             brokers: Brokers::new(Arc::new(broker)),
         })
     }
@@ -87,6 +95,9 @@ pub struct Roles {
     pub dispatcher: Option<DispatcherConfig>,
     /// (pool, concurrency)
     pub workers: Vec<(String, usize)>,
+    /// Run the notifier (stream feed and webhook delivery) here.
+    pub notifier: bool,
+    pub notify: NotifyArgs,
     pub timing: TimingArgs,
     /// Serve `/metrics` and `/healthz` here (for roles without the API).
     pub metrics: Option<SocketAddr>,
@@ -154,8 +165,25 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
             }
         });
     }
+    let mut hub_wake = None;
+    let mut hub = None;
+    if roles.api.is_some() {
+        // A database that is down must not stop the API from starting (it
+        // answers 503 meanwhile): the hub then reads the cursor later.
+        let position = backend.events.cursor().await.ok();
+        let h = Hub::new(position, roles.notify.stream_buffer);
+        hub_wake = Some(h.wake.clone());
+        let poll = Duration::from_millis(roles.notify.notifier_poll_ms.max(1));
+        tracker.spawn(h.clone().run(backend.events.clone(), poll, stop.clone()));
+        hub = Some(h);
+    }
+    if roles.notifier {
+        let cfg = roles.notify.notifier_config()?;
+        let n = Notifier::new(backend.events.clone(), cfg, hub_wake);
+        tracker.spawn(n.run(stop.clone()));
+    }
     let mut addr = None;
-    if let Some(listen) = roles.api {
+    if let (Some(listen), Some(hub)) = (roles.api, hub) {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
@@ -165,6 +193,10 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
             kinds: kinds.clone(),
             brokers: backend.brokers.clone(),
             wake,
+            events: backend.events.clone(),
+            hub,
+            webhooks: roles.notify.webhook_config()?,
+            shutdown: stop.clone(),
         };
         let app = api::router(state);
         let s = stop.clone();

@@ -119,6 +119,20 @@ pub struct SubmitRequest {
     /// RFC 3339; the job does not start before then.
     pub run_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
+    /// Where to POST this job's terminal event (signed with `secret`, or the
+    /// deployment's `STEVEDORE_WEBHOOK_SECRET` when it brings none).
+    pub webhook: Option<JobWebhook>,
+}
+
+/// A job's own webhook.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobWebhook {
+    /// http or https; must pass the SSRF guard.
+    pub url: String,
+    /// `whsec_` + base64 of 24 to 64 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 5;
@@ -136,6 +150,7 @@ pub struct NewJob {
     pub run_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
     pub parent_id: Option<Uuid>,
+    pub webhook: Option<JobWebhook>,
 }
 
 impl NewJob {
@@ -190,6 +205,18 @@ impl NewJob {
                 ));
             }
         }
+        if let Some(w) = &req.webhook {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(FieldError::new(
+                    "webhook.url",
+                    "must be an http or https URL",
+                ));
+            }
+            if let Some(secret) = &w.secret {
+                crate::notifier::sign::Secret::parse(secret)
+                    .map_err(|e| FieldError::new("webhook.secret", e))?;
+            }
+        }
         Ok(Self {
             id: Uuid::now_v7(),
             kind: req.kind,
@@ -200,6 +227,7 @@ impl NewJob {
             run_at: req.run_at,
             idempotency_key: req.idempotency_key,
             parent_id: None,
+            webhook: req.webhook,
         })
     }
 
@@ -218,6 +246,7 @@ impl NewJob {
             backoff: None,
             run_at: None,
             idempotency_key: None,
+            webhook: None,
         };
         let mut job = Self::parse(req, kinds)?;
         job.parent_id = Some(parent);

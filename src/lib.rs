@@ -9,7 +9,8 @@
 //! - [`broker`]: the `Broker` trait, Redis Streams and the embedded queue.
 //! - [`dispatcher`]: outbox relay, lease rescue, lost-message repair.
 //! - [`worker`]: claim, run, heartbeat, finish, ack; graceful shutdown.
-//! - [`api`]: the HTTP API and its OpenAPI document.
+//! - [`notifier`]: events to stream clients and signed webhooks.
+//! - [`api`]: the HTTP API, its OpenAPI document and the display page.
 //! - [`fleet`]: assembles roles into a process.
 //! - [`cli`]: the operator CLI over the HTTP API, and `bench`.
 //! - [`supervisor`]: `stevedore up`, the local process supervisor.
@@ -25,6 +26,7 @@ pub mod job;
 pub mod kinds;
 pub mod lifecycle;
 pub mod metrics;
+pub mod notifier;
 pub mod store;
 pub mod supervisor;
 pub mod worker;

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use stevedore::cli::notify::WebhooksCommand;
 use stevedore::cli::{self, DlqCommand};
-use stevedore::config::{BackendArgs, ClientArgs, LogFormat, TimingArgs};
+use stevedore::config::{BackendArgs, ClientArgs, LogFormat, NotifyArgs, TimingArgs};
 use stevedore::dispatcher::DispatcherConfig;
 use stevedore::fleet::{self, Backend, Roles};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,8 @@ enum Command {
         demo: bool,
         #[command(flatten)]
         timing: TimingArgs,
+        #[command(flatten)]
+        notify: NotifyArgs,
     },
     /// The HTTP API (with an embedded dispatcher unless --no-dispatcher).
     Api {
@@ -50,6 +53,18 @@ enum Command {
         no_dispatcher: bool,
         #[command(flatten)]
         backend: BackendArgs,
+        #[command(flatten)]
+        notify: NotifyArgs,
+    },
+    /// Streams events to the API processes' clients and delivers webhooks.
+    Notifier {
+        /// Serve /metrics and /healthz on this address.
+        #[arg(long, env = "STEVEDORE_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        backend: BackendArgs,
+        #[command(flatten)]
+        notify: NotifyArgs,
     },
     /// One worker pool process.
     Worker {
@@ -116,6 +131,23 @@ enum Command {
         /// Checked here so a missing URL fails once instead of in every child.
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
+    },
+    /// Follow job events as they happen (reconnects and resumes by itself).
+    Watch {
+        #[arg(long)]
+        kind: Option<String>,
+        /// A job id (repeatable); its children's events are included.
+        #[arg(long = "job")]
+        jobs: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Register and inspect webhooks and their deliveries.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Submit probe jobs through the API and measure throughput and latency.
     Bench(cli::bench::BenchArgs),
@@ -198,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             demo,
             timing,
+            notify,
         } => {
             let backend = Backend::embedded(&data_dir, &timing).await?;
             if demo {
@@ -216,6 +249,8 @@ async fn main() -> anyhow::Result<()> {
                 api: Some(listen),
                 dispatcher: Some(dispatcher_cfg(&timing)),
                 workers,
+                notifier: true,
+                notify,
                 timing,
                 metrics: None,
             };
@@ -225,11 +260,14 @@ async fn main() -> anyhow::Result<()> {
             listen,
             no_dispatcher,
             backend,
+            notify,
         } => {
             let roles = Roles {
                 api: Some(listen),
                 dispatcher: (!no_dispatcher).then(|| dispatcher_cfg(&backend.timing)),
                 workers: vec![],
+                notifier: false,
+                notify,
                 timing: backend.timing.clone(),
                 metrics: None,
             };
@@ -250,6 +288,24 @@ async fn main() -> anyhow::Result<()> {
                 api: None,
                 dispatcher: None,
                 workers: vec![(pool, concurrency)],
+                notifier: false,
+                notify: NotifyArgs::default(),
+                timing: backend.timing.clone(),
+                metrics: metrics_listen,
+            };
+            run_roles(Backend::production(&backend).await?, roles).await
+        }
+        Command::Notifier {
+            metrics_listen,
+            backend,
+            notify,
+        } => {
+            let roles = Roles {
+                api: None,
+                dispatcher: None,
+                workers: vec![],
+                notifier: true,
+                notify,
                 timing: backend.timing.clone(),
                 metrics: metrics_listen,
             };
@@ -263,6 +319,8 @@ async fn main() -> anyhow::Result<()> {
                 api: None,
                 dispatcher: Some(dispatcher_cfg(&backend.timing)),
                 workers: vec![],
+                notifier: false,
+                notify: NotifyArgs::default(),
                 timing: backend.timing.clone(),
                 metrics: metrics_listen,
             };
@@ -302,6 +360,8 @@ async fn main() -> anyhow::Result<()> {
                 .await;
             Ok(())
         }
+        Command::Watch { kind, jobs, client } => cli::notify::watch(&client, kind, jobs).await,
+        Command::Webhooks { command, client } => cli::notify::webhooks(&client, command).await,
         Command::Bench(args) => cli::bench::run(args).await,
     }
 }

@@ -4,8 +4,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -112,6 +112,59 @@ pub static REPAIRED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "stevedore_events_emitted_total",
+        "Events handled by the notifier, by type.",
+        &["type"],
+    )
+});
+pub static STREAM_CLIENTS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    reg(IntGaugeVec::new(
+        Opts::new(
+            "stevedore_stream_clients",
+            "Connected stream clients, by transport (sse, ws).",
+        ),
+        &["transport"],
+    )
+    .expect("static metric definition"))
+});
+pub static STREAM_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "stevedore_stream_clients_dropped_total",
+        "Stream clients the server disconnected, by transport and reason (slow_client, keepalive).",
+        &["transport", "reason"],
+    )
+});
+pub static WEBHOOK_DELIVERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "stevedore_webhook_deliveries_total",
+        "Webhook attempts by outcome (delivered, retry, failed, gone) and attempt number.",
+        &["outcome", "attempt"],
+    )
+});
+pub static WEBHOOK_LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
+    let buckets = exponential_buckets(0.001, 2.5, 16).unwrap_or_default();
+    reg(Histogram::with_opts(
+        HistogramOpts::new(
+            "stevedore_webhook_delivery_latency_seconds",
+            "From the event's commit to its webhook's 2xx.",
+        )
+        .buckets(buckets),
+    )
+    .expect("static metric definition"))
+});
+pub static EVENT_LAG: LazyLock<GaugeVec> = LazyLock::new(|| {
+    reg(GaugeVec::new(
+        Opts::new(
+            "stevedore_oldest_undelivered_event_age_seconds",
+            "Age of the oldest event not yet handled by the notifier, or not yet delivered to a webhook.",
+        ),
+        &["stage"],
+    )
+    .expect("static metric definition"))
+});
+
 pub fn broker_publish(broker: &str, n: usize, ok: bool) {
     BROKER_PUBLISH
         .with_label_values(&[broker, if ok { "ok" } else { "error" }])
@@ -131,6 +184,12 @@ pub fn init() {
     LazyLock::force(&BROKER_ACK_ERRORS);
     LazyLock::force(&POISON);
     LazyLock::force(&REPAIRED);
+    LazyLock::force(&EVENTS);
+    LazyLock::force(&STREAM_CLIENTS);
+    LazyLock::force(&STREAM_DROPPED);
+    LazyLock::force(&WEBHOOK_DELIVERIES);
+    LazyLock::force(&WEBHOOK_LATENCY);
+    LazyLock::force(&EVENT_LAG);
 }
 
 pub fn render() -> String {

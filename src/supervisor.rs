@@ -41,7 +41,7 @@ pub fn parse_scale(s: &str) -> anyhow::Result<BTreeMap<String, usize>> {
 }
 
 /// The processes `up` runs: the API (without its embedded dispatcher), one
-/// dispatcher, and the workers of each pool.
+/// dispatcher, the notifier, and the workers of each pool.
 pub fn plan(
     listen: &str,
     scale: &BTreeMap<String, usize>,
@@ -63,6 +63,11 @@ pub fn plan(
         ChildSpec {
             name: "dispatcher".into(),
             args: vec!["dispatcher".into()],
+            env: env.clone(),
+        },
+        ChildSpec {
+            name: "notifier".into(),
+            args: vec!["notifier".into()],
             env: env.clone(),
         },
     ];
@@ -197,7 +202,14 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["api", "dispatcher", "probe-1", "probe-2", "scrape-1"]
+            [
+                "api",
+                "dispatcher",
+                "notifier",
+                "probe-1",
+                "probe-2",
+                "scrape-1"
+            ]
         );
         assert!(parse_scale("probe").is_err());
         assert!(parse_scale("probe=x").is_err());

@@ -250,14 +250,18 @@ async fn database_down_is_a_503_not_a_hang() {
     )
     .await
     .expect("redis");
+    let store = std::sync::Arc::new(store);
     let backend = stevedore::fleet::Backend {
-        store: std::sync::Arc::new(store),
+        store: store.clone(),
+        events: store,
         brokers: stevedore::broker::Brokers::new(std::sync::Arc::new(redis)),
     };
     let roles = stevedore::fleet::Roles {
         api: Some("127.0.0.1:0".parse().expect("addr")),
         dispatcher: None,
         workers: vec![],
+        notifier: false,
+        notify: Default::default(),
         timing: support::fast_timing(),
         metrics: None,
     };

@@ -53,7 +53,7 @@ async fn up_scales_pools_restarts_crashed_children_and_stops_cleanly() {
     })
     .await;
     let log = up.log();
-    for name in ["api", "dispatcher", "probe-1", "probe-2"] {
+    for name in ["api", "dispatcher", "notifier", "probe-1", "probe-2"] {
         assert_eq!(pid_of(&log, name).len(), 1, "{name} started once:\n{log}");
     }
 
@@ -87,7 +87,7 @@ async fn up_scales_pools_restarts_crashed_children_and_stops_cleanly() {
     })
     .await;
 
-    let children: Vec<i32> = ["api", "dispatcher", "probe-1", "probe-2"]
+    let children: Vec<i32> = ["api", "dispatcher", "notifier", "probe-1", "probe-2"]
         .iter()
         .filter_map(|n| pid_of(&up.log(), n).last().copied())
         .collect();

@@ -9,9 +9,18 @@ use axum::routing::get;
 use axum::Router;
 
 const PAGES: [(&str, &str); 3] = [
-    ("moodle-multichoice.html", include_str!("../../fixtures/quiz/moodle-multichoice.html")),
-    ("jsonld-quiz.html", include_str!("../../fixtures/quiz/jsonld-quiz.html")),
-    ("spa-rendered.html", include_str!("../../fixtures/quiz/spa-rendered.html")),
+    (
+        "moodle-multichoice.html",
+        include_str!("../../fixtures/quiz/moodle-multichoice.html"),
+    ),
+    (
+        "jsonld-quiz.html",
+        include_str!("../../fixtures/quiz/jsonld-quiz.html"),
+    ),
+    (
+        "spa-rendered.html",
+        include_str!("../../fixtures/quiz/spa-rendered.html"),
+    ),
 ];
 
 /// Names of the embedded pages.
@@ -25,7 +34,9 @@ pub fn router() -> Router {
 
 async fn page(Path(name): Path<String>) -> Response {
     match PAGES.iter().find(|(n, _)| *n == name) {
-        Some((_, html)) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], *html).into_response(),
+        Some((_, html)) => {
+            ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], *html).into_response()
+        }
         None => (StatusCode::NOT_FOUND, "no such demo page").into_response(),
     }
 }

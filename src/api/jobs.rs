@@ -85,6 +85,9 @@ pub async fn submit(
 ) -> Result<Response, ApiError> {
     let req: SubmitRequest = parse_body(body)?;
     let job = NewJob::parse(req, &s.kinds).map_err(ApiError::Invalid)?;
+    super::webhooks::check_job_webhook(&s, &job)
+        .await
+        .map_err(ApiError::Invalid)?;
     let ins = insert(&s, vec![job])
         .await?
         .pop()
@@ -122,6 +125,13 @@ pub async fn submit_batch(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    for (i, job) in jobs.iter().enumerate() {
+        super::webhooks::check_job_webhook(&s, job)
+            .await
+            .map_err(|e| {
+                ApiError::Invalid(FieldError::new(format!("jobs[{i}].{}", e.field), e.message))
+            })?;
+    }
     let inserted = insert(&s, jobs).await?;
     let body = BatchAccepted {
         jobs: inserted.into_iter().map(Accepted::from).collect(),
@@ -250,13 +260,34 @@ pub struct StatsQuery {
     pub kind: Option<String>,
 }
 
-/// Jobs by status, for dashboards and `stevedore bench`.
-#[utoipa::path(get, path = "/v1/stats", params(StatsQuery), responses((status = 200, description = "`{\"counts\": {status: n}}`")))]
+/// Jobs by status (for `stevedore bench`), queue depth per pool and the
+/// dead-letter count (for the display page).
+#[utoipa::path(get, path = "/v1/stats", params(StatsQuery), responses((status = 200, description = "`{\"counts\": {status: n}, \"pools\": {pool: {status: n}}, \"dead_letters\": n}`; `pools` counts queued, retrying and running jobs")))]
 pub async fn stats(
     State(s): State<AppState>,
     q: Result<Query<StatsQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let q = query(q)?;
     let counts = s.store.counts(q.since, q.kind.as_deref()).await?;
-    Ok(Json(serde_json::json!({"counts": counts})))
+    let depths = s.store.depths().await?;
+    let mut pools: std::collections::BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
+        s.kinds
+            .names()
+            .into_iter()
+            .map(|k| (k.to_owned(), Default::default()))
+            .collect();
+    let mut dead = 0;
+    for ((kind, status), n) in depths.by_kind_status {
+        if status == JobStatus::Dead {
+            dead += n;
+        } else {
+            pools
+                .entry(kind)
+                .or_default()
+                .insert(status.as_str().to_owned(), n.into());
+        }
+    }
+    Ok(Json(
+        serde_json::json!({"counts": counts, "pools": pools, "dead_letters": dead}),
+    ))
 }

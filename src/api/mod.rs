@@ -1,12 +1,16 @@
 //! The HTTP API (axum): routes, shared state and the request-body rules
-//! (1 MiB limit, strict JSON). Handlers live in `jobs` and `dlq`; the
+//! (1 MiB limit, strict JSON). Handlers live in `jobs`, `dlq`, `stream`
+//! (SSE and WebSocket), `webhooks` and `display` (the live page); the
 //! OpenAPI document is assembled in `openapi`.
 
 pub mod demo;
+mod display;
 mod dlq;
 pub mod error;
 mod jobs;
 mod openapi;
+mod stream;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -26,6 +30,9 @@ pub use error::ApiError;
 
 use crate::broker::Brokers;
 use crate::kinds::Kinds;
+use crate::notifier::hub::Hub;
+use crate::notifier::store::EventStore;
+use crate::notifier::WebhookConfig;
 use crate::store::Store;
 
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -37,6 +44,14 @@ pub struct AppState {
     pub brokers: Brokers,
     /// Wakes an in-process outbox relay right after a submit commits.
     pub wake: Option<Arc<Notify>>,
+    pub events: Arc<dyn EventStore>,
+    /// Feeds this process's stream clients.
+    pub hub: Arc<Hub>,
+    /// The SSRF guard and default secret, checked at registration and submit.
+    pub webhooks: WebhookConfig,
+    /// Cancelled at shutdown: ends open streams, which graceful shutdown
+    /// would otherwise wait for forever.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -49,6 +64,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/dead-letters/{id}", get(dlq::show).delete(dlq::purge))
         .route("/v1/dead-letters/{id}/replay", post(dlq::replay))
         .route("/v1/stats", get(jobs::stats))
+        .route("/v1/events", get(stream::sse))
+        .route("/v1/stream", get(stream::ws))
+        .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
+        .route("/v1/webhooks/{id}", axum::routing::delete(webhooks::remove))
+        .route("/v1/webhook-deliveries", get(webhooks::deliveries))
+        .route("/v1/webhook-deliveries/{id}/retry", post(webhooks::retry))
+        .route("/", get(display::page))
+        .route("/display/app.js", get(display::script))
+        .route("/display/style.css", get(display::style))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

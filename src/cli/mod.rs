@@ -1,7 +1,9 @@
 //! The operator CLI: thin commands over the HTTP API, with tables for
-//! people and `--json` for scripts. `bench` lives in its own module.
+//! people and `--json` for scripts. `bench` lives in its own module, `watch`
+//! and `webhooks` in `notify`.
 
 pub mod bench;
+pub mod notify;
 
 use std::time::Duration;
 
@@ -65,7 +67,7 @@ pub(crate) async fn call(req: reqwest::RequestBuilder) -> anyhow::Result<Value> 
     bail!("{status}: {msg}")
 }
 
-fn s(v: &Value, k: &str) -> String {
+pub(crate) fn s(v: &Value, k: &str) -> String {
     match v.get(k) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Null) | None => "-".into(),
@@ -133,7 +135,7 @@ fn print_page(page: &Value) {
     }
 }
 
-fn output(c: &ClientArgs, v: &Value, human: impl Fn(&Value)) {
+pub(crate) fn output(c: &ClientArgs, v: &Value, human: impl Fn(&Value)) {
     if c.json {
         println!("{v}");
     } else {

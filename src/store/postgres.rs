@@ -59,16 +59,23 @@ async fn insert_in(conn: &mut PgConnection, jobs: &[NewJob]) -> StoreResult<Vec<
     let run_at: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
     let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.idempotency_key.as_deref()).collect();
     let parents: Vec<Option<Uuid>> = jobs.iter().map(|j| j.parent_id).collect();
+    let hooks: Vec<Option<serde_json::Value>> = jobs
+        .iter()
+        .map(|j| j.webhook.as_ref().map(serde_json::to_value).transpose())
+        .collect::<Result<_, _>>()
+        .context("encoding the job's webhook")?;
     let created: Vec<Uuid> = sqlx::query_scalar(&format!(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int[], $5::int[],
-                                 $6::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::uuid[])
-              AS t(id, kind, payload, max_attempts, timeout_secs, base_ms, max_ms, run_at, idem, parent_id)
+                                 $6::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::uuid[],
+                                 $11::jsonb[])
+              AS t(id, kind, payload, max_attempts, timeout_secs, base_ms, max_ms, run_at, idem, parent_id,
+                   webhook)
          ), ins AS (
             INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
-                              backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id)
+                              backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id, webhook)
             SELECT id, kind, payload, 'queued', max_attempts, max_attempts, base_ms, max_ms,
-                   timeout_secs, run_at, run_at, idem, parent_id FROM input
+                   timeout_secs, run_at, run_at, idem, parent_id, webhook FROM input
             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING id, kind, status, attempt, next_run_at, parent_id
          ), ob AS (
@@ -90,6 +97,7 @@ async fn insert_in(conn: &mut PgConnection, jobs: &[NewJob]) -> StoreResult<Vec<
     .bind(&run_at)
     .bind(&keys)
     .bind(&parents)
+    .bind(&hooks)
     .fetch_all(&mut *conn)
     .await?;
 

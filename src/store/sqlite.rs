@@ -100,6 +100,7 @@ async fn event(conn: &mut SqliteConnection, id: &str, status: JobStatus) -> Stor
     .bind(id)
     .execute(&mut *conn)
     .await?;
+    crate::notifier::sqlite::events_bell().notify_one();
     Ok(())
 }
 
@@ -137,8 +138,8 @@ async fn insert_in(conn: &mut SqliteConnection, jobs: &[NewJob]) -> StoreResult<
         sqlx::query(
             "INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
                backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
-               created_at, updated_at)
-             VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               created_at, updated_at, webhook)
+             VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&j.kind)
@@ -154,6 +155,13 @@ async fn insert_in(conn: &mut SqliteConnection, jobs: &[NewJob]) -> StoreResult<
         .bind(j.parent_id.map(|p| p.to_string()))
         .bind(now)
         .bind(now)
+        .bind(
+            j.webhook
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .context("encoding the job's webhook")?,
+        )
         .execute(&mut *conn)
         .await?;
         outbox(conn, &id, &j.kind, run_at.unwrap_or(now)).await?;

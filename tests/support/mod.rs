@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use stevedore::broker::redis::RedisBroker;
 use stevedore::broker::Brokers;
-use stevedore::config::TimingArgs;
+use stevedore::config::{NotifyArgs, TimingArgs};
 use stevedore::dispatcher::DispatcherConfig;
 use stevedore::fleet::{self, Backend, Roles, Running};
 use stevedore::store::postgres::PgStore;
@@ -74,6 +74,9 @@ pub struct TestFleet {
 pub struct Opts {
     pub workers: Vec<(String, usize)>,
     pub timing: TimingArgs,
+    /// Run the notifier in the fleet (tests of its restarts run their own).
+    pub notifier: bool,
+    pub notify: NotifyArgs,
 }
 
 impl Default for Opts {
@@ -81,7 +84,21 @@ impl Default for Opts {
         Self {
             workers: vec![("probe".into(), 8)],
             timing: fast_timing(),
+            notifier: true,
+            notify: fast_notify(""),
         }
+    }
+}
+
+/// Short polls and a seconds-long webhook schedule; `allow` is
+/// `STEVEDORE_ALLOW_HOSTS`.
+pub fn fast_notify(allow: &str) -> NotifyArgs {
+    NotifyArgs {
+        webhook_schedule: "1s,1s,2s".into(),
+        webhook_timeout_secs: 2.0,
+        allow_hosts: allow.into(),
+        notifier_poll_ms: 50,
+        ..NotifyArgs::default()
     }
 }
 
@@ -104,13 +121,14 @@ impl TestFleet {
             ),
             Flavor::Postgres => {
                 let url = fresh_pg_database().await;
-                let store = PgStore::connect(&url, 8).await.expect("pg store");
+                let store = Arc::new(PgStore::connect(&url, 8).await.expect("pg store"));
                 store.migrate().await.expect("migrate");
                 let redis = RedisBroker::connect(REDIS, prefix, Duration::from_secs(2))
                     .await
                     .expect("Redis at 127.0.0.1:6379");
                 let backend = Backend {
-                    store: Arc::new(store),
+                    store: store.clone(),
+                    events: store,
                     brokers: Brokers::new(Arc::new(redis)),
                 };
                 (backend, Some(url))
@@ -126,6 +144,8 @@ impl TestFleet {
             api: Some("127.0.0.1:0".parse().expect("addr")),
             dispatcher: Some(fast_dispatcher()),
             workers: opts.workers,
+            notifier: opts.notifier,
+            notify: opts.notify,
             timing: opts.timing,
             metrics: None,
         };
@@ -163,6 +183,8 @@ impl TestFleet {
             workers: vec![(pool.to_owned(), concurrency)],
             timing,
             metrics: None,
+            notifier: false,
+            notify: Default::default(),
         };
         fleet::start(self.backend.clone(), fleet::default_kinds(), roles)
             .await
@@ -316,3 +338,81 @@ macro_rules! both_flavors {
 pub mod checker;
 pub mod faultproxy;
 pub mod procs;
+/// One Server-Sent Event: id, type and the JSON data.
+#[derive(Debug, Clone)]
+pub struct Sse {
+    pub id: i64,
+    pub event: String,
+    pub data: Value,
+}
+
+/// A minimal SSE client over reqwest that reads frames as they come.
+pub struct SseClient {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl SseClient {
+    pub async fn connect(url: &str, last_event_id: Option<i64>) -> Self {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id.to_string());
+        }
+        let resp = req.send().await.expect("stream");
+        assert_eq!(resp.status(), StatusCode::OK);
+        Self {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event, or None when the server ends the stream or `secs` pass.
+    pub async fn next(&mut self, secs: u64) -> Option<Sse> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let frame: String = self.buf.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, String::new(), String::new());
+                for line in frame.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().parse().ok();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                return Some(Sse {
+                    id: id.unwrap_or(-1),
+                    event,
+                    data: serde_json::from_str(&data).expect("JSON data"),
+                });
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk())
+                .await
+                .ok()?;
+            self.buf
+                .push_str(&String::from_utf8_lossy(&chunk.ok().flatten()?));
+        }
+    }
+}
+
+/// Submits `n` no-op probe jobs in batches; returns their ids.
+pub async fn submit_probes(f: &TestFleet, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(250) {
+        let jobs: Vec<Value> = chunk
+            .iter()
+            .map(|_| json!({"kind": "probe", "payload": {}}))
+            .collect();
+        let (status, v) = f.post("/v1/jobs/batch", json!({"jobs": jobs})).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        for j in v["jobs"].as_array().expect("jobs") {
+            ids.push(j["id"].as_str().expect("id").parse().expect("uuid"));
+        }
+    }
+    ids
+}

@@ -1,0 +1,136 @@
+// The live display: follows /v1/stream (WebSocket), reconnects with
+// ?since=<last id> so nothing is missed, and polls /v1/stats for queue
+// depth and dead letters. No framework, no build step.
+"use strict";
+
+const MAX_JOBS = 200;
+let lastId = null;
+let backoff = 500;
+const jobs = new Map();
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, cls, text) => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+};
+
+function setConn(on, text) {
+  const c = $("conn");
+  c.className = "conn " + (on ? "on" : "off");
+  c.textContent = text;
+}
+
+function upsertJob(ev) {
+  let li = jobs.get(ev.job_id);
+  if (!li) {
+    li = el("li");
+    li.dataset.job = ev.job_id;
+    li.append(el("span", "kind", ev.kind), el("span", "id", ev.job_id.slice(-12)), el("span", "badge"));
+    $("jobs").prepend(li);
+    jobs.set(ev.job_id, li);
+    while (jobs.size > MAX_JOBS) {
+      const [id, old] = jobs.entries().next().value;
+      old.remove();
+      jobs.delete(id);
+    }
+  }
+  const badge = li.querySelector(".badge");
+  badge.className = "badge " + ev.status;
+  badge.textContent = ev.status + (ev.attempt > 1 ? " #" + ev.attempt : "");
+  li.dataset.status = ev.status;
+}
+
+function isAnalysis(result) {
+  return result && Array.isArray(result.answers);
+}
+
+async function showResult(ev) {
+  let questions = [];
+  try {
+    const r = await fetch("/v1/jobs/" + ev.job_id);
+    if (r.ok) {
+      const job = await r.json();
+      questions = (job.payload && job.payload.questions) || [];
+    }
+  } catch (_) { /* the answers alone still show */ }
+  renderResult(ev, questions);
+}
+
+function renderResult(ev, questions) {
+  const res = ev.result;
+  const box = el("div", "result");
+  box.dataset.job = ev.job_id;
+  box.append(el("div", "meta", `${ev.kind} ${ev.job_id.slice(-12)} · ${res.provider || "?"} / ${res.model || "?"}`));
+  res.answers.forEach((a, i) => {
+    const q = questions[i] || {};
+    const options = q.options || [a.choice];
+    const qd = el("div", "question");
+    qd.append(el("div", "text", a.question || q.text || `Question ${i + 1}`));
+    options.forEach((opt) => {
+      const chosen = opt === a.choice;
+      const row = el("div", "option" + (chosen ? " chosen" : ""));
+      const bar = el("div", "bar");
+      const fill = el("span");
+      bar.append(fill);
+      const pct = chosen ? Math.round((a.confidence || 0) * 100) : 0;
+      row.append(el("span", "opt", opt), bar, el("span", "pct", chosen ? pct + "%" : ""));
+      qd.append(row);
+      // Set the width after insertion so the CSS transition animates it.
+      requestAnimationFrame(() => requestAnimationFrame(() => { fill.style.width = pct + "%"; }));
+    });
+    if (a.reason) qd.append(el("div", "reason", a.reason));
+    box.append(qd);
+  });
+  const results = $("results");
+  const hint = results.querySelector(".hint");
+  if (hint) hint.remove();
+  results.prepend(box);
+  while (results.children.length > 20) results.lastChild.remove();
+}
+
+function onEvent(ev) {
+  if (typeof ev.id === "number") lastId = ev.id;
+  upsertJob(ev);
+  if (ev.type === "job.succeeded" && isAnalysis(ev.result)) showResult(ev);
+}
+
+function connect() {
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  // First load: the recent history; later: resume exactly where we were.
+  const since = lastId === null ? "?recent=300" : "?since=" + lastId;
+  const ws = new WebSocket(`${proto}//${location.host}/v1/stream${since}`);
+  ws.onopen = () => { backoff = 500; setConn(true, "live"); };
+  ws.onmessage = (m) => {
+    try { onEvent(JSON.parse(m.data)); } catch (e) { console.error(e); }
+  };
+  ws.onclose = () => {
+    setConn(false, "reconnecting…");
+    setTimeout(connect, backoff);
+    backoff = Math.min(backoff * 2, 10000);
+  };
+}
+
+async function refreshStats() {
+  try {
+    const r = await fetch("/v1/stats");
+    if (!r.ok) return;
+    const s = await r.json();
+    $("dead").textContent = s.dead_letters;
+    const pools = $("pools");
+    pools.replaceChildren();
+    for (const [pool, st] of Object.entries(s.pools || {})) {
+      const d = el("div", "stat");
+      d.dataset.pool = pool;
+      const waiting = (st.queued || 0) + (st.retrying || 0);
+      d.append(el("span", "label", `${pool}: queued · running`),
+               el("span", "num", `${waiting} · ${st.running || 0}`));
+      pools.append(d);
+    }
+  } catch (_) { /* next tick */ }
+}
+
+connect();
+refreshStats();
+setInterval(refreshStats, 2000);

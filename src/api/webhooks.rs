@@ -1,0 +1,201 @@
+//! Webhook routes: register (the secret is shown once), list, remove, and
+//! the deliveries with their dead letters (`status=failed`) and retry.
+//! Every URL passes the SSRF guard here and again at each delivery.
+
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use stevedore_handler::FieldError;
+use utoipa::{IntoParams, ToSchema};
+
+use super::jobs::query;
+use super::{parse_body, parse_id, ApiError, AppState};
+use crate::job::NewJob;
+use crate::notifier::event::{EVENT_TYPES, TERMINAL_TYPES};
+use crate::notifier::sign::Secret;
+use crate::notifier::store::{DeliveryView, RetryOutcome, Webhook};
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhook {
+    /// http or https; must pass the SSRF guard (`STEVEDORE_ALLOW_HOSTS` lets
+    /// named local receivers through).
+    pub url: String,
+    /// Event types; default `job.succeeded`, `job.dead`, `job.cancelled`.
+    pub events: Option<Vec<String>>,
+    /// Job kinds; default all.
+    pub kinds: Option<Vec<String>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedWebhook {
+    pub id: uuid::Uuid,
+    /// `whsec_...`: shown only in this answer; verify signatures with it.
+    pub secret: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub kinds: Option<Vec<String>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WebhookList {
+    pub webhooks: Vec<Webhook>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeliveryList {
+    pub deliveries: Vec<DeliveryView>,
+}
+
+async fn guard(s: &AppState, url: &str, field: &str) -> Result<(), FieldError> {
+    s.webhooks
+        .guard
+        .check(url)
+        .await
+        .map(drop)
+        .map_err(|e| FieldError::new(field, e.to_string()))
+}
+
+/// A job's own webhook must pass the guard and have a secret to sign with.
+pub(crate) async fn check_job_webhook(s: &AppState, job: &NewJob) -> Result<(), FieldError> {
+    let Some(w) = &job.webhook else {
+        return Ok(());
+    };
+    guard(s, &w.url, "webhook.url").await?;
+    if w.secret.is_none() && s.webhooks.default_secret.is_none() {
+        return Err(FieldError::new(
+            "webhook.secret",
+            "required: this deployment has no STEVEDORE_WEBHOOK_SECRET",
+        ));
+    }
+    Ok(())
+}
+
+/// Register a webhook endpoint.
+#[utoipa::path(post, path = "/v1/webhooks", request_body = CreateWebhook, responses(
+    (status = 201, body = CreatedWebhook),
+    (status = 422, description = "Invalid or refused URL, unknown event type", body = super::error::ErrorBody)))]
+pub async fn create(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CreateWebhook = parse_body(body)?;
+    guard(&s, &req.url, "url")
+        .await
+        .map_err(ApiError::Invalid)?;
+    let events = req
+        .events
+        .unwrap_or_else(|| TERMINAL_TYPES.map(str::to_owned).to_vec());
+    if events.is_empty() {
+        return Err(ApiError::Invalid(FieldError::new(
+            "events",
+            "must not be empty",
+        )));
+    }
+    if let Some(bad) = events.iter().find(|e| !EVENT_TYPES.contains(&e.as_str())) {
+        return Err(ApiError::Invalid(FieldError::new(
+            "events",
+            format!(
+                "unknown event type {bad:?}; known: {}",
+                EVENT_TYPES.join(", ")
+            ),
+        )));
+    }
+    let secret = Secret::generate();
+    let w = s
+        .events
+        .create_webhook(&req.url, &secret, &events, req.kinds.as_deref())
+        .await?;
+    let body = CreatedWebhook {
+        id: w.id,
+        secret,
+        url: w.url,
+        events: w.events,
+        kinds: w.kinds,
+    };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Registered webhooks (without their secrets).
+#[utoipa::path(get, path = "/v1/webhooks", responses((status = 200, body = WebhookList)))]
+pub async fn list(State(s): State<AppState>) -> Result<Json<WebhookList>, ApiError> {
+    Ok(Json(WebhookList {
+        webhooks: s.events.list_webhooks().await?,
+    }))
+}
+
+/// Remove a webhook and its deliveries.
+#[utoipa::path(delete, path = "/v1/webhooks/{id}", params(("id" = Uuid, Path)), responses(
+    (status = 204, description = "Removed"), (status = 404, body = super::error::ErrorBody)))]
+pub async fn remove(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if s.events.delete_webhook(parse_id(&id)?).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::NotFound("webhook"))
+    }
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryQuery {
+    /// `pending`, `delivering`, `delivered` or `failed` (the webhook dead letters).
+    pub status: Option<String>,
+    /// 1..=500, default 50.
+    pub limit: Option<i64>,
+}
+
+/// Webhook deliveries, newest first.
+#[utoipa::path(get, path = "/v1/webhook-deliveries", params(DeliveryQuery), responses(
+    (status = 200, body = DeliveryList)))]
+pub async fn deliveries(
+    State(s): State<AppState>,
+    q: Result<Query<DeliveryQuery>, QueryRejection>,
+) -> Result<Json<DeliveryList>, ApiError> {
+    let q = query(q)?;
+    if let Some(st) = &q.status {
+        if !["pending", "delivering", "delivered", "failed"].contains(&st.as_str()) {
+            return Err(ApiError::BadParam(FieldError::new(
+                "status",
+                "must be pending, delivering, delivered or failed",
+            )));
+        }
+    }
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadParam(FieldError::new(
+            "limit",
+            "must be between 1 and 500",
+        )));
+    }
+    let deliveries = s.events.list_deliveries(q.status.as_deref(), limit).await?;
+    Ok(Json(DeliveryList { deliveries }))
+}
+
+/// Send a failed delivery again, with a fresh schedule and the same `webhook-id`.
+#[utoipa::path(post, path = "/v1/webhook-deliveries/{id}/retry", params(("id" = Uuid, Path)), responses(
+    (status = 202, description = "Queued again"), (status = 404, body = super::error::ErrorBody),
+    (status = 409, description = "Not failed", body = super::error::ErrorBody)))]
+pub async fn retry(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    match s.events.retry_delivery(id).await? {
+        RetryOutcome::Queued => Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"id": id, "status": "pending"})),
+        )
+            .into_response()),
+        RetryOutcome::NotFailed(st) => Err(ApiError::Conflict(format!(
+            "delivery is {st}; only failed deliveries can be retried"
+        ))),
+        RetryOutcome::NotFound => Err(ApiError::NotFound("delivery")),
+    }
+}

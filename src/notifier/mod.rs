@@ -1,0 +1,239 @@
+//! The notifier: turns the durable `job_events` rows into stream messages
+//! and webhook deliveries.
+//!
+//! # Layout
+//! - [`event`]: the [`event::Event`] watchers see and the filter they use.
+//! - [`gaps`]: reading ids in order without skipping a late commit.
+//! - [`store`]: the [`store::EventStore`] trait; `pg` and `sqlite` implement it.
+//! - [`hub`]: fan-out to the stream clients of an API process.
+//! - [`deliver`]: signed webhook delivery with retries.
+//! - [`sign`], [`guard`]: Standard Webhooks signatures; the SSRF guard.
+//!
+//! The [`Notifier`] service reads events after its persisted cursor, writes
+//! the deliveries they call for and moves the cursor in one transaction, so
+//! a restart resumes exactly where the last commit left off and no delivery
+//! is lost or doubled. Transactions that write events wake it (NOTIFY, at
+//! most once per 10 ms; in process on SQLite); a short poll is the safety
+//! net. Each advance wakes the API processes' hubs, which then read the
+//! newly final rows.
+
+pub mod deliver;
+pub mod event;
+pub mod gaps;
+pub mod guard;
+pub mod hub;
+pub mod pg;
+pub mod sign;
+pub mod sqlite;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use self::event::Event;
+use self::gaps::Frontier;
+use self::guard::UrlGuard;
+use self::sign::Secret;
+use self::store::{EventStore, NewDelivery, Webhook, EVENTS_CHANNEL};
+use crate::metrics;
+use crate::store::StoreResult;
+
+/// How webhooks are delivered.
+#[derive(Clone)]
+pub struct WebhookConfig {
+    /// Delays between attempts; one more attempt than delays.
+    pub schedule: Vec<Duration>,
+    pub timeout: Duration,
+    pub per_endpoint: usize,
+    pub max_inflight: usize,
+    /// Signs job webhooks that bring no secret of their own.
+    pub default_secret: Option<Secret>,
+    pub guard: Arc<dyn UrlGuard>,
+}
+
+#[derive(Clone)]
+pub struct NotifierConfig {
+    pub batch: i64,
+    /// Safety-net poll when no wake-up comes.
+    pub poll: Duration,
+    /// Handled events and delivered deliveries older than this are pruned.
+    pub retention: Duration,
+    pub webhook: WebhookConfig,
+}
+
+pub struct Notifier {
+    store: Arc<dyn EventStore>,
+    cfg: NotifierConfig,
+    frontier: Frontier,
+    cursor: Option<i64>,
+    /// Rung after every advance: the in-process API hub, if any.
+    hub_wake: Option<Arc<Notify>>,
+    deliverer: Arc<deliver::Deliverer>,
+}
+
+impl Notifier {
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        cfg: NotifierConfig,
+        hub_wake: Option<Arc<Notify>>,
+    ) -> Self {
+        let deliverer = deliver::Deliverer::new(store.clone(), cfg.webhook.clone(), cfg.poll);
+        Self {
+            store,
+            cfg,
+            frontier: Frontier::default(),
+            cursor: None,
+            hub_wake,
+            deliverer,
+        }
+    }
+
+    /// Handles one batch of events; returns how many were handled.
+    pub async fn run_once(&mut self) -> StoreResult<usize> {
+        let cursor = match self.cursor {
+            Some(c) => c,
+            None => self.store.cursor().await?,
+        };
+        self.cursor = Some(cursor);
+        let page = self.store.read_after(cursor, self.cfg.batch).await?;
+        let ids: Vec<i64> = page.events.iter().map(|e| e.id).collect();
+        let (n, to) = self.frontier.advance(cursor, &ids, page.snapshot);
+        if n == 0 {
+            return Ok(0);
+        }
+        let events = &page.events[..n];
+        let hooks: Vec<Webhook> = self
+            .store
+            .list_webhooks()
+            .await?
+            .into_iter()
+            .filter(|w| w.disabled_at.is_none())
+            .collect();
+        let deliveries = deliveries_for(events, &hooks);
+        if !self.store.advance(cursor, to, &deliveries).await? {
+            // Another notifier moved the cursor: start again from its position.
+            tracing::info!("Another notifier advanced the cursor; following it.");
+            self.cursor = None;
+            self.frontier.reset();
+            return Ok(0);
+        }
+        self.cursor = Some(to);
+        for e in events {
+            metrics::EVENTS.with_label_values(&[&e.event_type]).inc();
+        }
+        if let Some(w) = &self.hub_wake {
+            w.notify_one();
+        }
+        if !deliveries.is_empty() {
+            self.deliverer.wake.notify_one();
+        }
+        Ok(n)
+    }
+
+    /// Runs the notifier, the deliverer and the pruner until `stop`.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let wake = Arc::new(Notify::new());
+        tracker.spawn({
+            let (store, wake, stop) = (self.store.clone(), wake.clone(), stop.clone());
+            async move { store.listen(EVENTS_CHANNEL, wake, stop).await }
+        });
+        tracker.spawn(self.deliverer.clone().run(stop.clone()));
+        tracker.spawn(housekeeping(
+            self.store.clone(),
+            self.cfg.retention,
+            stop.clone(),
+        ));
+        let bell = sqlite::events_bell();
+        while !stop.is_cancelled() {
+            match self.run_once().await {
+                Ok(n) if n as i64 >= self.cfg.batch => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    self.cursor = None;
+                    tracing::warn!(error = %e, "Notifier batch failed; will retry.");
+                }
+            }
+            tokio::select! {
+                () = wake.notified() => {},
+                () = bell.notified() => {},
+                () = tokio::time::sleep(self.cfg.poll) => {},
+                () = stop.cancelled() => {},
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+/// The deliveries a batch of events calls for: registered endpoints that
+/// subscribed to the type (and kind), and the job's own webhook on its
+/// terminal event.
+pub fn deliveries_for(events: &[Event], hooks: &[Webhook]) -> Vec<NewDelivery> {
+    let mut out = Vec::new();
+    for e in events {
+        let mut push = |webhook_id, url: &str| {
+            out.push(NewDelivery {
+                id: Uuid::now_v7(),
+                webhook_id,
+                job_id: e.job_id,
+                event_id: e.id,
+                event_type: e.event_type.clone(),
+                url: url.to_owned(),
+                body: e.webhook_body(),
+                event_at: e.at,
+            })
+        };
+        for h in hooks {
+            let kind_ok = h.kinds.as_ref().is_none_or(|k| k.contains(&e.kind));
+            if kind_ok && h.events.contains(&e.event_type) {
+                push(Some(h.id), &h.url);
+            }
+        }
+        if let (true, Some(w)) = (e.is_terminal(), &e.webhook) {
+            push(None, &w.url);
+        }
+    }
+    out
+}
+
+/// Refreshes the lag gauges every few seconds and prunes once a minute.
+async fn housekeeping(store: Arc<dyn EventStore>, retention: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            () = stop.cancelled() => return,
+        }
+        match store.lag().await {
+            Ok(lag) => {
+                let age = |t: Option<chrono::DateTime<Utc>>| {
+                    t.map_or(0.0, |t| (Utc::now() - t).as_seconds_f64().max(0.0))
+                };
+                metrics::EVENT_LAG
+                    .with_label_values(&["notifier"])
+                    .set(age(lag.oldest_unhandled));
+                metrics::EVENT_LAG
+                    .with_label_values(&["webhook"])
+                    .set(age(lag.oldest_undelivered));
+            }
+            Err(e) => tracing::warn!(error = %e, "Reading notifier lag failed."),
+        }
+        if n % 12 == 0 {
+            match store.prune(retention).await {
+                Ok(0) => {}
+                Ok(rows) => tracing::info!(rows, "Pruned old events and deliveries."),
+                Err(e) => tracing::warn!(error = %e, "Pruning failed; will retry."),
+            }
+        }
+        n += 1;
+    }
+}

@@ -4,6 +4,11 @@
 //! - `DATABASE_URL`: Postgres URL for `api`, `worker`, `dispatcher`, `migrate`.
 //! - `REDIS_URL` (default `redis://127.0.0.1:6379`), `STEVEDORE_REDIS_PREFIX`
 //!   (default `stevedore`): the Redis broker.
+//! - `STEVEDORE_BROKER` (`redis` or `amqp`, default `redis`) and per pool
+//!   `STEVEDORE_BROKER_PROBE`, `STEVEDORE_BROKER_SCRAPE`,
+//!   `STEVEDORE_BROKER_ANALYZE`; `AMQP_URL` (default
+//!   `amqp://guest:guest@127.0.0.1:5672/%2f`), `STEVEDORE_AMQP_PREFIX`,
+//!   `STEVEDORE_AMQP_QUORUM`: the RabbitMQ broker.
 //! - `STEVEDORE_DB_POOL`: Postgres connections per process (default 16).
 //! - `STEVEDORE_LEASE_SECS` (30), `STEVEDORE_HEARTBEAT_SECS` (5),
 //!   `STEVEDORE_GRACE_SECS` (20): worker leases and shutdown.
@@ -30,6 +35,27 @@ use crate::notifier::guard::NetGuard;
 use crate::notifier::sign::Secret;
 use crate::notifier::{NotifierConfig, WebhookConfig};
 
+/// Which broker carries a pool's job ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BrokerKind {
+    Redis,
+    Amqp,
+}
+
+impl BackendArgs {
+    /// The broker of each pool that has its own setting; the rest use `broker`.
+    pub fn pool_brokers(&self) -> Vec<(&'static str, BrokerKind)> {
+        [
+            ("probe", self.broker_probe),
+            ("scrape", self.broker_scrape),
+            ("analyze", self.broker_analyze),
+        ]
+        .into_iter()
+        .filter_map(|(p, b)| Some((p, b?)))
+        .collect()
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum, Default)]
 pub enum LogFormat {
     #[default]
@@ -50,6 +76,27 @@ pub struct BackendArgs {
     /// Key prefix for every Redis key, so deployments can share a server.
     #[arg(long, env = "STEVEDORE_REDIS_PREFIX", default_value = "stevedore")]
     pub redis_prefix: String,
+    /// The broker of every pool without its own setting.
+    #[arg(long, env = "STEVEDORE_BROKER", value_enum, default_value = "redis")]
+    pub broker: BrokerKind,
+    #[arg(long, env = "STEVEDORE_BROKER_PROBE", value_enum)]
+    pub broker_probe: Option<BrokerKind>,
+    #[arg(long, env = "STEVEDORE_BROKER_SCRAPE", value_enum)]
+    pub broker_scrape: Option<BrokerKind>,
+    #[arg(long, env = "STEVEDORE_BROKER_ANALYZE", value_enum)]
+    pub broker_analyze: Option<BrokerKind>,
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Prefix of every RabbitMQ queue and exchange name.
+    #[arg(long, env = "STEVEDORE_AMQP_PREFIX", default_value = "stevedore")]
+    pub amqp_prefix: String,
+    /// Declare quorum queues instead of classic durable ones.
+    #[arg(long, env = "STEVEDORE_AMQP_QUORUM", default_value_t = false)]
+    pub amqp_quorum: bool,
     #[command(flatten)]
     pub timing: TimingArgs,
 }

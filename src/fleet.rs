@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
+use crate::broker::amqp::{AmqpBroker, AmqpConfig};
 use crate::broker::embedded::EmbeddedBroker;
 use crate::broker::redis::RedisBroker;
-use crate::broker::Brokers;
-use crate::config::{BackendArgs, NotifyArgs, TimingArgs};
+use crate::broker::{Broker, Brokers};
+use crate::config::{BackendArgs, BrokerKind, NotifyArgs, TimingArgs};
 use crate::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::kinds::Kinds;
 use crate::notifier::hub::Hub;
@@ -42,13 +43,10 @@ impl Backend {
         let pg = Arc::new(PgStore::connect(&args.database_url, args.db_pool).await?);
         let store: Arc<dyn Store> = pg.clone();
         migrate_with_retry(store.as_ref()).await?;
-        let redis = RedisBroker::connect(&args.redis_url, &args.redis_prefix, args.timing.lease())
-            .await
-            .context("connecting to Redis (REDIS_URL)")?;
         Ok(Self {
             store,
             events: pg,
-            brokers: Brokers::new(Arc::new(redis)),
+            brokers: connect_brokers(args).await?,
         })
     }
 
@@ -66,6 +64,41 @@ impl Backend {
             brokers: Brokers::new(Arc::new(broker)),
         })
     }
+}
+
+/// Connects the brokers in use (and only those) and routes each pool.
+async fn connect_brokers(args: &BackendArgs) -> anyhow::Result<Brokers> {
+    let per_pool = args.pool_brokers();
+    let used = |k: BrokerKind| args.broker == k || per_pool.iter().any(|(_, b)| *b == k);
+    let mut redis: Option<Arc<dyn Broker>> = None;
+    let mut amqp: Option<Arc<dyn Broker>> = None;
+    if used(BrokerKind::Redis) {
+        let r = RedisBroker::connect(&args.redis_url, &args.redis_prefix, args.timing.lease())
+            .await
+            .context("connecting to Redis (REDIS_URL)")?;
+        redis = Some(Arc::new(r));
+    }
+    if used(BrokerKind::Amqp) {
+        let cfg = AmqpConfig {
+            url: args.amqp_url.clone(),
+            prefix: args.amqp_prefix.clone(),
+            quorum: args.amqp_quorum,
+        };
+        let a = AmqpBroker::connect(cfg)
+            .await
+            .context("connecting to RabbitMQ (AMQP_URL)")?;
+        amqp = Some(Arc::new(a));
+    }
+    let pick = |k: BrokerKind| match k {
+        BrokerKind::Redis => redis.clone(),
+        BrokerKind::Amqp => amqp.clone(),
+    };
+    let default = pick(args.broker).context("default broker not connected")?;
+    let mut brokers = Brokers::new(default);
+    for (pool, kind) in per_pool {
+        brokers = brokers.with_pool(pool, pick(kind).context("pool broker not connected")?);
+    }
+    Ok(brokers)
 }
 
 /// Applies migrations, waiting for a database that is still starting.

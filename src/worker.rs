@@ -134,7 +134,7 @@ impl Worker {
         self.cfg.check()?;
         let cfg = &self.cfg;
         let span = tracing::info_span!("worker", pool = %cfg.pool, name = %cfg.name);
-        let mut consumer = (|| self.broker.consumer(&cfg.pool, &cfg.name))
+        let mut consumer = (|| self.broker.consumer(&cfg.pool, &cfg.name, cfg.concurrency))
             .retry(retry_policy())
             .when(|_| !stop.is_cancelled())
             .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "Broker not reachable."))

@@ -94,6 +94,7 @@ impl Broker for EmbeddedBroker {
         &self,
         pool: &str,
         _consumer: &str,
+        _prefetch: usize,
     ) -> Result<Box<dyn Consumer>, BrokerError> {
         Ok(Box::new(EmbeddedConsumer {
             broker: self.clone(),

@@ -4,6 +4,7 @@
 //! exactly-once. `redis` (Streams + consumer groups) is production;
 //! `embedded` is the SQLite-backed queue of `stevedore dev`.
 
+pub mod amqp;
 pub mod embedded;
 pub mod redis;
 
@@ -44,8 +45,14 @@ pub trait Broker: Send + Sync + 'static {
     /// Postgres says are waiting, to tell a lost message from a long queue.
     async fn depth(&self, pool: &str) -> Result<u64, BrokerError>;
     /// A consumer for one worker process of `pool`; `consumer` names it so a
-    /// restarted process can be told apart from a dead one.
-    async fn consumer(&self, pool: &str, consumer: &str) -> Result<Box<dyn Consumer>, BrokerError>;
+    /// restarted process can be told apart from a dead one. `prefetch` is the
+    /// most the broker should hand it unacked (the pool's concurrency).
+    async fn consumer(
+        &self,
+        pool: &str,
+        consumer: &str,
+        prefetch: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError>;
 }
 
 #[async_trait]

@@ -98,7 +98,12 @@ impl Broker for RedisBroker {
         c.xlen(self.stream_key(pool)).await.map_err(err)
     }
 
-    async fn consumer(&self, pool: &str, consumer: &str) -> Result<Box<dyn Consumer>, BrokerError> {
+    async fn consumer(
+        &self,
+        pool: &str,
+        consumer: &str,
+        _prefetch: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
         Ok(Box::new(RedisConsumer {
             broker: self.clone(),
             reader: None,

@@ -23,7 +23,10 @@ pub const REDIS: &str = "redis://127.0.0.1:6379";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Flavor {
+    /// Postgres with Redis as the broker.
     Postgres,
+    /// Postgres with RabbitMQ as the broker.
+    Amqp,
     Sqlite,
 }
 
@@ -133,6 +136,20 @@ impl TestFleet {
                 };
                 (backend, Some(url))
             }
+            Flavor::Amqp => {
+                let url = fresh_pg_database().await;
+                let store = Arc::new(PgStore::connect(&url, 8).await.expect("pg store"));
+                store.migrate().await.expect("migrate");
+                let amqp = stevedore::broker::amqp::AmqpBroker::connect(amqp_config(prefix))
+                    .await
+                    .expect("RabbitMQ at 127.0.0.1:5672");
+                let backend = Backend {
+                    store: store.clone(),
+                    events: store,
+                    brokers: Brokers::new(Arc::new(amqp)),
+                };
+                (backend, Some(url))
+            }
         }
     }
 
@@ -189,6 +206,10 @@ impl TestFleet {
         fleet::start(self.backend.clone(), fleet::default_kinds(), roles)
             .await
             .expect("workers start")
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -290,6 +311,9 @@ impl TestFleet {
         if let Some(url) = &self.database_url {
             drop_database(url).await;
         }
+        if self.flavor == Flavor::Amqp {
+            delete_amqp(&self.redis_prefix, &["probe", "scrape", "analyze"]).await;
+        }
     }
 }
 
@@ -318,6 +342,61 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+pub fn amqp_config(prefix: &str) -> stevedore::broker::amqp::AmqpConfig {
+    stevedore::broker::amqp::AmqpConfig {
+        url: AMQP.into(),
+        prefix: prefix.replace(':', "."),
+        quorum: false,
+    }
+}
+
+/// Deletes the test's queues and exchange from the shared RabbitMQ.
+pub async fn delete_amqp(prefix: &str, pools: &[&str]) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let prefix = prefix.replace(':', ".");
+    let props = lapin::ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    let Ok(conn) = lapin::Connection::connect(AMQP, props).await else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for pool in pools {
+            for q in [
+                format!("{prefix}.{pool}"),
+                format!("{prefix}.{pool}.poison"),
+            ] {
+                let _ = ch.queue_delete(&q, QueueDeleteOptions::default()).await;
+            }
+        }
+        let _ = ch
+            .exchange_delete(&format!("{prefix}.dlx"), ExchangeDeleteOptions::default())
+            .await;
+    }
+    let _ = conn.close(200, "test done").await;
+}
+
+/// Generates one test per broker (Redis, RabbitMQ, the embedded queue).
+#[macro_export]
+macro_rules! all_brokers {
+    ($($name:ident),* $(,)?) => {
+        mod redis {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::support::Flavor::Postgres).await })*
+        }
+        mod amqp {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::support::Flavor::Amqp).await })*
+        }
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::support::Flavor::Sqlite).await })*
+        }
+    };
 }
 
 /// Generates one test per flavor from `async fn name(flavor: Flavor)`.

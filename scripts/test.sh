@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 scripts/services.sh
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
+# The analyze tests run the real local model.
+scripts/fetch-model.sh >/dev/null
 
 # Test databases are dropped by each test; a test that failed leaves its own.
 psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'sdt\_%'" |

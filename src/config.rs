@@ -14,6 +14,9 @@
 //!   `STEVEDORE_GRACE_SECS` (20): worker leases and shutdown.
 //! - `STEVEDORE_LOST_AFTER_SECS` (120): when the dispatcher re-sends a job
 //!   the broker seems to have lost.
+//! - `OPENAI_BASE_URL`, `OPENAI_API_KEY`, `STEVEDORE_ANALYZE_MODEL`,
+//!   `STEVEDORE_LOCAL_MODEL`, `STEVEDORE_ANALYZE_RPM`, `STEVEDORE_ANALYZE_TPM`,
+//!   `STEVEDORE_ANSWER_CACHE_TTL_SECS`: the analyze kind.
 //! - `STEVEDORE_URL` (default `http://127.0.0.1:8080`): the API the CLI talks to.
 //! - `STEVEDORE_LOG` (default `info`): tracing filter; `--log-format json` for JSON logs.
 //! - Notifier, stream and webhooks ([`NotifyArgs`]): `STEVEDORE_WEBHOOK_SECRET`
@@ -141,6 +144,44 @@ impl TimingArgs {
     }
     pub fn lost_after(&self) -> Duration {
         secs(self.lost_after_secs)
+    }
+}
+
+/// What the job kinds need: the analyze providers and their limits.
+#[derive(Debug, Clone, Args)]
+pub struct KindsArgs {
+    /// An OpenAI-compatible endpoint (OpenAI, Azure, vLLM, Ollama, llama.cpp
+    /// server). With neither this nor a key, analyze uses the local model.
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub openai_base_url: Option<String>,
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+    #[arg(long, env = "STEVEDORE_ANALYZE_MODEL", default_value = "gpt-4o-mini")]
+    pub analyze_model: String,
+    /// The GGUF file of the local provider (scripts/fetch-model.sh gets it).
+    #[arg(long, env = "STEVEDORE_LOCAL_MODEL", default_value = stevedore_analyze::DEFAULT_LOCAL_MODEL)]
+    pub local_model: std::path::PathBuf,
+    /// Requests and tokens per minute per provider and model, shared by
+    /// every analyze worker.
+    #[arg(long, env = "STEVEDORE_ANALYZE_RPM", default_value_t = 500)]
+    pub analyze_rpm: u64,
+    #[arg(long, env = "STEVEDORE_ANALYZE_TPM", default_value_t = 200_000)]
+    pub analyze_tpm: u64,
+    #[arg(long, env = "STEVEDORE_ANSWER_CACHE_TTL_SECS", default_value_t = 7 * 24 * 3600)]
+    pub answer_cache_ttl_secs: u64,
+}
+
+impl Default for KindsArgs {
+    fn default() -> Self {
+        Self {
+            openai_base_url: None,
+            openai_api_key: None,
+            analyze_model: "gpt-4o-mini".into(),
+            local_model: stevedore_analyze::DEFAULT_LOCAL_MODEL.into(),
+            analyze_rpm: 500,
+            analyze_tpm: 200_000,
+            answer_cache_ttl_secs: 7 * 24 * 3600,
+        }
     }
 }
 

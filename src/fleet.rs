@@ -17,7 +17,7 @@ use crate::broker::amqp::{AmqpBroker, AmqpConfig};
 use crate::broker::embedded::EmbeddedBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{Broker, Brokers};
-use crate::config::{BackendArgs, BrokerKind, NotifyArgs, TimingArgs};
+use crate::config::{BackendArgs, BrokerKind, KindsArgs, NotifyArgs, TimingArgs};
 use crate::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::kinds::Kinds;
 use crate::notifier::hub::Hub;
@@ -116,9 +116,92 @@ async fn migrate_with_retry(store: &dyn Store) -> anyhow::Result<()> {
         .context("migrating the database")
 }
 
-/// The kinds every role knows.
+/// Names of every kind (and so of every worker pool).
+pub const KIND_NAMES: [&str; 2] = ["analyze", "probe"];
+
+/// Where the analyze kind keeps its shared rate limits and answer cache:
+/// Redis in production, the process itself in dev mode (one process).
+pub enum Shared {
+    InProcess,
+    Redis {
+        conn: redis::aio::ConnectionManager,
+        prefix: String,
+    },
+}
+
+/// One analyze handler per process: its metrics register once, and the
+/// local model is loaded once however many fleets a process starts.
+static ANALYZE: std::sync::OnceLock<stevedore_analyze::AnalyzeHandler> = std::sync::OnceLock::new();
+
+fn analyze(args: &KindsArgs, shared: Shared) -> anyhow::Result<stevedore_analyze::AnalyzeHandler> {
+    use stevedore_analyze::{AnalyzeConfig, AnalyzeHandler, OpenAiConfig, RateLimits};
+    if let Some(h) = ANALYZE.get() {
+        return Ok(h.clone());
+    }
+    let openai =
+        (args.openai_api_key.is_some() || args.openai_base_url.is_some()).then(|| OpenAiConfig {
+            base_url: args
+                .openai_base_url
+                .clone()
+                .unwrap_or_else(|| "https://api.openai.com/v1".into()),
+            api_key: args.openai_api_key.clone(),
+            model: args.analyze_model.clone(),
+            timeout: Duration::from_secs(120),
+        });
+    let mut cfg = AnalyzeConfig::in_process(openai, &args.local_model);
+    let limits = RateLimits::per_minute(args.analyze_rpm, args.analyze_tpm);
+    let ttl = Duration::from_secs(args.answer_cache_ttl_secs);
+    match shared {
+        Shared::InProcess => {
+            cfg.rate_limiter = Arc::new(stevedore_analyze::MemoryRateLimiter::new(limits));
+            cfg.cache = Arc::new(stevedore_analyze::MemoryAnswerCache::new(ttl, 100_000));
+        }
+        Shared::Redis { conn, prefix } => {
+            let prefix = format!("{prefix}:analyze:");
+            cfg.rate_limiter = Arc::new(stevedore_analyze::RedisRateLimiter::new(
+                conn.clone(),
+                prefix.clone(),
+                limits,
+            ));
+            cfg.cache = Arc::new(stevedore_analyze::RedisAnswerCache::new(conn, prefix, ttl));
+        }
+    }
+    let h =
+        AnalyzeHandler::new(cfg, &crate::metrics::REGISTRY).context("building the analyze kind")?;
+    Ok(ANALYZE.get_or_init(|| h).clone())
+}
+
+/// Every kind, configured.
+pub fn kinds(args: &KindsArgs, shared: Shared) -> anyhow::Result<Kinds> {
+    Ok(Kinds::default()
+        .register(crate::kinds::probe::Probe)
+        .register(analyze(args, shared)?))
+}
+
+/// Every kind with default settings and in-process sharing (tests, tools).
 pub fn default_kinds() -> Kinds {
-    Kinds::default().register(crate::kinds::probe::Probe)
+    match kinds(&KindsArgs::default(), Shared::InProcess) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "Building the kinds failed; only probe is available.");
+            Kinds::default().register(crate::kinds::probe::Probe)
+        }
+    }
+}
+
+/// Kinds for a production role: analyze shares its limits through Redis.
+pub async fn production_kinds(args: &KindsArgs, backend: &BackendArgs) -> anyhow::Result<Kinds> {
+    let client = redis::Client::open(backend.redis_url.as_str()).context("REDIS_URL")?;
+    let conn = redis::aio::ConnectionManager::new(client)
+        .await
+        .context("connecting to Redis for the analyze rate limits and cache")?;
+    kinds(
+        args,
+        Shared::Redis {
+            conn,
+            prefix: backend.redis_prefix.clone(),
+        },
+    )
 }
 
 /// What runs in one process.

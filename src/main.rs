@@ -8,9 +8,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use stevedore::cli::notify::WebhooksCommand;
 use stevedore::cli::{self, DlqCommand};
-use stevedore::config::{BackendArgs, ClientArgs, LogFormat, NotifyArgs, TimingArgs};
+use stevedore::config::{BackendArgs, ClientArgs, KindsArgs, LogFormat, NotifyArgs, TimingArgs};
 use stevedore::dispatcher::DispatcherConfig;
 use stevedore::fleet::{self, Backend, Roles};
+use stevedore::kinds::Kinds;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Everything in one process on an SQLite file: API, dispatcher, every pool. No services needed.
     Dev {
+        #[command(flatten)]
+        kinds: KindsArgs,
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         #[arg(long, default_value = ".stevedore")]
@@ -47,6 +50,8 @@ enum Command {
     },
     /// The HTTP API (with an embedded dispatcher unless --no-dispatcher).
     Api {
+        #[command(flatten)]
+        kinds: KindsArgs,
         #[arg(long, env = "STEVEDORE_LISTEN", default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
         #[arg(long)]
@@ -68,6 +73,8 @@ enum Command {
     },
     /// One worker pool process.
     Worker {
+        #[command(flatten)]
+        kinds: KindsArgs,
         #[arg(long)]
         pool: String,
         #[arg(long, default_value_t = 16)]
@@ -196,9 +203,9 @@ fn stop_on_signal() -> CancellationToken {
     stop
 }
 
-async fn run_roles(backend: Backend, roles: Roles) -> anyhow::Result<()> {
+async fn run_roles(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Result<()> {
     stevedore::metrics::init();
-    let running = fleet::start(backend, fleet::default_kinds(), roles).await?;
+    let running = fleet::start(backend, kinds, roles).await?;
     if let Some(addr) = running.addr {
         tracing::info!(%addr, "API listening.");
     }
@@ -225,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
     init_logs(cli.log_format);
     match cli.command {
         Command::Dev {
+            kinds,
             listen,
             data_dir,
             concurrency,
@@ -240,8 +248,7 @@ async fn main() -> anyhow::Result<()> {
                 "stevedore dev: API and display on http://{listen}  (data in {})\n  try: stevedore submit probe --payload '{{\"sleep_ms\": 200}}' --wait",
                 data_dir.display()
             );
-            let workers = fleet::default_kinds()
-                .names()
+            let workers = fleet::KIND_NAMES
                 .into_iter()
                 .map(|k| (k.to_owned(), concurrency))
                 .collect();
@@ -254,9 +261,11 @@ async fn main() -> anyhow::Result<()> {
                 timing,
                 metrics: None,
             };
-            run_roles(backend, roles).await
+            let kinds = fleet::kinds(&kinds, fleet::Shared::InProcess)?;
+            run_roles(backend, kinds, roles).await
         }
         Command::Api {
+            kinds,
             listen,
             no_dispatcher,
             backend,
@@ -271,18 +280,24 @@ async fn main() -> anyhow::Result<()> {
                 timing: backend.timing.clone(),
                 metrics: None,
             };
-            run_roles(Backend::production(&backend).await?, roles).await
+            run_roles(
+                Backend::production(&backend).await?,
+                fleet::production_kinds(&kinds, &backend).await?,
+                roles,
+            )
+            .await
         }
         Command::Worker {
+            kinds,
             pool,
             concurrency,
             metrics_listen,
             backend,
         } => {
             anyhow::ensure!(
-                fleet::default_kinds().get(&pool).is_some(),
+                fleet::KIND_NAMES.contains(&pool.as_str()),
                 "unknown pool {pool:?}; known: {}",
-                fleet::default_kinds().names().join(", ")
+                fleet::KIND_NAMES.join(", ")
             );
             let roles = Roles {
                 api: None,
@@ -293,7 +308,12 @@ async fn main() -> anyhow::Result<()> {
                 timing: backend.timing.clone(),
                 metrics: metrics_listen,
             };
-            run_roles(Backend::production(&backend).await?, roles).await
+            run_roles(
+                Backend::production(&backend).await?,
+                fleet::production_kinds(&kinds, &backend).await?,
+                roles,
+            )
+            .await
         }
         Command::Notifier {
             metrics_listen,
@@ -309,7 +329,12 @@ async fn main() -> anyhow::Result<()> {
                 timing: backend.timing.clone(),
                 metrics: metrics_listen,
             };
-            run_roles(Backend::production(&backend).await?, roles).await
+            run_roles(
+                Backend::production(&backend).await?,
+                Kinds::default(),
+                roles,
+            )
+            .await
         }
         Command::Dispatcher {
             metrics_listen,
@@ -324,7 +349,12 @@ async fn main() -> anyhow::Result<()> {
                 timing: backend.timing.clone(),
                 metrics: metrics_listen,
             };
-            run_roles(Backend::production(&backend).await?, roles).await
+            run_roles(
+                Backend::production(&backend).await?,
+                Kinds::default(),
+                roles,
+            )
+            .await
         }
         Command::Migrate { backend } => {
             Backend::production(&backend).await.context("migrate")?;
@@ -349,9 +379,9 @@ async fn main() -> anyhow::Result<()> {
             let scale = stevedore::supervisor::parse_scale(&scale)?;
             for pool in scale.keys() {
                 anyhow::ensure!(
-                    fleet::default_kinds().get(pool).is_some(),
+                    fleet::KIND_NAMES.contains(&pool.as_str()),
                     "unknown pool {pool:?}; known: {}",
-                    fleet::default_kinds().names().join(", ")
+                    fleet::KIND_NAMES.join(", ")
                 );
             }
             let specs = stevedore::supervisor::plan(&listen, &scale, concurrency, &database_url);

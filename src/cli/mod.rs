@@ -206,16 +206,82 @@ pub async fn dlq(c: &ClientArgs, cmd: DlqCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The newcomer's first job: submitted through the API of the fleet that
-/// just started, followed to its end and printed.
+/// The newcomer's first jobs, through the API of the fleet that just
+/// started: a probe that fails once and succeeds on its retry, then the
+/// embedded Moodle quiz's questions analyzed by the local model.
 pub async fn demo(url: String) {
-    let c = ClientArgs { url, json: false };
+    let c = ClientArgs {
+        url: url.clone(),
+        json: false,
+    };
     // The API binds before this task first polls, but give it a moment.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    eprintln!("demo: submitting a probe job that fails once, then succeeds on its retry");
-    let payload = r#"{"sleep_ms": 250, "fail_attempts": 1}"#;
-    match submit(&c, "probe", payload, true).await {
-        Ok(()) => eprintln!("demo: done. The fleet keeps running; Ctrl-C stops it."),
+    eprintln!("demo: a probe job that fails once, then succeeds on its retry");
+    if let Err(e) = submit(
+        &c,
+        "probe",
+        r#"{"sleep_ms": 250, "fail_attempts": 1}"#,
+        true,
+    )
+    .await
+    {
+        eprintln!("demo failed: {e:#}");
+        return;
+    }
+    eprintln!("\ndemo: analyzing the Moodle quiz with the local model (offline)");
+    match analyze_demo(&url).await {
+        Ok(()) => eprintln!("\ndemo: done. Watch jobs live at {url}/ ; Ctrl-C stops the fleet."),
         Err(e) => eprintln!("demo failed: {e:#}"),
     }
+}
+
+async fn analyze_demo(url: &str) -> anyhow::Result<()> {
+    let expected: Value = serde_json::from_str(include_str!("../../fixtures/quiz/expected.json"))?;
+    let quiz = &expected["moodle-multichoice.html"]["questions"];
+    let questions: Vec<Value> = quiz
+        .as_array()
+        .context("fixture questions")?
+        .iter()
+        .map(|q| serde_json::json!({"text": q["text"], "options": q["options"]}))
+        .collect();
+    let http = client()?;
+    let body = serde_json::json!({"kind": "analyze", "payload": {"questions": questions}});
+    let accepted = call(http.post(format!("{url}/v1/jobs")).json(&body)).await?;
+    let id = s(&accepted, "id");
+    let job = loop {
+        let job = call(http.get(format!("{url}/v1/jobs/{id}"))).await?;
+        if matches!(
+            s(&job, "status").as_str(),
+            "succeeded" | "dead" | "cancelled"
+        ) {
+            break job;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if s(&job, "status") != "succeeded" {
+        bail!(
+            "analyze job {id} ended {}: {}",
+            s(&job, "status"),
+            job["errors"]
+        );
+    }
+    let result = &job["result"];
+    println!(
+        "analyze job {id}: provider {}, model {}",
+        s(result, "provider"),
+        s(result, "model")
+    );
+    for a in result["answers"].as_array().into_iter().flatten() {
+        let qi = a["question"].as_u64().unwrap_or_default() as usize;
+        let ci = a["choice"].as_u64().unwrap_or_default() as usize;
+        let q = &questions[qi.min(questions.len().saturating_sub(1))];
+        let conf = a["confidence"].as_f64().unwrap_or_default();
+        println!("  Q{}: {}", qi + 1, s(q, "text"));
+        println!(
+            "      -> {} ({:.0}% confident)",
+            q["options"][ci].as_str().unwrap_or("?"),
+            conf * 100.0
+        );
+    }
+    Ok(())
 }

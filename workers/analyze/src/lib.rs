@@ -11,15 +11,32 @@
 //! [`AnalyzeConfig`] and registers it under [`AnalyzeHandler::KIND`]
 //! (`"analyze"`):
 //!
-//! ```ignore
-//! let handler = AnalyzeHandler::new(AnalyzeConfig {
-//!     openai: Some(OpenAiConfig { base_url, api_key, model, timeout }),
-//!     local_model_path: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
-//!     local_weights: WeightFormat::Q8_0,
-//!     rate_limiter: Arc::new(RedisRateLimiter::new(conn.clone(), "stevedore:", RateLimits::per_minute(500, 200_000))),
-//!     cache: Arc::new(RedisAnswerCache::new(conn, "stevedore:", Duration::from_secs(7 * 86_400))),
-//!     invalid_reply_attempts: 3,
-//! }, &registry)?;
+//! ```no_run
+//! # use std::{sync::Arc, time::Duration};
+//! # use stevedore_analyze::*;
+//! # async fn build(conn: redis::aio::ConnectionManager) -> Result<AnalyzeHandler, AnalyzeInitError> {
+//! let registry = prometheus::Registry::new();
+//! let handler = AnalyzeHandler::new(
+//!     AnalyzeConfig {
+//!         openai: Some(OpenAiConfig {
+//!             base_url: "https://api.openai.com/v1".into(),
+//!             api_key: Some("sk-...".into()),
+//!             model: "gpt-4o-mini".into(),
+//!             timeout: Duration::from_secs(60),
+//!         }),
+//!         local_model_path: DEFAULT_LOCAL_MODEL.into(),
+//!         local_weights: WeightFormat::Q8_0,
+//!         rate_limiter: Arc::new(RedisRateLimiter::new(
+//!             conn.clone(),
+//!             "stevedore:",
+//!             RateLimits::per_minute(500, 200_000),
+//!         )),
+//!         cache: Arc::new(RedisAnswerCache::new(conn, "stevedore:", Duration::from_secs(7 * 86_400))),
+//!         invalid_reply_attempts: 3,
+//!     },
+//!     &registry,
+//! )?;
+//! # Ok(handler) }
 //! ```
 //!
 //! # Layout

@@ -178,7 +178,7 @@ mod tests {
             ),
             (
                 json!({"questions": [{"text": "q", "options": ["a", "b"], "hint": 1}]}),
-                "questions[0]",
+                "questions[0].hint",
             ),
             (
                 json!({"questions": [{"text": "q", "options": ["a", "b"]}], "provider": "x"}),

@@ -7,6 +7,7 @@
 //! job or per handler would dominate). Inference is CPU-bound and runs under
 //! `spawn_blocking`, never on the async workers.
 
+mod llama;
 mod model;
 mod tokenizer;
 

@@ -8,11 +8,9 @@
 //! tokens (type 3: `<|im_start|>`, `<|im_end|>`, ...) as special tokens so
 //! that the chat template's markers map to their single ids.
 
-use std::collections::HashMap;
-
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -101,7 +99,7 @@ impl GgufTokenizer {
         }
         let tokens = string_array(ct, "tokenizer.ggml.tokens")?;
         let merges = string_array(ct, "tokenizer.ggml.merges")?;
-        let vocab: HashMap<String, u32> = tokens
+        let vocab: Vocab = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.to_string(), i as u32))

@@ -1,0 +1,97 @@
+//! The analyze kind through the whole pipeline (API → broker → worker →
+//! store) with the local model on the fixture quizzes: every answer picks a
+//! real option, the same quiz gives the same answers, and the second time
+//! it is answered from the cache without a model call.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{Flavor, Opts, TestFleet};
+
+fn quizzes() -> Vec<(String, Vec<Value>)> {
+    let expected: Value = serde_json::from_str(include_str!("../fixtures/quiz/expected.json"))
+        .expect("expected.json");
+    [
+        "moodle-multichoice.html",
+        "jsonld-quiz.html",
+        "spa-rendered.html",
+    ]
+    .iter()
+    .map(|page| {
+        let qs = expected[page]["questions"]
+            .as_array()
+            .expect("questions")
+            .iter()
+            .map(|q| json!({"text": q["text"], "options": q["options"]}))
+            .collect();
+        ((*page).to_owned(), qs)
+    })
+    .collect()
+}
+
+async fn analyze(f: &TestFleet, questions: &[Value]) -> Value {
+    let (status, v) = f
+        .post(
+            "/v1/jobs",
+            json!({"kind": "analyze", "payload": {"questions": questions}}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().expect("id").parse().expect("uuid");
+    f.wait_status(id, "succeeded", 180).await["result"].clone()
+}
+
+async fn local_model_answers_the_fixture_quizzes_deterministically(flavor: Flavor) {
+    let f = TestFleet::start_with(
+        flavor,
+        Opts {
+            workers: vec![("analyze".into(), 2)],
+            ..Opts::default()
+        },
+    )
+    .await;
+    let mut correct = 0;
+    let mut total = 0;
+    let expected: Value =
+        serde_json::from_str(include_str!("../fixtures/quiz/expected.json")).expect("json");
+    for (page, questions) in quizzes() {
+        let first = analyze(&f, &questions).await;
+        assert_eq!(first["provider"], "local");
+        let answers = first["answers"].as_array().expect("answers");
+        assert_eq!(
+            answers.len(),
+            questions.len(),
+            "{page}: one answer per question"
+        );
+        for a in answers {
+            let q = a["question"].as_u64().expect("question index") as usize;
+            let c = a["choice"].as_u64().expect("choice index") as usize;
+            let n = questions[q]["options"].as_array().expect("options").len();
+            assert!(c < n, "{page}: choice {c} within {n} options");
+            let conf = a["confidence"].as_f64().expect("confidence");
+            assert!((0.0..=1.0).contains(&conf));
+            total += 1;
+            if expected[&page]["questions"][q]["correct"].as_u64() == Some(c as u64) {
+                correct += 1;
+            }
+        }
+        let again = analyze(&f, &questions).await;
+        assert_eq!(
+            again["answers"], first["answers"],
+            "{page}: same quiz, same answers"
+        );
+        assert_eq!(
+            again["cached"],
+            questions.len(),
+            "{page}: the second run is answered from the cache"
+        );
+        assert_eq!(
+            again["usage"]["prompt_tokens"], 0,
+            "{page}: and costs no model call"
+        );
+    }
+    println!("local model accuracy on the fixtures: {correct}/{total}");
+    f.shutdown().await;
+}
+
+both_flavors!(local_model_answers_the_fixture_quizzes_deterministically);

@@ -169,6 +169,9 @@ pub struct KindsArgs {
     pub analyze_tpm: u64,
     #[arg(long, env = "STEVEDORE_ANSWER_CACHE_TTL_SECS", default_value_t = 7 * 24 * 3600)]
     pub answer_cache_ttl_secs: u64,
+    /// `host:port` pairs scraping may reach although they are internal.
+    #[arg(long, env = "STEVEDORE_ALLOW_HOSTS", default_value = "")]
+    pub scrape_allow_hosts: String,
 }
 
 impl Default for KindsArgs {
@@ -181,6 +184,7 @@ impl Default for KindsArgs {
             analyze_rpm: 500,
             analyze_tpm: 200_000,
             answer_cache_ttl_secs: 7 * 24 * 3600,
+            scrape_allow_hosts: String::new(),
         }
     }
 }

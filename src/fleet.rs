@@ -117,7 +117,7 @@ async fn migrate_with_retry(store: &dyn Store) -> anyhow::Result<()> {
 }
 
 /// Names of every kind (and so of every worker pool).
-pub const KIND_NAMES: [&str; 2] = ["analyze", "probe"];
+pub const KIND_NAMES: [&str; 3] = ["analyze", "probe", "scrape"];
 
 /// Where the analyze kind keeps its shared rate limits and answer cache:
 /// Redis in production, the process itself in dev mode (one process).
@@ -171,11 +171,28 @@ fn analyze(args: &KindsArgs, shared: Shared) -> anyhow::Result<stevedore_analyze
     Ok(ANALYZE.get_or_init(|| h).clone())
 }
 
-/// Every kind, configured.
+static SCRAPE: std::sync::OnceLock<stevedore_scrape::ScrapeHandler> = std::sync::OnceLock::new();
+
+fn scrape(args: &KindsArgs) -> anyhow::Result<stevedore_scrape::ScrapeHandler> {
+    if let Some(h) = SCRAPE.get() {
+        return Ok(h.clone());
+    }
+    let cfg = stevedore_scrape::ScrapeConfig {
+        allow_hosts: args.scrape_allow_hosts.clone(),
+        ..Default::default()
+    };
+    let h = stevedore_scrape::ScrapeHandler::new(cfg, &crate::metrics::REGISTRY)
+        .context("building the scrape kind")?;
+    Ok(SCRAPE.get_or_init(|| h).clone())
+}
+
+/// Every kind, configured. Handlers are built once per process (their
+/// metrics register once); later calls reuse the first configuration.
 pub fn kinds(args: &KindsArgs, shared: Shared) -> anyhow::Result<Kinds> {
     Ok(Kinds::default()
         .register(crate::kinds::probe::Probe)
-        .register(analyze(args, shared)?))
+        .register(analyze(args, shared)?)
+        .register(scrape(args)?))
 }
 
 /// Every kind with default settings and in-process sharing (tests, tools).
@@ -217,6 +234,8 @@ pub struct Roles {
     pub timing: TimingArgs,
     /// Serve `/metrics` and `/healthz` here (for roles without the API).
     pub metrics: Option<SocketAddr>,
+    /// Serve the embedded demo quiz pages from the API (dev mode only).
+    pub demo_pages: bool,
 }
 
 /// A running set of roles; `stop` drains them and waits.
@@ -314,7 +333,10 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
             webhooks: roles.notify.webhook_config()?,
             shutdown: stop.clone(),
         };
-        let app = api::router(state);
+        let mut app = api::router(state);
+        if roles.demo_pages {
+            app = app.merge(api::demo::router());
+        }
         let s = stop.clone();
         tracker.spawn(async move {
             let res = axum::serve(listener, app)

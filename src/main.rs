@@ -260,7 +260,11 @@ async fn main() -> anyhow::Result<()> {
                 notify,
                 timing,
                 metrics: None,
+                demo_pages: true,
             };
+            // The demo scrapes the quiz pages this process serves itself.
+            let mut kinds = kinds;
+            kinds.scrape_allow_hosts = format!("{},{listen}", kinds.scrape_allow_hosts);
             let kinds = fleet::kinds(&kinds, fleet::Shared::InProcess)?;
             run_roles(backend, kinds, roles).await
         }
@@ -279,6 +283,7 @@ async fn main() -> anyhow::Result<()> {
                 notify,
                 timing: backend.timing.clone(),
                 metrics: None,
+                demo_pages: false,
             };
             run_roles(
                 Backend::production(&backend).await?,
@@ -307,6 +312,7 @@ async fn main() -> anyhow::Result<()> {
                 notify: NotifyArgs::default(),
                 timing: backend.timing.clone(),
                 metrics: metrics_listen,
+                demo_pages: false,
             };
             run_roles(
                 Backend::production(&backend).await?,
@@ -328,6 +334,7 @@ async fn main() -> anyhow::Result<()> {
                 notify,
                 timing: backend.timing.clone(),
                 metrics: metrics_listen,
+                demo_pages: false,
             };
             run_roles(
                 Backend::production(&backend).await?,
@@ -348,6 +355,7 @@ async fn main() -> anyhow::Result<()> {
                 notify: NotifyArgs::default(),
                 timing: backend.timing.clone(),
                 metrics: metrics_listen,
+                demo_pages: false,
             };
             run_roles(
                 Backend::production(&backend).await?,

@@ -264,6 +264,7 @@ async fn database_down_is_a_503_not_a_hang() {
         notify: Default::default(),
         timing: support::fast_timing(),
         metrics: None,
+        demo_pages: false,
     };
     let running = stevedore::fleet::start(backend, stevedore::fleet::default_kinds(), roles)
         .await

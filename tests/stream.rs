@@ -85,6 +85,7 @@ async fn a_notifier_stopped_and_restarted_mid_run_loses_no_event() {
         notify: fast_notify(""),
         timing: fast_timing(),
         metrics: None,
+        demo_pages: false,
     };
     let first = fleet::start(f.backend.clone(), fleet::default_kinds(), notifier())
         .await

@@ -208,7 +208,7 @@ pub async fn dlq(c: &ClientArgs, cmd: DlqCommand) -> anyhow::Result<()> {
 
 /// The newcomer's first jobs, through the API of the fleet that just
 /// started: a probe that fails once and succeeds on its retry, then the
-/// embedded Moodle quiz's questions analyzed by the local model.
+/// embedded Moodle quiz page scraped over HTTP with an analyze job chained.
 pub async fn demo(url: String) {
     let c = ClientArgs {
         url: url.clone(),
@@ -228,7 +228,7 @@ pub async fn demo(url: String) {
         eprintln!("demo failed: {e:#}");
         return;
     }
-    eprintln!("\ndemo: analyzing the Moodle quiz with the local model (offline)");
+    eprintln!("\ndemo: a real quiz page scraped and analyzed by the local model (offline)");
     match analyze_demo(&url).await {
         Ok(()) => eprintln!("\ndemo: done. Watch jobs live at {url}/ ; Ctrl-C stops the fleet."),
         Err(e) => eprintln!("demo failed: {e:#}"),
@@ -236,45 +236,37 @@ pub async fn demo(url: String) {
 }
 
 async fn analyze_demo(url: &str) -> anyhow::Result<()> {
-    let expected: Value = serde_json::from_str(include_str!("../../fixtures/quiz/expected.json"))?;
-    let quiz = &expected["moodle-multichoice.html"]["questions"];
-    let questions: Vec<Value> = quiz
-        .as_array()
-        .context("fixture questions")?
-        .iter()
-        .map(|q| serde_json::json!({"text": q["text"], "options": q["options"]}))
-        .collect();
     let http = client()?;
-    let body = serde_json::json!({"kind": "analyze", "payload": {"questions": questions}});
+    let page = format!("{url}/demo/quiz/moodle-multichoice.html");
+    eprintln!("demo: scraping {page}, then analyzing its questions");
+    let body = serde_json::json!({"kind": "scrape", "payload": {"url": page, "then": {"kind": "analyze"}}});
     let accepted = call(http.post(format!("{url}/v1/jobs")).json(&body)).await?;
-    let id = s(&accepted, "id");
-    let job = loop {
-        let job = call(http.get(format!("{url}/v1/jobs/{id}"))).await?;
-        if matches!(
-            s(&job, "status").as_str(),
-            "succeeded" | "dead" | "cancelled"
-        ) {
-            break job;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    if s(&job, "status") != "succeeded" {
-        bail!(
-            "analyze job {id} ended {}: {}",
-            s(&job, "status"),
-            job["errors"]
-        );
-    }
+    let parent = wait_done(&http, url, &s(&accepted, "id")).await?;
+    let child = parent["children"][0]["id"]
+        .as_str()
+        .context("the scrape chained no analyze job")?
+        .to_owned();
+    let questions = parent["result"]["questions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "scrape job {}: {} questions from {}",
+        s(&parent, "id"),
+        questions.len(),
+        s(&parent["result"], "title")
+    );
+    let job = wait_done(&http, url, &child).await?;
     let result = &job["result"];
     println!(
-        "analyze job {id}: provider {}, model {}",
+        "analyze job {child}: provider {}, model {}",
         s(result, "provider"),
         s(result, "model")
     );
     for a in result["answers"].as_array().into_iter().flatten() {
         let qi = a["question"].as_u64().unwrap_or_default() as usize;
         let ci = a["choice"].as_u64().unwrap_or_default() as usize;
-        let q = &questions[qi.min(questions.len().saturating_sub(1))];
+        let Some(q) = questions.get(qi) else { continue };
         let conf = a["confidence"].as_f64().unwrap_or_default();
         println!("  Q{}: {}", qi + 1, s(q, "text"));
         println!(
@@ -284,4 +276,18 @@ async fn analyze_demo(url: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Polls a job until it is finished; an end other than success is an error.
+async fn wait_done(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Result<Value> {
+    loop {
+        let job = call(http.get(format!("{url}/v1/jobs/{id}"))).await?;
+        match s(&job, "status").as_str() {
+            "succeeded" => return Ok(job),
+            "dead" | "cancelled" => {
+                bail!("job {id} ended {}: {}", s(&job, "status"), job["errors"])
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }

@@ -165,6 +165,7 @@ impl TestFleet {
             notify: opts.notify,
             timing: opts.timing,
             metrics: None,
+            demo_pages: false,
         };
         let running = fleet::start(backend.clone(), fleet::default_kinds(), roles)
             .await
@@ -200,6 +201,7 @@ impl TestFleet {
             workers: vec![(pool.to_owned(), concurrency)],
             timing,
             metrics: None,
+            demo_pages: false,
             notifier: false,
             notify: Default::default(),
         };

@@ -1,0 +1,209 @@
+//! The SSRF guard shared by scraping and webhook delivery: resolve the
+//! host, refuse addresses that reach inside the network, and hand back the
+//! checked address so the request connects to exactly that address (no
+//! second lookup an attacker's DNS could answer differently).
+//!
+//! Rules: only http and https;
+//! loopback, private, link-local, CGNAT, multicast, unspecified, broadcast,
+//! reserved and documentation ranges are refused, IPv4-mapped, IPv4-compatible
+//! and NAT64 forms are judged by their IPv4 address, and cloud metadata
+//! addresses are refused even when allowlisted. `STEVEDORE_ALLOW_HOSTS`
+//! (`host:port`, comma-separated) lets named local receivers through.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use async_trait::async_trait;
+pub use url::Url;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GuardError {
+    #[error("not a valid URL: {0}")]
+    BadUrl(String),
+    #[error("only http and https are allowed")]
+    Scheme,
+    #[error("{0} resolves to a forbidden address ({1})")]
+    Forbidden(String, IpAddr),
+    #[error("cannot resolve {0}")]
+    Unresolvable(String),
+}
+
+/// A URL that passed the guard, with the address to connect to.
+#[derive(Debug, Clone)]
+pub struct AllowedUrl {
+    pub url: Url,
+    pub host: String,
+    pub addr: SocketAddr,
+}
+
+/// "Resolve and check this URL, give me the pinned address."
+#[async_trait]
+pub trait UrlGuard: Send + Sync + 'static {
+    async fn check(&self, url: &str) -> Result<AllowedUrl, GuardError>;
+}
+
+/// The rules above, with an allowlist of `host:port`.
+#[derive(Debug, Clone, Default)]
+pub struct NetGuard {
+    allow: Vec<String>,
+}
+
+impl NetGuard {
+    pub fn new(allow_hosts: &str) -> Self {
+        let allow = allow_hosts
+            .split(',')
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        Self { allow }
+    }
+}
+
+fn mapped_v4(v6: &Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    let nat64 = s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0];
+    let nat64_local = s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1;
+    let mapped = s[0..5] == [0, 0, 0, 0, 0] && s[5] == 0xffff;
+    let compat = s[0..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified();
+    (nat64 || nat64_local || mapped || compat).then_some(tail)
+}
+
+/// Cloud metadata endpoints: refused even when allowlisted.
+pub fn is_metadata(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            v4 == Ipv4Addr::new(169, 254, 169, 254) || v4 == Ipv4Addr::new(100, 100, 100, 200)
+        }
+        IpAddr::V6(v6) => {
+            v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                || mapped_v4(&v6).is_some_and(|v4| is_metadata(IpAddr::V4(v4)))
+        }
+    }
+}
+
+fn v4_forbidden(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_multicast()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || o[0] == 0
+        || (o[0] == 100 && (64..128).contains(&o[1])) // CGNAT 100.64/10
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+        || (o[0] == 198 && (18..20).contains(&o[1])) // benchmarking
+        || o[0] >= 240 // reserved
+}
+
+/// The decision function: may a request go to this address?
+pub fn is_forbidden(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4_forbidden(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = mapped_v4(&v6) {
+                return v4_forbidden(v4);
+            }
+            let s0 = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s0 & 0xfe00) == 0xfc00 // unique local
+                || (s0 & 0xffc0) == 0xfe80 // link-local
+                || (s0 & 0xffc0) == 0xfec0 // site-local (deprecated)
+                || (s0 == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
+                || s0 == 0x0100 // discard-only 100::/64
+        }
+    }
+}
+
+#[async_trait]
+impl UrlGuard for NetGuard {
+    async fn check(&self, raw: &str) -> Result<AllowedUrl, GuardError> {
+        let url = Url::parse(raw).map_err(|e| GuardError::BadUrl(e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(GuardError::Scheme);
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| GuardError::BadUrl("no host".into()))?
+            .to_ascii_lowercase();
+        let port = url
+            .port_or_known_default()
+            .ok_or_else(|| GuardError::BadUrl("no port".into()))?;
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let allowed = self.allow.contains(&format!("{host}:{port}"));
+        // `localhost.` is `localhost`: a fully qualified name must not slip
+        // past a check (or fail to resolve here and resolve elsewhere).
+        let name = bare.trim_end_matches('.').to_owned();
+        // RFC 6761: localhost names are loopback whatever DNS says.
+        if !allowed && (name == "localhost" || name.ends_with(".localhost")) {
+            return Err(GuardError::Forbidden(host, IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        }
+        let addrs: Vec<SocketAddr> = match name.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host((name.as_str(), port))
+                .await
+                .map_err(|_| GuardError::Unresolvable(host.clone()))?
+                .collect(),
+        };
+        // Every address the name resolves to must pass: picking the first
+        // good one would let a name mixing public and private answers through
+        // on a retry that happens to get the other order.
+        for a in &addrs {
+            if is_metadata(a.ip()) || (!allowed && is_forbidden(a.ip())) {
+                return Err(GuardError::Forbidden(host, a.ip()));
+            }
+        }
+        let addr = *addrs
+            .first()
+            .ok_or_else(|| GuardError::Unresolvable(host.clone()))?;
+        Ok(AllowedUrl {
+            url,
+            host: bare,
+            addr,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn refuses_internal_forms_unless_allowlisted_and_metadata_always() {
+        let g = NetGuard::new("127.0.0.1:8099, [::1]:8099, 169.254.169.254:80");
+        for u in [
+            "http://127.0.0.1:1/",
+            "http://2130706433:1/",
+            "http://[::ffff:127.0.0.1]:1/",
+            "http://[64:ff9b::a00:1]/",
+            "http://10.1.2.3/",
+            "http://100.64.0.1/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[fe80::1]/",
+            "http://0.0.0.0/",
+            "http://224.0.0.1/",
+            "http://192.0.2.1/",
+        ] {
+            assert!(
+                matches!(g.check(u).await, Err(GuardError::Forbidden(..))),
+                "{u}"
+            );
+        }
+        assert_eq!(
+            g.check("ftp://example.com/").await.err(),
+            Some(GuardError::Scheme)
+        );
+        assert!(g.check("http://127.0.0.1:8099/hook").await.is_ok());
+        assert!(g.check("http://[::1]:8099/hook").await.is_ok());
+        assert!(is_forbidden("169.254.169.254".parse().expect("ip")));
+        assert!(is_metadata("169.254.169.254".parse().expect("ip")));
+        assert!(!is_forbidden("93.184.216.34".parse().expect("ip")));
+        assert!(!is_forbidden("2606:4700::1111".parse().expect("ip")));
+    }
+}

@@ -1,0 +1,102 @@
+//! The scrape payload and result.
+
+use serde::{Deserialize, Serialize};
+use stevedore_handler::{FieldError, Payload};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Render {
+    /// HTTP first; a browser only when HTTP finds no questions.
+    #[default]
+    Auto,
+    Http,
+    Browser,
+}
+
+/// CSS selectors for pages the built-in extractors do not understand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selectors {
+    /// One element per question.
+    pub question: String,
+    /// The question's text, inside `question`.
+    pub text: String,
+    /// Each option, inside `question`.
+    pub option: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrapePayload {
+    pub url: String,
+    #[serde(default)]
+    pub render: Render,
+    pub wait_for: Option<String>,
+    pub wait_ms: Option<u64>,
+    pub selectors: Option<Selectors>,
+    /// A job to submit with the extracted questions when the scrape
+    /// succeeds, e.g. `{"kind": "analyze"}` (other fields are passed on).
+    pub then: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Payload for ScrapePayload {
+    fn validate(&self) -> Result<(), FieldError> {
+        let url = stevedore_netguard::Url::parse(&self.url)
+            .map_err(|e| FieldError::new("url", format!("not a valid URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(FieldError::new(
+                "url",
+                "only http and https URLs can be scraped",
+            ));
+        }
+        if self.wait_ms.is_some_and(|w| w > 30_000) {
+            return Err(FieldError::new("wait_ms", "must be at most 30000"));
+        }
+        if let Some(s) = &self.selectors {
+            for (field, sel) in [
+                ("question", &s.question),
+                ("text", &s.text),
+                ("option", &s.option),
+            ] {
+                scraper::Selector::parse(sel).map_err(|e| {
+                    FieldError::new(
+                        format!("selectors.{field}"),
+                        format!("not a CSS selector: {e}"),
+                    )
+                })?;
+            }
+        }
+        if let Some(then) = &self.then {
+            match then.get("kind").and_then(|k| k.as_str()) {
+                Some(_) => {}
+                None => return Err(FieldError::new("then.kind", "a chained job needs a kind")),
+            }
+            if then.contains_key("questions") {
+                return Err(FieldError::new(
+                    "then.questions",
+                    "filled in from the scrape",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One extracted question. `correct` only when the page itself says which
+/// option is right (schema.org `acceptedAnswer`); never guessed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Question {
+    pub text: String,
+    pub options: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correct: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScrapeOutput {
+    pub url: String,
+    pub final_url: String,
+    pub title: String,
+    pub rendered_with: &'static str,
+    pub questions: Vec<Question>,
+}

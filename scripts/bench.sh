@@ -2,7 +2,7 @@
 # Rerunnable end-to-end benchmark from the release build: starts a fleet
 # (embedded dev mode, or Postgres + Redis with separate api and worker
 # processes), runs `stevedore bench` against it, then stops it.
-#   scripts/bench.sh dev|redis [JOBS] [WORKER_PROCESSES] [CONCURRENCY]
+#   scripts/bench.sh dev|redis|amqp [JOBS] [WORKER_PROCESSES] [CONCURRENCY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-redis} jobs=${2:-20000} procs=${3:-1} conc=${4:-64}
@@ -17,8 +17,9 @@ export STEVEDORE_LOG=warn
 case "$mode" in
   dev)
     "$bin" dev --listen 127.0.0.1:$port --data-dir "$tmp" --concurrency "$conc" & pids+=($!) ;;
-  redis)
+  redis|amqp)
     scripts/services.sh >/dev/null
+    if [ "$mode" = amqp ]; then export STEVEDORE_BROKER=amqp STEVEDORE_AMQP_PREFIX=bench-$$; fi
     db=sdbench_$$
     psql -h 127.0.0.1 -U postgres -d postgres -qc "CREATE DATABASE $db"
     trap 'cleanup; psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS '$db' WITH (FORCE)"' EXIT
@@ -26,7 +27,7 @@ case "$mode" in
     "$bin" migrate >/dev/null
     "$bin" api --listen 127.0.0.1:$port & pids+=($!)
     for _ in $(seq "$procs"); do "$bin" worker --pool probe --concurrency "$conc" & pids+=($!); done ;;
-  *) echo "usage: $0 dev|redis [jobs] [worker processes] [concurrency]" >&2; exit 2 ;;
+  *) echo "usage: $0 dev|redis|amqp [jobs] [worker processes] [concurrency]" >&2; exit 2 ;;
 esac
 for _ in $(seq 100); do curl -fs "127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 "$bin" bench --url "http://127.0.0.1:$port" --jobs "$jobs"

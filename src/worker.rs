@@ -98,6 +98,9 @@ struct Done {
     cmd: Option<FinishCmd>,
     kind: String,
     tag: Tag,
+    /// Released only once the finish is committed, so the jobs the
+    /// database shows running never outnumber the pool's concurrency.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 pub struct Worker {
@@ -258,6 +261,7 @@ impl Intake {
                     cmd: None,
                     kind: String::new(),
                     tag: d.tag,
+                    _permit: None,
                 });
                 continue;
             };
@@ -285,14 +289,9 @@ impl Intake {
                 self.running.clone(),
                 self.done.clone(),
                 d,
+                permit,
             );
-            self.tracker.spawn(
-                async move {
-                    fut.await;
-                    drop(permit);
-                }
-                .instrument(attempt_span),
-            );
+            self.tracker.spawn(fut.instrument(attempt_span));
         }
     }
 
@@ -334,6 +333,7 @@ async fn run_attempt(
     running: RunningMap,
     done: mpsc::UnboundedSender<Done>,
     delivery: Delivery,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
     let ctx = JobContext::new(
@@ -387,6 +387,7 @@ async fn run_attempt(
         }),
         kind: job.kind,
         tag: delivery.tag,
+        _permit: Some(permit),
     });
 }
 

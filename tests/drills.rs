@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use serde_json::json;
 use support::checker::{check, fenced_from_metrics};
 use support::faultproxy::{FaultProxy, Mode};
-use support::procs::{free_port, wait_port, PrivatePostgres, PrivateRedis, Proc};
+use support::procs::{free_port, wait_port, PrivatePostgres, PrivateRabbit, PrivateRedis, Proc};
 use uuid::Uuid;
 
 struct Drill {
@@ -41,7 +41,10 @@ fn env(db: &str, redis: &str, prefix: &str) -> Vec<(&'static str, String)> {
         ("STEVEDORE_LOG", "info,sqlx=warn".into()),
     ];
     // A drill on RabbitMQ passes its URL in place of Redis's.
+    // (Redis still carries the analyze kind's shared limits and cache.)
     if redis.starts_with("amqp://") {
+        env.retain(|(k, _)| *k != "REDIS_URL");
+        env.push(("REDIS_URL", support::REDIS.into()));
         env.push(("STEVEDORE_BROKER", "amqp".into()));
         env.push(("AMQP_URL", redis.to_owned()));
         env.push(("STEVEDORE_AMQP_PREFIX", prefix.replace(':', ".")));
@@ -221,6 +224,25 @@ async fn drill_redis_restarted_empty_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_rabbitmq_restarted_workers_reconnect_and_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rabbit = PrivateRabbit::start(dir.path()).await;
+    let mut d = Drill::start(dir, support::fresh_pg_database().await, rabbit.url()).await;
+    d.worker(32).await;
+    d.worker(32).await;
+    // About 5 s of work at 64 in flight, so the restart lands mid-run.
+    let accepted = d.submit(1500, json!({"sleep_ms": 200})).await;
+    d.wait_succeeded(200, 120).await;
+    rabbit.stop_app();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    rabbit.start_app().await;
+    for (w, _) in &mut d.workers {
+        assert!(w.running(), "{} survived the restart", w.name);
+    }
+    d.finish("rabbitmq restarted", &accepted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_postgres_restarted_answers_503_then_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pg = PrivatePostgres::start(dir.path()).await;
@@ -316,24 +338,36 @@ async fn drill_worker_frozen_past_its_lease_cannot_overwrite_newer_results() {
 
 /// Latency, then a 10 s cut, then resets, between the workers and `service`.
 async fn network_drill(service: &str) {
-    let mut d = Drill::on_shared().await;
-    let (db_port, redis_port) = (5432, 6379);
-    let proxy = FaultProxy::start(if service == "postgres" {
-        db_port
+    let mut d = if service == "rabbitmq" {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Drill::start(
+            dir,
+            support::fresh_pg_database().await,
+            support::AMQP.into(),
+        )
+        .await
     } else {
-        redis_port
-    })
-    .await;
-    let (db_url, redis_url) = if service == "postgres" {
-        (
+        Drill::on_shared().await
+    };
+    let upstream = match service {
+        "postgres" => 5432,
+        "redis" => 6379,
+        _ => 5672,
+    };
+    let proxy = FaultProxy::start(upstream).await;
+    let (db_url, redis_url) = match service {
+        "postgres" => (
             d.db_url.replace(":5432/", &format!(":{}/", proxy.port)),
             d.redis_url.clone(),
-        )
-    } else {
-        (
+        ),
+        "redis" => (
             d.db_url.clone(),
             format!("redis://127.0.0.1:{}", proxy.port),
-        )
+        ),
+        _ => (
+            d.db_url.clone(),
+            format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port),
+        ),
     };
     d.worker_via(&db_url, &redis_url, 32).await;
     d.worker_via(&db_url, &redis_url, 32).await;
@@ -350,8 +384,17 @@ async fn network_drill(service: &str) {
     for (w, _) in &mut d.workers {
         assert!(w.running(), "{} rode out the fault", w.name);
     }
+    let prefix = d.prefix.clone();
     d.finish(&format!("network faults to {service}"), &accepted)
         .await;
+    if service == "rabbitmq" {
+        support::delete_amqp(&prefix, &["probe"]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_network_faults_to_rabbitmq() {
+    network_drill("rabbitmq").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -264,3 +264,97 @@ impl Drop for PrivatePostgres {
             .status();
     }
 }
+
+/// A RabbitMQ node of the drill's own (own node name, ports, config and
+/// data dir), which the drill may stop and start without touching the
+/// shared node. rabbitmq-server drops to the `rabbitmq` user, so its
+/// directory belongs to that user.
+pub struct PrivateRabbit {
+    pub port: u16,
+    node: String,
+    _proc: Proc,
+}
+
+impl PrivateRabbit {
+    pub async fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let node = format!("sdt{port}@localhost");
+        let base = dir.join("rabbit");
+        std::fs::create_dir_all(base.join("mnesia")).expect("rabbit dirs");
+        std::fs::create_dir_all(base.join("log")).expect("rabbit dirs");
+        std::fs::write(base.join("enabled_plugins"), "[].\n").expect("plugins file");
+        // Own config and env files: the system ones pin the shared node's
+        // name and port 5672.
+        std::fs::write(
+            base.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .expect("conf");
+        std::fs::write(base.join("rabbitmq-env.conf"), "").expect("env file");
+        let traversable = Command::new("chmod")
+            .arg("755")
+            .arg(dir)
+            .status()
+            .expect("chmod");
+        let owned = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&base)
+            .status()
+            .expect("chown");
+        assert!(traversable.success() && owned.success());
+        let p = |f: &str| base.join(f).display().to_string();
+        let env = [
+            ("RABBITMQ_NODENAME", node.clone()),
+            ("RABBITMQ_NODE_PORT", port.to_string()),
+            ("RABBITMQ_DIST_PORT", free_port().to_string()),
+            ("RABBITMQ_MNESIA_BASE", p("mnesia")),
+            ("RABBITMQ_LOG_BASE", p("log")),
+            ("RABBITMQ_ENABLED_PLUGINS_FILE", p("enabled_plugins")),
+            ("RABBITMQ_CONFIG_FILE", p("rabbitmq.conf")),
+            ("RABBITMQ_CONF_ENV_FILE", p("rabbitmq-env.conf")),
+            ("RABBITMQ_FEATURE_FLAGS_FILE", p("mnesia/feature_flags")),
+            ("RABBITMQ_PID_FILE", p("pid")),
+        ];
+        let proc = Proc::spawn("rabbitmq-server", &[], &env, dir, "rabbitmq");
+        wait_port(port, 90).await;
+        Self {
+            port,
+            node,
+            _proc: proc,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        let ok = Command::new("rabbitmqctl")
+            .args(["-n", &self.node])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("rabbitmqctl");
+        assert!(ok.success(), "rabbitmqctl {args:?}");
+    }
+
+    pub fn stop_app(&self) {
+        self.ctl(&["stop_app"]);
+    }
+
+    pub async fn start_app(&self) {
+        self.ctl(&["start_app"]);
+        wait_port(self.port, 60).await;
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -18,6 +18,14 @@ use super::{call, client};
 pub struct BenchArgs {
     #[arg(long, env = "STEVEDORE_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Start a fleet in this process on this broker and bench it instead of
+    /// `--url`: `embedded` (SQLite), or `redis`/`amqp` with Postgres from
+    /// `DATABASE_URL` (and `REDIS_URL`/`AMQP_URL`).
+    #[arg(long, value_parser = ["embedded", "redis", "amqp"])]
+    pub broker: Option<String>,
+    /// Concurrency of the spawned fleet's probe worker.
+    #[arg(long, default_value_t = 256)]
+    pub worker_concurrency: usize,
     #[arg(long, default_value_t = 10_000)]
     pub jobs: usize,
     /// Concurrent submitting clients.
@@ -46,7 +54,64 @@ fn ts(v: &Value, k: &str) -> Option<DateTime<Utc>> {
     v.get(k)?.as_str()?.parse().ok()
 }
 
-pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+/// Backend settings read like the production roles read them.
+#[derive(clap::Parser)]
+struct Env {
+    #[command(flatten)]
+    backend: crate::config::BackendArgs,
+}
+
+/// Starts api, dispatcher and a probe worker in this process.
+async fn spawn_fleet(
+    broker: &str,
+    concurrency: usize,
+) -> anyhow::Result<(crate::fleet::Running, Option<tempfile::TempDir>)> {
+    use crate::fleet::{self, Backend, Roles};
+    use clap::Parser as _;
+    let timing = crate::config::TimingArgs::default();
+    let (backend, dir) = if broker == "embedded" {
+        let dir = tempfile::tempdir().context("temp dir")?;
+        (Backend::embedded(dir.path(), &timing).await?, Some(dir))
+    } else {
+        let env = Env::try_parse_from(["bench", "--broker", broker])
+            .context("DATABASE_URL is needed for redis/amqp")?;
+        (Backend::production(&env.backend).await?, None)
+    };
+    let roles = Roles {
+        api: Some("127.0.0.1:0".parse()?),
+        dispatcher: Some(crate::dispatcher::DispatcherConfig::default()),
+        workers: vec![("probe".into(), concurrency)],
+        notifier: false,
+        notify: Default::default(),
+        timing,
+        metrics: None,
+        demo_pages: false,
+    };
+    let kinds = crate::kinds::Kinds::default().register(crate::kinds::probe::Probe);
+    Ok((fleet::start(backend, kinds, roles).await?, dir))
+}
+
+pub async fn run(mut a: BenchArgs) -> anyhow::Result<()> {
+    let spawned = match a.broker.clone() {
+        Some(b) => {
+            let (running, dir) = spawn_fleet(&b, a.worker_concurrency).await?;
+            a.url = format!("http://{}", running.addr.context("spawned API address")?);
+            println!(
+                "spawned fleet: broker {b}, probe worker concurrency {}",
+                a.worker_concurrency
+            );
+            Some((running, dir))
+        }
+        None => None,
+    };
+    let res = measure(a).await;
+    if let Some((running, _dir)) = spawned {
+        running.shutdown().await;
+    }
+    res
+}
+
+async fn measure(a: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         a.jobs > 0 && a.batch > 0 && a.concurrency > 0,
         "jobs, batch and concurrency must be positive"

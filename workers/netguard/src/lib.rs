@@ -11,6 +11,7 @@
 //! (`host:port`, comma-separated) lets named local receivers through.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 pub use url::Url;
@@ -25,6 +26,9 @@ pub enum GuardError {
     Forbidden(String, IpAddr),
     #[error("cannot resolve {0}")]
     Unresolvable(String),
+    /// Refused by policy whatever the address (a guard that allows nothing).
+    #[error("{0}")]
+    Denied(String),
 }
 
 /// A URL that passed the guard, with the address to connect to.
@@ -41,20 +45,63 @@ pub trait UrlGuard: Send + Sync + 'static {
     async fn check(&self, url: &str) -> Result<AllowedUrl, GuardError>;
 }
 
+/// Name resolution, injectable so tests can play a DNS server whose
+/// answers change between lookups without touching the system resolver.
+#[async_trait]
+pub trait Resolve: Send + Sync + 'static {
+    async fn resolve(&self, name: &str, port: u16) -> std::io::Result<Vec<SocketAddr>>;
+}
+
+/// The system resolver, through tokio.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+#[async_trait]
+impl Resolve for SystemResolver {
+    async fn resolve(&self, name: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(tokio::net::lookup_host((name, port)).await?.collect())
+    }
+}
+
 /// The rules above, with an allowlist of `host:port`.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone)]
 pub struct NetGuard {
     allow: Vec<String>,
+    resolver: Arc<dyn Resolve>,
+}
+
+impl Default for NetGuard {
+    fn default() -> Self {
+        Self::new("")
+    }
+}
+
+impl std::fmt::Debug for NetGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetGuard")
+            .field("allow", &self.allow)
+            .finish()
+    }
 }
 
 impl NetGuard {
     pub fn new(allow_hosts: &str) -> Self {
+        Self::with_resolver(allow_hosts, Arc::new(SystemResolver))
+    }
+
+    /// An allowlist entry names a `host:port` as written in URLs, or an
+    /// `ip:port` a name may resolve to.
+    pub fn with_resolver(allow_hosts: &str, resolver: Arc<dyn Resolve>) -> Self {
         let allow = allow_hosts
             .split(',')
             .map(|h| h.trim().to_ascii_lowercase())
             .filter(|h| !h.is_empty())
             .collect();
-        Self { allow }
+        Self { allow, resolver }
+    }
+
+    fn allows_addr(&self, addr: SocketAddr) -> bool {
+        self.allow.contains(&addr.to_string())
     }
 }
 
@@ -146,15 +193,17 @@ impl UrlGuard for NetGuard {
         }
         let addrs: Vec<SocketAddr> = match name.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((name.as_str(), port))
+            Err(_) => self
+                .resolver
+                .resolve(&name, port)
                 .await
-                .map_err(|_| GuardError::Unresolvable(host.clone()))?
-                .collect(),
+                .map_err(|_| GuardError::Unresolvable(host.clone()))?,
         };
         // Every address the name resolves to must pass: picking the first
         // good one would let a name mixing public and private answers through
         // on a retry that happens to get the other order.
         for a in &addrs {
+            let allowed = allowed || self.allows_addr(*a);
             if is_metadata(a.ip()) || (!allowed && is_forbidden(a.ip())) {
                 return Err(GuardError::Forbidden(host, a.ip()));
             }
@@ -205,5 +254,66 @@ mod tests {
         assert!(is_metadata("169.254.169.254".parse().expect("ip")));
         assert!(!is_forbidden("93.184.216.34".parse().expect("ip")));
         assert!(!is_forbidden("2606:4700::1111".parse().expect("ip")));
+    }
+
+    /// Answers from a list, one per lookup, like a DNS server rebinding.
+    struct Scripted(std::sync::Mutex<Vec<IpAddr>>);
+
+    #[async_trait]
+    impl Resolve for Scripted {
+        async fn resolve(&self, _: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+            let mut answers = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let ip = answers.remove(0);
+            Ok(vec![SocketAddr::new(ip, port)])
+        }
+    }
+
+    fn scripted(answers: &[&str]) -> Arc<dyn Resolve> {
+        let ips = answers.iter().map(|a| a.parse().expect("ip")).collect();
+        Arc::new(Scripted(std::sync::Mutex::new(ips)))
+    }
+
+    #[tokio::test]
+    async fn each_check_judges_the_answer_it_got_and_pins_it() {
+        let g = NetGuard::with_resolver("127.0.0.1:8099", scripted(&["127.0.0.1", "10.0.0.1"]));
+        let first = g
+            .check("http://rebind.test:8099/")
+            .await
+            .expect("allowlisted address");
+        assert_eq!(first.addr, "127.0.0.1:8099".parse().expect("addr"));
+        assert!(matches!(
+            g.check("http://rebind.test:8099/").await,
+            Err(GuardError::Forbidden(_, ip)) if ip == "10.0.0.1".parse::<IpAddr>().expect("ip")
+        ));
+    }
+
+    #[tokio::test]
+    async fn names_resolving_inside_are_refused_and_metadata_even_when_allowlisted() {
+        for ip in [
+            "10.0.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "fd00::1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a00:1",
+            "::ffff:10.0.0.1",
+        ] {
+            let g = NetGuard::with_resolver("", scripted(&[ip]));
+            assert!(
+                matches!(
+                    g.check("http://inside.test/").await,
+                    Err(GuardError::Forbidden(..))
+                ),
+                "{ip}"
+            );
+        }
+        let g = NetGuard::with_resolver("meta.test:80", scripted(&["169.254.169.254"]));
+        assert!(matches!(
+            g.check("http://meta.test/").await,
+            Err(GuardError::Forbidden(..))
+        ));
+        let g = NetGuard::with_resolver("", scripted(&["93.184.216.34"]));
+        assert!(g.check("http://public.test/").await.is_ok());
     }
 }

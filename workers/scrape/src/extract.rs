@@ -69,6 +69,16 @@ pub fn strip_marker(s: &str) -> String {
     t
 }
 
+/// Removes a question number such as `3. ` or `12) `; letters are left
+/// alone, since a question may well start with "A. Smith wrote ...".
+pub fn strip_number(s: &str) -> String {
+    if s.starts_with(|c: char| c.is_ascii_digit()) {
+        strip_marker(s)
+    } else {
+        s.to_owned()
+    }
+}
+
 fn text_of(e: ElementRef) -> String {
     clean(&e.text().collect::<String>())
 }
@@ -80,7 +90,7 @@ pub fn extract(html: &str, selectors: Option<&Selectors>) -> Extracted {
         .next()
         .map(text_of)
         .unwrap_or_default();
-    let questions = match selectors {
+    let mut questions = match selectors {
         Some(s) => by_selectors(&doc, s),
         None => {
             let ld = json_ld(&doc);
@@ -91,6 +101,9 @@ pub fn extract(html: &str, selectors: Option<&Selectors>) -> Extracted {
             }
         }
     };
+    for q in &mut questions {
+        q.text = strip_number(&q.text);
+    }
     Extracted { title, questions }
 }
 
@@ -367,5 +380,11 @@ mod tests {
         assert_eq!(strip_marker("0.45"), "0.45");
         assert_eq!(strip_marker("1/3"), "1/3");
         assert_eq!(strip_marker("A"), "A");
+        assert_eq!(
+            strip_number("1. In simple regression"),
+            "In simple regression"
+        );
+        assert_eq!(strip_number("A. Smith wrote it?"), "A. Smith wrote it?");
+        assert_eq!(strip_number("2.5 is what?"), "2.5 is what?");
     }
 }

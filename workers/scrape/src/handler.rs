@@ -1,4 +1,5 @@
-//! The `scrape` Handler: load, extract, classify errors, chain a child job.
+//! The `scrape` Handler: load (HTTP, browser, or HTTP then browser for
+//! `auto`), extract, classify errors, chain a child job.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -6,12 +7,14 @@ use std::time::{Duration, Instant};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use stevedore_handler::{Handler, JobContext, JobError};
-use stevedore_netguard::NetGuard;
+use stevedore_netguard::{GuardError, NetGuard, UrlGuard};
 use tokio::sync::Semaphore;
 
-use crate::extract::extract;
+use crate::browser::{BrowserConfig, BrowserError, BrowserPool, Wait};
+use crate::extract::{extract, Extracted};
 use crate::load::{load, LoadConfig, LoadError};
 use crate::payload::{Render, ScrapeOutput, ScrapePayload};
+use crate::proxy::{Dial, TcpDial};
 
 #[derive(Debug, Clone)]
 pub struct ScrapeConfig {
@@ -22,6 +25,7 @@ pub struct ScrapeConfig {
     pub max_bytes: usize,
     /// Pages of one host loaded at once by this process.
     pub per_host: usize,
+    pub browser: BrowserConfig,
 }
 
 impl Default for ScrapeConfig {
@@ -31,6 +35,7 @@ impl Default for ScrapeConfig {
             timeout: Duration::from_secs(20),
             max_bytes: 5 * 1024 * 1024,
             per_host: 2,
+            browser: BrowserConfig::default(),
         }
     }
 }
@@ -42,14 +47,27 @@ struct Metrics {
 
 #[derive(Clone)]
 pub struct ScrapeHandler {
-    guard: Arc<NetGuard>,
+    guard: Arc<dyn UrlGuard>,
     cfg: ScrapeConfig,
     hosts: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
     metrics: Arc<Metrics>,
+    browser: Arc<BrowserPool>,
 }
 
 impl ScrapeHandler {
     pub fn new(cfg: ScrapeConfig, registry: &Registry) -> Result<Self, prometheus::Error> {
+        let guard = Arc::new(NetGuard::new(&cfg.allow_hosts));
+        Self::with_guard(cfg, registry, guard, Arc::new(TcpDial))
+    }
+
+    /// With a guard and dialer of the caller's choosing: tests inject a
+    /// resolver whose answers change, or a dialer that records targets.
+    pub fn with_guard(
+        cfg: ScrapeConfig,
+        registry: &Registry,
+        guard: Arc<dyn UrlGuard>,
+        dial: Arc<dyn Dial>,
+    ) -> Result<Self, prometheus::Error> {
         let pages = IntCounterVec::new(
             Opts::new(
                 "stevedore_scrape_pages_total",
@@ -61,10 +79,22 @@ impl ScrapeHandler {
             HistogramOpts::new("stevedore_scrape_load_seconds", "Time to load a page."),
             &["mode"],
         )?;
+        let restarts = prometheus::IntCounter::new(
+            "stevedore_scrape_browser_restarts_total",
+            "Browsers started again after a crash or after serving their share of pages.",
+        )?;
         registry.register(Box::new(pages.clone()))?;
         registry.register(Box::new(load_seconds.clone()))?;
+        registry.register(Box::new(restarts.clone()))?;
+        let browser = BrowserPool::new(
+            cfg.browser.clone(),
+            guard.clone(),
+            dial,
+            Arc::new(move || restarts.inc()),
+        );
         Ok(Self {
-            guard: Arc::new(NetGuard::new(&cfg.allow_hosts)),
+            guard,
+            browser: Arc::new(browser),
             cfg,
             hosts: Arc::default(),
             metrics: Arc::new(Metrics {
@@ -72,6 +102,53 @@ impl ScrapeHandler {
                 load_seconds,
             }),
         })
+    }
+
+    /// The browser pool, for tests that kill its browser.
+    pub fn browser(&self) -> &BrowserPool {
+        &self.browser
+    }
+
+    fn observe<T, E>(&self, mode: &str, started: Instant, r: &Result<T, E>) {
+        self.metrics
+            .load_seconds
+            .with_label_values(&[mode])
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = if r.is_ok() { "ok" } else { "error" };
+        self.metrics.pages.with_label_values(&[mode, outcome]).inc();
+    }
+
+    async fn over_http(&self, p: &ScrapePayload) -> Result<(String, Extracted), JobError> {
+        let started = Instant::now();
+        let cfg = LoadConfig {
+            timeout: self.cfg.timeout,
+            max_bytes: self.cfg.max_bytes,
+        };
+        let page = load(self.guard.as_ref(), &p.url, &cfg).await;
+        self.observe("http", started, &page);
+        let page = page.map_err(classify)?;
+        Ok((page.final_url, extract(&page.html, p.selectors.as_ref())))
+    }
+
+    async fn in_browser(&self, p: &ScrapePayload) -> Result<(String, Extracted), JobError> {
+        // Refused before a browser is even asked; the proxy judges every
+        // connection the page then makes, redirects included.
+        self.guard.check(&p.url).await.map_err(|e| match e {
+            GuardError::Unresolvable(_) => classify(LoadError::Unresolvable(e)),
+            other => classify(LoadError::Refused(other)),
+        })?;
+        let started = Instant::now();
+        let selectors = p.selectors.as_ref();
+        let ready = |html: &str| !extract(html, selectors).questions.is_empty();
+        let wait = Wait {
+            selector: p.wait_for.as_deref(),
+            ms: p.wait_ms,
+            ready: &ready,
+        };
+        let page = self.browser.render(&p.url, wait).await;
+        self.observe("browser", started, &page);
+        let page = page.map_err(classify_browser)?;
+        Ok((page.final_url, extract(&page.html, p.selectors.as_ref())))
     }
 
     /// The per-host cap: one site is not hammered by a busy pool.
@@ -111,7 +188,22 @@ fn classify(e: LoadError) -> JobError {
     }
 }
 
-const NO_BROWSER: &str = "the headless-Chromium loader is not part of this build yet";
+fn classify_browser(e: BrowserError) -> JobError {
+    let msg = e.to_string();
+    match e {
+        BrowserError::Refused(_) => JobError::permanent(msg),
+        BrowserError::Status { status, .. } if status != 429 && status < 500 => {
+            JobError::permanent(msg)
+        }
+        // A crash, a timeout, an unreachable host or a browser that would
+        // not start: another attempt (on a new browser) may well succeed.
+        BrowserError::Status { .. }
+        | BrowserError::Timeout(_)
+        | BrowserError::Crashed(_)
+        | BrowserError::Launch(_)
+        | BrowserError::Other(_) => JobError::retryable(msg),
+    }
+}
 
 impl Handler for ScrapeHandler {
     const KIND: &'static str = "scrape";
@@ -119,42 +211,26 @@ impl Handler for ScrapeHandler {
     type Output = ScrapeOutput;
 
     async fn run(&self, ctx: &JobContext, p: ScrapePayload) -> Result<ScrapeOutput, JobError> {
-        if p.render == Render::Browser {
-            return Err(JobError::permanent(format!(
-                "render \"browser\" cannot run: {NO_BROWSER}"
-            )));
-        }
         let slot = self.host_slot(&p.url);
         let _permit = slot
             .acquire()
             .await
             .map_err(|_| JobError::retryable("host limiter closed"))?;
-        let started = Instant::now();
-        let cfg = LoadConfig {
-            timeout: self.cfg.timeout,
-            max_bytes: self.cfg.max_bytes,
+        let (rendered_with, (final_url, found)) = match p.render {
+            Render::Browser => ("browser", self.in_browser(&p).await?),
+            Render::Http => ("http", self.over_http(&p).await?),
+            Render::Auto => {
+                let (final_url, found) = self.over_http(&p).await?;
+                if found.questions.is_empty() {
+                    ("browser", self.in_browser(&p).await?)
+                } else {
+                    ("http", (final_url, found))
+                }
+            }
         };
-        let page = load(self.guard.as_ref(), &p.url, &cfg).await;
-        self.metrics
-            .load_seconds
-            .with_label_values(&["http"])
-            .observe(started.elapsed().as_secs_f64());
-        let outcome = if page.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .pages
-            .with_label_values(&["http", outcome])
-            .inc();
-        let page = page.map_err(classify)?;
-        let found = extract(&page.html, p.selectors.as_ref());
         if found.questions.is_empty() {
-            let hint = if p.render == Render::Auto {
-                format!("; pages that build their questions with script need a browser, and {NO_BROWSER}")
-            } else {
-                String::new()
-            };
             return Err(JobError::permanent(format!(
-                "no questions found on {}{hint}",
-                page.final_url
+                "no questions found on {final_url} (rendered with {rendered_with})"
             )));
         }
         if let Some(then) = &p.then {
@@ -170,9 +246,9 @@ impl Handler for ScrapeHandler {
         }
         Ok(ScrapeOutput {
             url: p.url,
-            final_url: page.final_url,
+            final_url,
             title: found.title,
-            rendered_with: "http",
+            rendered_with,
             questions: found.questions,
         })
     }

@@ -1,6 +1,6 @@
-//! The `scrape` job kind: load a quiz page over HTTP through the SSRF
-//! guard and extract its questions and options, optionally chaining an
-//! `analyze` job with what was found.
+//! The `scrape` job kind: load a quiz page over plain HTTP or in headless
+//! Chromium, always through the SSRF guard, and extract its questions and
+//! options, optionally chaining an `analyze` job with what was found.
 //!
 //! # Layout
 //! - [`payload`]: the payload (validated at submit) and the result.
@@ -8,16 +8,19 @@
 //!   ARIA radio groups, or the payload's own selectors.
 //! - [`load`]: HTTP loading pinned to the address the guard checked,
 //!   redirects re-checked hop by hop, a size cap, charset decoding.
-//! - [`handler`]: the `Handler` impl, error classes and metrics.
-//!
-//! Pages that build their questions with script need a browser; this crate
-//! does not drive one yet, so `render: "browser"` (and `auto` on such a
-//! page) fails permanently with a message saying so.
+//! - [`browser`]: the Chromium pool (one browser per process, a fresh
+//!   incognito context per job, restarted when it crashes or has served
+//!   its share).
+//! - [`proxy`]: the filtering proxy every browser connection goes through.
+//! - [`handler`]: the `Handler` impl, `render: auto` fallback, error
+//!   classes and metrics.
 
+pub mod browser;
 pub mod extract;
 pub mod handler;
 pub mod load;
 pub mod payload;
+pub mod proxy;
 
 pub use handler::{ScrapeConfig, ScrapeHandler};
 pub use payload::{Question, Render, ScrapeOutput, ScrapePayload};

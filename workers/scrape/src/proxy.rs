@@ -1,0 +1,350 @@
+//! The filtering proxy Chromium's pages go through. Chromium resolves names
+//! itself, so watching its requests cannot stop a page from reaching inside
+//! the network; every connection a job's browser context makes goes through
+//! one of these instead (loopback not bypassed), is judged by the SSRF
+//! guard, and is dialed to the address the guard checked. With [`DenyAll`]
+//! as its guard it is the browser-wide proxy that refuses everything else.
+//!
+//! Plain HTTP arrives in absolute form and is forwarded as one request per
+//! client connection (`Connection: close` both ways), so a kept-alive
+//! connection cannot carry a second request to another host. HTTPS and
+//! WebSockets arrive as `CONNECT host:port` and become a tunnel to the one
+//! checked address. A refusal is a 403 page carrying
+//! `<meta name="stevedore-refused">` (what a refused http navigation shows)
+//! or, for CONNECT, a 403 Chromium turns into
+//! `net::ERR_TUNNEL_CONNECTION_FAILED`; both are recorded so the loader can
+//! tell a refusal from an unreachable host.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use stevedore_netguard::{AllowedUrl, GuardError, UrlGuard};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// The marker a refused http navigation's page carries.
+pub const REFUSED_META: &str = "stevedore-refused";
+const MAX_HEAD: usize = 64 * 1024;
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A page is done long before this; a tunnel left open by a page that was
+/// closed must not hold a task forever.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+const REMEMBERED_REFUSALS: usize = 256;
+
+/// Opens the upstream connection. Tests swap it to prove a refused target
+/// is never dialed without sending traffic anywhere but loopback.
+#[async_trait]
+pub trait Dial: Send + Sync + 'static {
+    async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream>;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TcpDial;
+
+#[async_trait]
+impl Dial for TcpDial {
+    async fn dial(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+    }
+}
+
+/// The guard for the browser's own traffic (time sync, component and
+/// search-engine preconnects, sign-in): nothing of it has any business on
+/// the network, whatever the flags failed to switch off.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DenyAll;
+
+#[async_trait]
+impl UrlGuard for DenyAll {
+    async fn check(&self, _: &str) -> Result<AllowedUrl, GuardError> {
+        Err(GuardError::Denied(
+            "the browser's own background traffic is not let out".into(),
+        ))
+    }
+}
+
+/// One refusal: what was asked for and why it was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub seq: u64,
+    pub target: String,
+    pub reason: String,
+}
+
+#[derive(Default)]
+struct Log {
+    next: u64,
+    recent: VecDeque<Refusal>,
+}
+
+struct Shared {
+    guard: Arc<dyn UrlGuard>,
+    dial: Arc<dyn Dial>,
+    log: Mutex<Log>,
+}
+
+/// A running proxy on a loopback port; stops when dropped.
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    pub async fn start(guard: Arc<dyn UrlGuard>, dial: Arc<dyn Dial>) -> io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            guard,
+            dial,
+            log: Mutex::default(),
+        });
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    // Out of descriptors, most likely: back off, don't spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let served = tokio::time::timeout(CONNECTION_LIFETIME, serve(conn, &s)).await;
+                    if let Ok(Err(e)) = served {
+                        tracing::debug!(error = %e, "proxy connection ended");
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, shared, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What this proxy refused, oldest first (the last few hundred).
+    pub fn refusals(&self) -> Vec<Refusal> {
+        self.shared.lock_log().recent.iter().cloned().collect()
+    }
+}
+
+impl Shared {
+    fn lock_log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, target: &str, reason: &str) {
+        tracing::info!(target, reason, "proxy refused a browser connection");
+        let mut log = self.lock_log();
+        let seq = log.next;
+        log.next += 1;
+        if log.recent.len() == REMEMBERED_REFUSALS {
+            log.recent.pop_front();
+        }
+        log.recent.push_back(Refusal {
+            seq,
+            target: target.to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
+}
+
+/// Reads until the end of the head; returns the buffer and the head's length.
+async fn read_head<R: AsyncReadExt + Unpin>(r: &mut R) -> io::Result<(Vec<u8>, usize)> {
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(HEAD_TIMEOUT, r.read(&mut chunk))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "head timed out"))??;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok((buf, end + 4));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "head too large"));
+        }
+    }
+}
+
+fn bad(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_owned())
+}
+
+/// Headers that describe the hop, not the message: never forwarded.
+fn hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+async fn refuse(
+    client: &mut TcpStream,
+    shared: &Shared,
+    target: &str,
+    reason: &str,
+) -> io::Result<()> {
+    shared.record(target, reason);
+    let body = format!(
+        "<!doctype html><title>Refused</title><meta name=\"{REFUSED_META}\" content=\"{}\"><p>Refused by the stevedore proxy.</p>",
+        html_escape(reason)
+    );
+    let resp = format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nProxy-Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(resp.as_bytes()).await?;
+    client.shutdown().await
+}
+
+async fn bad_gateway(client: &mut TcpStream, why: &str) -> io::Result<()> {
+    let resp = format!(
+        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{why}",
+        why.len()
+    );
+    client.write_all(resp.as_bytes()).await?;
+    client.shutdown().await
+}
+
+async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
+    let (buf, head_len) = read_head(&mut client).await?;
+    let mut headers = [httparse::EMPTY_HEADER; 96];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(&buf[..head_len])
+        .map_err(|e| bad(&e.to_string()))?;
+    let method = req.method.ok_or_else(|| bad("no method"))?.to_owned();
+    let target = req.path.ok_or_else(|| bad("no target"))?.to_owned();
+
+    if method.eq_ignore_ascii_case("CONNECT") {
+        // The guard judges URLs; the tunnel's scheme does not matter to it
+        // beyond being allowed, the explicit port is what counts.
+        let allowed = match shared.guard.check(&format!("https://{target}/")).await {
+            Ok(a) => a,
+            Err(e) => return refuse(&mut client, shared, &target, &e.to_string()).await,
+        };
+        let mut upstream = match shared.dial.dial(allowed.addr).await {
+            Ok(u) => u,
+            Err(e) => return bad_gateway(&mut client, &e.to_string()).await,
+        };
+        client
+            .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await?;
+        upstream.write_all(&buf[head_len..]).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+        return Ok(());
+    }
+
+    let url = match stevedore_netguard::Url::parse(&target) {
+        Ok(u) if u.scheme() == "http" => u,
+        _ => return refuse(&mut client, shared, &target, "not an absolute http URL").await,
+    };
+    let allowed = match shared.guard.check(url.as_str()).await {
+        Ok(a) => a,
+        Err(e) => return refuse(&mut client, shared, &target, &e.to_string()).await,
+    };
+    let mut body_len = 0usize;
+    let mut out = format!(
+        "{method} {}{} HTTP/1.1\r\n",
+        url.path(),
+        url.query().map(|q| format!("?{q}")).unwrap_or_default()
+    )
+    .into_bytes();
+    for h in req.headers.iter() {
+        if hop_by_hop(h.name) {
+            continue;
+        }
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Streaming uploads are rare from a quiz page; refusing them
+            // keeps the one-request-per-connection rule simple to enforce.
+            return refuse(
+                &mut client,
+                shared,
+                &target,
+                "chunked request bodies are not proxied",
+            )
+            .await;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            body_len = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| bad("bad content-length"))?;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    // Only this request's body goes upstream: whatever the client sends
+    // after it is never read, so it cannot reach the checked address.
+    let mut body = buf[head_len..].to_vec();
+    body.truncate(body_len);
+    if body.len() < body_len {
+        let mut rest = vec![0u8; body_len - body.len()];
+        client.read_exact(&mut rest).await?;
+        body.extend_from_slice(&rest);
+    }
+    let mut upstream = match shared.dial.dial(allowed.addr).await {
+        Ok(u) => u,
+        Err(e) => return bad_gateway(&mut client, &e.to_string()).await,
+    };
+    upstream.write_all(&out).await?;
+    upstream.write_all(&body).await?;
+
+    let (rbuf, rhead_len) = read_head(&mut upstream).await?;
+    let mut rheaders = [httparse::EMPTY_HEADER; 96];
+    let mut resp = httparse::Response::new(&mut rheaders);
+    resp.parse(&rbuf[..rhead_len])
+        .map_err(|e| bad(&e.to_string()))?;
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        resp.code.ok_or_else(|| bad("no status"))?,
+        resp.reason.unwrap_or("")
+    )
+    .into_bytes();
+    for h in resp.headers.iter().filter(|h| !hop_by_hop(h.name)) {
+        head.extend_from_slice(h.name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(h.value);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"Connection: close\r\nProxy-Connection: close\r\n\r\n");
+    client.write_all(&head).await?;
+    client.write_all(&rbuf[rhead_len..]).await?;
+    // Upstream was asked to close after its response, so this ends with it.
+    tokio::io::copy(&mut upstream, &mut client).await?;
+    client.shutdown().await
+}

@@ -172,6 +172,12 @@ pub struct KindsArgs {
     /// `host:port` pairs scraping may reach although they are internal.
     #[arg(long, env = "STEVEDORE_ALLOW_HOSTS", default_value = "")]
     pub scrape_allow_hosts: String,
+    /// The Chromium executable for `render: browser` (Debian's package).
+    #[arg(long, env = "CHROME", default_value = "/usr/bin/chromium")]
+    pub chrome: std::path::PathBuf,
+    /// Browser pages open at once per scrape worker process.
+    #[arg(long, env = "STEVEDORE_BROWSER_PAGES", default_value_t = 4)]
+    pub browser_pages: usize,
 }
 
 impl Default for KindsArgs {
@@ -185,6 +191,8 @@ impl Default for KindsArgs {
             analyze_tpm: 200_000,
             answer_cache_ttl_secs: 7 * 24 * 3600,
             scrape_allow_hosts: String::new(),
+            chrome: "/usr/bin/chromium".into(),
+            browser_pages: 4,
         }
     }
 }

@@ -177,10 +177,12 @@ fn scrape(args: &KindsArgs) -> anyhow::Result<stevedore_scrape::ScrapeHandler> {
     if let Some(h) = SCRAPE.get() {
         return Ok(h.clone());
     }
-    let cfg = stevedore_scrape::ScrapeConfig {
+    let mut cfg = stevedore_scrape::ScrapeConfig {
         allow_hosts: args.scrape_allow_hosts.clone(),
         ..Default::default()
     };
+    cfg.browser.chrome = args.chrome.clone();
+    cfg.browser.max_pages = args.browser_pages;
     let h = stevedore_scrape::ScrapeHandler::new(cfg, &crate::metrics::REGISTRY)
         .context("building the scrape kind")?;
     Ok(SCRAPE.get_or_init(|| h).clone())

@@ -158,11 +158,14 @@ enum Command {
     },
     /// Submit probe jobs through the API and measure throughput and latency.
     Bench(cli::bench::BenchArgs),
+    /// Scrape the embedded Moodle page over HTTP, in the warm browser pool
+    /// and in a fresh browser per page; report pages/s and load latency.
+    BenchScrape(cli::bench_scrape::BenchScrapeArgs),
 }
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STEVEDORE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,chromiumoxide=error"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -401,5 +404,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Watch { kind, jobs, client } => cli::notify::watch(&client, kind, jobs).await,
         Command::Webhooks { command, client } => cli::notify::webhooks(&client, command).await,
         Command::Bench(args) => cli::bench::run(args).await,
+        Command::BenchScrape(args) => cli::bench_scrape::run(args).await,
     }
 }

@@ -1,7 +1,9 @@
 //! The scrape kind through the whole pipeline (API → broker → worker →
 //! store) against a fixture server on loopback: a quiz page scraped with an
 //! analyze job chained in the same transaction, a script-built page that
-//! plain HTTP cannot read, and a refused target that is never reached.
+//! plain HTTP cannot read and headless Chromium can, a JSON-LD page with
+//! its stated answers, and a refused target that is never reached in
+//! either mode.
 
 mod support;
 
@@ -21,6 +23,12 @@ async fn serve_fixtures() -> u16 {
             "/moodle",
             get(|| async {
                 axum::response::Html(include_str!("../fixtures/quiz/moodle-multichoice.html"))
+            }),
+        )
+        .route(
+            "/jsonld",
+            get(|| async {
+                axum::response::Html(include_str!("../fixtures/quiz/jsonld-quiz.html"))
             }),
         )
         .route(
@@ -120,6 +128,46 @@ async fn quiz_pages_are_scraped_chained_and_refused_targets_never_reached(flavor
         .expect("message")
         .contains("no questions"));
 
+    // The same page in headless Chromium, asked for or fallen back to.
+    for render in ["browser", "auto"] {
+        let spa = submit(
+            &f,
+            json!({"url": format!("http://127.0.0.1:{port}/spa"), "render": render}),
+        )
+        .await;
+        let done = f.wait_status(spa, "succeeded", 60).await;
+        assert_eq!(done["result"]["rendered_with"], "browser", "{render}");
+        assert_eq!(
+            done["result"]["questions"].as_array().map(Vec::len),
+            Some(3)
+        );
+    }
+    let jsonld = submit(
+        &f,
+        json!({"url": format!("http://127.0.0.1:{port}/jsonld")}),
+    )
+    .await;
+    let done = f.wait_status(jsonld, "succeeded", 30).await;
+    assert_eq!(done["result"]["rendered_with"], "http");
+    let expected: serde_json::Value =
+        serde_json::from_str(include_str!("../fixtures/quiz/expected.json")).expect("json");
+    assert_eq!(
+        done["result"]["questions"], expected["jsonld-quiz.html"]["questions"],
+        "the page states its answers, so `correct` is there"
+    );
+
+    for render in ["http", "browser"] {
+        let refused = submit(
+            &f,
+            json!({"url": format!("http://127.0.0.1:{cport}/"), "render": render}),
+        )
+        .await;
+        let dead = f.wait_status(refused, "dead", 30).await;
+        assert!(dead["errors"][0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("refused"));
+    }
     let refused = submit(&f, json!({"url": format!("http://127.0.0.1:{cport}/")})).await;
     let dead = f.wait_status(refused, "dead", 30).await;
     assert!(dead["errors"][0]["message"]

@@ -42,7 +42,7 @@ pub struct BenchArgs {
     pub timeout_secs: u64,
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

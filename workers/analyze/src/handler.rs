@@ -49,7 +49,8 @@ pub struct AnalyzeConfig {
 }
 
 impl AnalyzeConfig {
-    /// In-process limiter and cache, for `stevedore dev` and tests.
+    /// In-process limiter and cache, for tests and tools (`stevedore dev`
+    /// keeps both in its SQLite file).
     pub fn in_process(openai: Option<OpenAiConfig>, local_model_path: impl Into<PathBuf>) -> Self {
         Self {
             openai,

@@ -35,6 +35,9 @@ pub struct Backend {
     /// The same database, seen through the notifier's queries.
     pub events: Arc<dyn EventStore>,
     pub brokers: Brokers,
+    /// The embedded store's pool, where the analyze kind keeps its shared
+    /// rate limits and answer cache when no Redis runs (`None` on Postgres).
+    pub sqlite: Option<sqlx::SqlitePool>,
 }
 
 impl Backend {
@@ -47,6 +50,7 @@ impl Backend {
             store,
             events: pg,
             brokers: connect_brokers(args).await?,
+            sqlite: None,
         })
     }
 
@@ -57,11 +61,13 @@ impl Backend {
         let store = SqliteStore::open(&data_dir.join("stevedore.db")).await?;
         store.migrate().await?;
         let broker = EmbeddedBroker::new(store.pool().clone(), timing.lease());
+        let pool = store.pool().clone();
         let store = Arc::new(store);
         Ok(Self {
             store: store.clone(),
             events: store,
             brokers: Brokers::new(Arc::new(broker)),
+            sqlite: Some(pool),
         })
     }
 }
@@ -120,13 +126,25 @@ async fn migrate_with_retry(store: &dyn Store) -> anyhow::Result<()> {
 pub const KIND_NAMES: [&str; 3] = ["analyze", "probe", "scrape"];
 
 /// Where the analyze kind keeps its shared rate limits and answer cache:
-/// Redis in production, the process itself in dev mode (one process).
+/// Redis in production, the SQLite file in dev mode (shared by every process
+/// on that file), or this process alone (tests, tools).
 pub enum Shared {
     InProcess,
+    Sqlite(sqlx::SqlitePool),
     Redis {
         conn: redis::aio::ConnectionManager,
         prefix: String,
     },
+}
+
+impl Shared {
+    /// The embedded store's file when the backend has one, else in process.
+    pub fn local(backend: &Backend) -> Self {
+        match &backend.sqlite {
+            Some(pool) => Self::Sqlite(pool.clone()),
+            None => Self::InProcess,
+        }
+    }
 }
 
 /// One analyze handler per process: its metrics register once, and the
@@ -155,6 +173,11 @@ fn analyze(args: &KindsArgs, shared: Shared) -> anyhow::Result<stevedore_analyze
         Shared::InProcess => {
             cfg.rate_limiter = Arc::new(stevedore_analyze::MemoryRateLimiter::new(limits));
             cfg.cache = Arc::new(stevedore_analyze::MemoryAnswerCache::new(ttl, 100_000));
+        }
+        Shared::Sqlite(pool) => {
+            use crate::store::sqlite_analyze::{SqliteAnswerCache, SqliteRateLimiter};
+            cfg.rate_limiter = Arc::new(SqliteRateLimiter::new(pool.clone(), limits));
+            cfg.cache = Arc::new(SqliteAnswerCache::new(pool, ttl));
         }
         Shared::Redis { conn, prefix } => {
             let prefix = format!("{prefix}:analyze:");
@@ -200,6 +223,18 @@ pub fn kinds(args: &KindsArgs, shared: Shared) -> anyhow::Result<Kinds> {
 /// Every kind with default settings and in-process sharing (tests, tools).
 pub fn default_kinds() -> Kinds {
     match kinds(&KindsArgs::default(), Shared::InProcess) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "Building the kinds failed; only probe is available.");
+            Kinds::default().register(crate::kinds::probe::Probe)
+        }
+    }
+}
+
+/// Every kind with default settings, analyze sharing its state through the
+/// backend's SQLite file when it has one (tests on the embedded store).
+pub fn backend_kinds(backend: &Backend) -> Kinds {
+    match kinds(&KindsArgs::default(), Shared::local(backend)) {
         Ok(k) => k,
         Err(e) => {
             tracing::error!(error = %e, "Building the kinds failed; only probe is available.");

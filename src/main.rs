@@ -268,7 +268,7 @@ async fn main() -> anyhow::Result<()> {
             // The demo scrapes the quiz pages this process serves itself.
             let mut kinds = kinds;
             kinds.scrape_allow_hosts = format!("{},{listen}", kinds.scrape_allow_hosts);
-            let kinds = fleet::kinds(&kinds, fleet::Shared::InProcess)?;
+            let kinds = fleet::kinds(&kinds, fleet::Shared::local(&backend))?;
             run_roles(backend, kinds, roles).await
         }
         Command::Api {

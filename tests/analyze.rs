@@ -1,7 +1,8 @@
 //! The analyze kind through the whole pipeline (API → broker → worker →
 //! store) with the local model on the fixture quizzes: every answer picks a
 //! real option, the same quiz gives the same answers, and the second time
-//! it is answered from the cache without a model call.
+//! it is answered from the cache (on SQLite, the file's) without a model
+//! call.
 
 mod support;
 
@@ -89,6 +90,15 @@ async fn local_model_answers_the_fixture_quizzes_deterministically(flavor: Flavo
             again["usage"]["prompt_tokens"], 0,
             "{page}: and costs no model call"
         );
+    }
+    if let Some(pool) = &f.backend.sqlite {
+        // Dev mode keeps the cache in its SQLite file, where other
+        // processes on the file find it too.
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM analyze_answers")
+            .fetch_one(pool)
+            .await
+            .expect("count cached answers");
+        assert_eq!(rows, total, "every answer cached in the SQLite file");
     }
     println!("local model accuracy on the fixtures: {correct}/{total}");
     f.shutdown().await;

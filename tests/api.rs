@@ -255,6 +255,7 @@ async fn database_down_is_a_503_not_a_hang() {
         store: store.clone(),
         events: store,
         brokers: stevedore::broker::Brokers::new(std::sync::Arc::new(redis)),
+        sqlite: None,
     };
     let roles = stevedore::fleet::Roles {
         api: Some("127.0.0.1:0".parse().expect("addr")),

@@ -2,9 +2,12 @@
 //! dispatcher and workers use; `postgres` is production, `sqlite` is the
 //! embedded dev mode. Both apply the same lifecycle rules: every transition
 //! is one conditional UPDATE that also appends to `job_events`.
+//! `sqlite_analyze` keeps the analyze kind's rate limits and answer cache in
+//! the SQLite file for dev mode (production keeps them in Redis).
 
 pub mod postgres;
 pub mod sqlite;
+pub mod sqlite_analyze;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -133,6 +133,7 @@ impl TestFleet {
                     store: store.clone(),
                     events: store,
                     brokers: Brokers::new(Arc::new(redis)),
+                    sqlite: None,
                 };
                 (backend, Some(url))
             }
@@ -147,6 +148,7 @@ impl TestFleet {
                     store: store.clone(),
                     events: store,
                     brokers: Brokers::new(Arc::new(amqp)),
+                    sqlite: None,
                 };
                 (backend, Some(url))
             }
@@ -167,7 +169,8 @@ impl TestFleet {
             metrics: None,
             demo_pages: false,
         };
-        let running = fleet::start(backend.clone(), fleet::default_kinds(), roles)
+        let kinds = fleet::backend_kinds(&backend);
+        let running = fleet::start(backend.clone(), kinds, roles)
             .await
             .expect("fleet starts");
         let url = format!("http://{}", running.addr.expect("api address"));
@@ -205,7 +208,8 @@ impl TestFleet {
             notifier: false,
             notify: Default::default(),
         };
-        fleet::start(self.backend.clone(), fleet::default_kinds(), roles)
+        let kinds = fleet::backend_kinds(&self.backend);
+        fleet::start(self.backend.clone(), kinds, roles)
             .await
             .expect("workers start")
     }

@@ -5,7 +5,8 @@
 //! a question or its options is a different entry, and the text itself never
 //! lands in a Redis key. [`RedisAnswerCache`] is shared by the fleet, with a
 //! TTL so that a better model version or prompt eventually takes over;
-//! [`MemoryAnswerCache`] serves the single-process dev mode.
+//! [`MemoryAnswerCache`] serves a single process (tests, tools). The core
+//! keeps a third in its SQLite file for dev mode.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,6 +32,9 @@ pub struct CachedAnswer {
 pub enum CacheError {
     #[error("answer cache unavailable: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Another store's failure (the core's SQLite cache in dev).
+    #[error("answer cache unavailable: {0}")]
+    Store(Box<dyn std::error::Error + Send + Sync>),
 }
 
 #[async_trait]

@@ -21,7 +21,15 @@ pub enum ProviderError {
     /// The endpoint refused this request for good (other 4xx).
     #[error("{0}")]
     Rejected(String),
-    /// Timeouts, 429, 5xx, lost connections.
+    /// 429: the endpoint's own limit is spent. Retryable like
+    /// [`Self::Transient`], and the whole fleet backs off (the handler
+    /// drains the shared bucket).
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// Timeouts, 5xx, lost connections.
     #[error("{message}")]
     Transient {
         message: String,
@@ -58,6 +66,7 @@ impl ProviderError {
         match self {
             Self::Misconfigured(_) => "misconfigured",
             Self::Rejected(_) => "rejected",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Transient { .. } => "transient",
             Self::InvalidReply { .. } => "invalid_reply",
         }
@@ -74,8 +83,12 @@ impl ProviderError {
             Self::Transient {
                 retry_after: Some(after),
                 ..
+            }
+            | Self::RateLimited {
+                retry_after: Some(after),
+                ..
             } => JobError::retry_after(message, after),
-            Self::Transient { .. } => JobError::retryable(message),
+            Self::Transient { .. } | Self::RateLimited { .. } => JobError::retryable(message),
             Self::InvalidReply { .. } if attempt < invalid_reply_attempts => {
                 JobError::retryable(message)
             }
@@ -112,7 +125,7 @@ mod tests {
 
     #[test]
     fn transient_keeps_the_retry_delay() {
-        let e = ProviderError::Transient {
+        let e = ProviderError::RateLimited {
             message: "429".into(),
             retry_after: Some(Duration::from_secs(7)),
         };

@@ -24,6 +24,12 @@ use crate::ratelimit::{self, AcquireError, Cost, MemoryRateLimiter, RateLimiter,
 /// Where `scripts/fetch-model.sh` puts the model, relative to the repo root.
 pub const DEFAULT_LOCAL_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// How long the fleet pauses after a 429 that says nothing of when to come
+/// back. OpenAI sends a hint nearly always; without one, a second (the
+/// granularity of `Retry-After`) plus the emptied bucket's refill spaces
+/// calls out again without parking the fleet for long on a guess.
+pub const DRAIN_WITHOUT_HINT: Duration = Duration::from_secs(1);
+
 /// Everything the core passes in; it reads the environment, this crate never
 /// does.
 pub struct AnalyzeConfig {
@@ -43,7 +49,8 @@ pub struct AnalyzeConfig {
 }
 
 impl AnalyzeConfig {
-    /// In-process limiter and cache, for `stevedore dev` and tests.
+    /// In-process limiter and cache, for tests and tools (`stevedore dev`
+    /// keeps both in its SQLite file).
     pub fn in_process(openai: Option<OpenAiConfig>, local_model_path: impl Into<PathBuf>) -> Self {
         Self {
             openai,
@@ -298,6 +305,15 @@ impl Inner {
                 .await
                 .map(|c| (c.answers, c.usage)),
         };
+        if let Err(ProviderError::RateLimited { retry_after, .. }) = &result {
+            // Every process sharing the bucket backs off, not only this job:
+            // the others would otherwise keep spending calls the endpoint
+            // refuses, each earning its own 429.
+            let for_ = retry_after.unwrap_or(DRAIN_WITHOUT_HINT);
+            if let Err(e) = self.limiter.drain(&limit_key, for_).await {
+                tracing::warn!(error = %e, "Could not drain the rate limit after a 429.");
+            }
+        }
         let outcome = result
             .as_ref()
             .map(|_| "ok")

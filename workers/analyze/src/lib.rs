@@ -45,7 +45,7 @@
 //! - [`openai`]: the OpenAI-compatible provider and HTTP error classification
 //! - [`prompt`]: the chat prompt (scraped text as quoted data) and reply checks
 //! - [`local`]: the candle provider, its GGUF tokenizer and option scoring
-//! - [`ratelimit`]: token buckets in Redis (Lua) and in process
+//! - [`ratelimit`]: token buckets in Redis (Lua) and in process; drained on 429
 //! - [`cache`]: the answer cache in Redis and in process
 //! - [`metrics`]: Prometheus metrics
 //! - [`error`]: provider errors and their mapping to retryable / permanent

@@ -284,7 +284,7 @@ fn classify(
         429 if api.says("insufficient_quota") => ProviderError::Misconfigured(format!(
             "the account of OPENAI_API_KEY is out of quota ({detail})"
         )),
-        429 => ProviderError::Transient {
+        429 => ProviderError::RateLimited {
             message: format!("rate limited by the endpoint ({detail})"),
             retry_after: retry_after(headers, SystemTime::now()),
         },

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use prometheus::Registry;
 use serde_json::{json, Value};
+use stevedore_analyze::handler::DRAIN_WITHOUT_HINT;
+use stevedore_analyze::ratelimit::{Cost, Decision};
 use stevedore_analyze::{
-    AnalyzeConfig, AnalyzeHandler, AnalyzeOutput, AnalyzePayload, OpenAiConfig, ProviderKind,
-    RedisAnswerCache,
+    AnalyzeConfig, AnalyzeHandler, AnalyzeOutput, AnalyzePayload, MemoryRateLimiter, OpenAiConfig,
+    ProviderKind, RateLimiter, RateLimits, RedisAnswerCache,
 };
 use stevedore_handler::{parse_payload, Handler, JobError};
 use support::fake_openai::{self, FakeOpenAi, Reply};
@@ -123,6 +125,21 @@ async fn structured_reply_is_validated_and_usage_recorded() {
     );
 }
 
+/// A handler whose shared limiter the test can look into.
+fn handler_with_limiter(server: &FakeOpenAi) -> (AnalyzeHandler, Registry, Arc<MemoryRateLimiter>) {
+    let limiter = Arc::new(MemoryRateLimiter::new(RateLimits::per_minute(500, 200_000)));
+    let mut cfg = config(server, "sk-test");
+    cfg.rate_limiter = limiter.clone();
+    let registry = Registry::new();
+    let h = AnalyzeHandler::new(cfg, &registry).expect("handler");
+    (h, registry, limiter)
+}
+
+const ONE_CALL: Cost = Cost {
+    requests: 1,
+    tokens: 1,
+};
+
 #[tokio::test]
 async fn rate_limited_429_is_retried_after_the_retry_after_header() {
     let server = FakeOpenAi::start(
@@ -130,7 +147,7 @@ async fn rate_limited_429_is_retried_after_the_retry_after_header() {
         Reply::Answer { choice: 0 },
     )
     .await;
-    let (h, registry) = handler(&server);
+    let (h, registry, limiter) = handler_with_limiter(&server);
     let err = run(&h, 1, quiz()).await.expect_err("429");
     match &err {
         JobError::Retryable {
@@ -146,12 +163,51 @@ async fn rate_limited_429_is_retried_after_the_retry_after_header() {
         metric(
             &registry,
             "stevedore_analyze_model_calls_total",
-            &[("outcome", "transient")]
+            &[("outcome", "rate_limited")]
         ),
         1.0
     );
-    // The next attempt goes through.
+    // Every process sharing the bucket backs off for the Retry-After, not
+    // only this job; other models keep their own bucket.
+    let Ok(Decision::Wait(d)) = limiter.try_acquire("openai:gpt-4o-mini", ONE_CALL).await else {
+        panic!("the bucket still grants calls after a 429");
+    };
+    assert!(d >= Duration::from_secs(19), "{d:?}");
+    assert_eq!(
+        limiter.try_acquire("openai:gpt-4o", ONE_CALL).await.ok(),
+        Some(Decision::Granted)
+    );
+}
+
+#[tokio::test]
+async fn rate_limited_429_without_a_hint_pauses_the_bucket_briefly_then_calls_resume() {
+    let server = FakeOpenAi::start(
+        vec![fake_openai::rate_limited_with(vec![])],
+        Reply::Answer { choice: 0 },
+    )
+    .await;
+    let (h, _, limiter) = handler_with_limiter(&server);
+    let err = run(&h, 1, quiz()).await.expect_err("429");
+    assert_eq!(
+        err,
+        JobError::Retryable {
+            message: err.to_string(),
+            retry_after: None
+        },
+        "no hint: the core's backoff"
+    );
+    assert!(matches!(
+        limiter.try_acquire("openai:gpt-4o-mini", ONE_CALL).await,
+        Ok(Decision::Wait(_))
+    ));
+    let started = std::time::Instant::now();
     assert!(run(&h, 2, quiz()).await.is_ok());
+    let waited = started.elapsed();
+    assert!(
+        waited >= DRAIN_WITHOUT_HINT - Duration::from_millis(50) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_eq!(server.requests(), 2);
 }
 
 #[tokio::test]

@@ -1,5 +1,5 @@
-//! The Redis token bucket under concurrent callers, and the handler waiting
-//! for it instead of failing.
+//! The Redis token bucket under concurrent callers, drained by one process
+//! for all, and the handler waiting for it instead of failing.
 
 mod support;
 
@@ -182,5 +182,81 @@ async fn settled_tokens_are_charged_to_later_callers() {
         panic!("bucket is in debt")
     };
     assert!(d > Duration::from_secs(20), "{d:?}");
+    support::cleanup(&mut conn, &prefix).await;
+}
+
+#[tokio::test]
+async fn a_drain_in_one_process_stops_every_process_on_the_bucket_for_its_duration() {
+    let prefix = support::unique_prefix("ratelimit-drain");
+    let mut conn = support::redis().await;
+    // 600 a second: without the drain every call below would be granted.
+    let limits = RateLimits {
+        requests: 600,
+        tokens: 1_000_000,
+        window: Duration::from_secs(1),
+    };
+    let got_429 = RedisRateLimiter::new(conn.clone(), prefix.clone(), limits);
+    let other = RedisRateLimiter::new(conn.clone(), prefix.clone(), limits);
+    assert_eq!(
+        other
+            .try_acquire_at("openai:m", ONE)
+            .await
+            .expect("redis")
+            .0,
+        Decision::Granted
+    );
+    let started = std::time::Instant::now();
+    stevedore_analyze::RateLimiter::drain(&got_429, "openai:m", Duration::from_millis(400))
+        .await
+        .expect("drain");
+    let Decision::Wait(d) = other
+        .try_acquire_at("openai:m", ONE)
+        .await
+        .expect("redis")
+        .0
+    else {
+        panic!("the other process was granted a call during the drain");
+    };
+    assert!(d >= Duration::from_millis(380), "{d:?}");
+    assert_eq!(
+        other
+            .try_acquire_at("openai:other", ONE)
+            .await
+            .expect("redis")
+            .0,
+        Decision::Granted,
+        "other keys are not drained"
+    );
+    let at = loop {
+        if let (Decision::Granted, _) = other.try_acquire_at("openai:m", ONE).await.expect("redis")
+        {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never granted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        at >= Duration::from_millis(395) && at < Duration::from_millis(900),
+        "first grant {at:?} after a 400 ms drain"
+    );
+
+    // A drain longer than the key's usual lifetime (two windows) is kept.
+    let short = RateLimits {
+        requests: 600,
+        tokens: 1_000_000,
+        window: Duration::from_millis(100),
+    };
+    let a = RedisRateLimiter::new(conn.clone(), prefix.clone(), short);
+    stevedore_analyze::RateLimiter::drain(&a, "long", Duration::from_secs(2))
+        .await
+        .expect("drain");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        matches!(
+            a.try_acquire_at("long", ONE).await.expect("redis").0,
+            Decision::Wait(d) if d >= Duration::from_millis(1300)
+        ),
+        "the drained key expired early"
+    );
     support::cleanup(&mut conn, &prefix).await;
 }

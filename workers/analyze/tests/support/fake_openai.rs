@@ -1,10 +1,15 @@
 //! A stand-in for the OpenAI API on 127.0.0.1:0, because the real one cannot
 //! be reached from here. It replays the body shapes OpenAI really sends
-//! (chat.completion with usage, its error objects) and counts requests.
+//! (chat.completion with usage, its error objects), counts requests and
+//! records when each arrived and what it was answered.
+//!
+//! The workspace's own tests include this file too (`#[path]`), to point
+//! real `stevedore worker` processes at it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -31,10 +36,18 @@ pub enum Reply {
     Hang,
 }
 
+/// One request the server answered: when it arrived, and the status sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    pub at: Instant,
+    pub status: u16,
+}
+
 pub struct FakeOpenAi {
     pub base_url: String,
     requests: Arc<AtomicUsize>,
     bodies: Arc<Mutex<Vec<Value>>>,
+    calls: Arc<Mutex<Vec<Call>>>,
 }
 
 #[derive(Clone)]
@@ -43,6 +56,7 @@ struct Shared {
     default: Reply,
     requests: Arc<AtomicUsize>,
     bodies: Arc<Mutex<Vec<Value>>>,
+    calls: Arc<Mutex<Vec<Call>>>,
 }
 
 impl FakeOpenAi {
@@ -53,6 +67,7 @@ impl FakeOpenAi {
             default,
             requests: Arc::default(),
             bodies: Arc::default(),
+            calls: Arc::default(),
         };
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -66,6 +81,7 @@ impl FakeOpenAi {
             base_url: format!("http://{addr}/v1"),
             requests: shared.requests,
             bodies: shared.bodies,
+            calls: shared.calls,
         }
     }
 
@@ -76,9 +92,24 @@ impl FakeOpenAi {
     pub fn bodies(&self) -> Vec<Value> {
         self.bodies.lock().expect("lock").clone()
     }
+
+    /// Every answered request, in the order the answers were made.
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("lock").clone()
+    }
 }
 
 async fn chat(State(s): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    let at = Instant::now();
+    let response = reply(&s, &headers, body).await;
+    s.calls.lock().expect("lock").push(Call {
+        at,
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+async fn reply(s: &Shared, headers: &HeaderMap, body: Value) -> Response {
     s.requests.fetch_add(1, Ordering::SeqCst);
     s.bodies.lock().expect("lock").push(body.clone());
     let reply = s
@@ -165,14 +196,19 @@ pub fn invalid_api_key() -> Value {
 }
 
 pub fn rate_limited() -> Reply {
+    rate_limited_with(vec![
+        ("retry-after", "20"),
+        ("x-ratelimit-limit-requests", "3"),
+        ("x-ratelimit-remaining-requests", "0"),
+        ("x-ratelimit-reset-requests", "20s"),
+    ])
+}
+
+/// OpenAI's 429 body with these headers (`vec![]`: no hint when to retry).
+pub fn rate_limited_with(headers: Vec<(&'static str, &'static str)>) -> Reply {
     Reply::Raw {
         status: 429,
-        headers: vec![
-            ("retry-after", "20"),
-            ("x-ratelimit-limit-requests", "3"),
-            ("x-ratelimit-remaining-requests", "0"),
-            ("x-ratelimit-reset-requests", "20s"),
-        ],
+        headers,
         body: json!({"error": {
             "message": "Rate limit reached for gpt-4o-mini in organization org-abc on requests per min (RPM): Limit 3, Used 3, Requested 1. Please try again in 20s. Visit https://platform.openai.com/account/rate-limits to learn more.",
             "type": "requests", "param": null, "code": "rate_limit_exceeded"

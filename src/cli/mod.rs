@@ -230,7 +230,12 @@ pub async fn demo(url: String) {
         return;
     }
     eprintln!("\ndemo: a real quiz page scraped and analyzed by the local model (offline)");
-    match analyze_demo(&url).await {
+    if let Err(e) = analyze_demo(&url).await {
+        eprintln!("demo failed: {e:#}");
+        return;
+    }
+    eprintln!("\ndemo: a quiz that only script builds, rendered in headless Chromium");
+    match browser_demo(&url).await {
         Ok(()) => eprintln!("\ndemo: done. Watch jobs live at {url}/ ; Ctrl-C stops the fleet."),
         Err(e) => eprintln!("demo failed: {e:#}"),
     }
@@ -275,6 +280,29 @@ async fn analyze_demo(url: &str) -> anyhow::Result<()> {
             q["options"][ci].as_str().unwrap_or("?"),
             conf * 100.0
         );
+    }
+    Ok(())
+}
+
+async fn browser_demo(url: &str) -> anyhow::Result<()> {
+    let http = client()?;
+    let page = format!("{url}/demo/quiz/spa-rendered.html");
+    let body = serde_json::json!({"kind": "scrape", "payload": {"url": page}});
+    let accepted = call(http.post(format!("{url}/v1/jobs")).json(&body)).await?;
+    let job = wait_done(&http, url, &s(&accepted, "id")).await?;
+    let questions = job["result"]["questions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "scrape job {}: {} questions from {}, rendered with {} (plain HTTP saw none)",
+        s(&job, "id"),
+        questions.len(),
+        s(&job["result"], "title"),
+        s(&job["result"], "rendered_with"),
+    );
+    for q in &questions {
+        println!("  - {}", s(q, "text"));
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ use stevedore_netguard::UrlGuard;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::proxy::{DenyAll, Dial, Proxy, Refusal, REFUSED_META};
+use crate::proxy::{Dial, Proxy, Refusal, REFUSED_META};
 
 #[derive(Debug, Clone)]
 pub struct BrowserConfig {
@@ -189,9 +189,7 @@ impl BrowserPool {
 
     async fn launch(&self) -> Result<Live, BrowserError> {
         let launch = |e: &dyn std::fmt::Display| BrowserError::Launch(e.to_string());
-        let background = Proxy::start(Arc::new(DenyAll), self.dial.clone())
-            .await
-            .map_err(|e| launch(&e))?;
+        let background = Proxy::deny_all().await.map_err(|e| launch(&e))?;
         let profile = tempfile::Builder::new()
             .prefix("stevedore-chromium-")
             .tempdir()
@@ -214,6 +212,14 @@ impl BrowserPool {
                 "no-default-browser-check",
                 "disable-domain-reliability",
                 "dns-prefetch-disable",
+                "disable-search-engine-choice-screen",
+                "no-service-autorun",
+                "disable-client-side-phishing-detection",
+                // One list: Chromium honours only the last --disable-features.
+                // Each of these is background chatter (time sync, hints,
+                // media routing, translation) that costs CPU per context and
+                // would only be refused by the deny-all proxy anyway.
+                "disable-features=Translate,TranslateUI,OptimizationHints,OptimizationGuideModelDownloading,OptimizationHintsFetching,NetworkTimeServiceQuerying,MediaRouter,DialMediaRouteProvider,CertificateTransparencyComponentUpdater,AutofillServerCommunication,LensOverlay,PaintHolding,InterestFeedContentSuggestions",
                 &format!("proxy-server=http://{}", background.addr()),
                 // Chromium bypasses proxies for loopback unless told not to;
                 // loopback is exactly what the guard must see.
@@ -356,7 +362,9 @@ async fn visit(
         .proxy_server(format!("http://{proxy}"))
         .proxy_bypass_list(BYPASS_NOTHING)
         .build();
+    let t = std::time::Instant::now();
     let context = browser.create_browser_context(params).await?;
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "context created");
     let target = CreateTargetParams::builder()
         .url("about:blank")
         .browser_context_id(context.clone())
@@ -364,12 +372,16 @@ async fn visit(
         .map_err(CdpError::ChromeMessage)?;
     let loaded = async {
         let page = browser.new_page(target).await?;
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "page opened");
         let loaded = load_page(&page, url, wait, settle).await;
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "page loaded");
         let _ = page.close().await;
+        tracing::debug!(ms = t.elapsed().as_millis() as u64, "page closed");
         loaded
     }
     .await;
     let _ = browser.dispose_browser_context(context).await;
+    tracing::debug!(ms = t.elapsed().as_millis() as u64, "context disposed");
     loaded
 }
 

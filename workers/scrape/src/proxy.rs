@@ -86,6 +86,9 @@ struct Log {
 
 struct Shared {
     guard: Arc<dyn UrlGuard>,
+    /// The browser-wide deny-all proxy refuses Chromium's own chatter all
+    /// day; only a page's refusals are worth an info line.
+    quiet: bool,
     dial: Arc<dyn Dial>,
     log: Mutex<Log>,
 }
@@ -105,10 +108,20 @@ impl Drop for Proxy {
 
 impl Proxy {
     pub async fn start(guard: Arc<dyn UrlGuard>, dial: Arc<dyn Dial>) -> io::Result<Self> {
+        Self::spawn(guard, dial, false).await
+    }
+
+    /// The browser-wide proxy: refuses everything, logs at debug level.
+    pub async fn deny_all() -> io::Result<Self> {
+        Self::spawn(Arc::new(DenyAll), Arc::new(TcpDial), true).await
+    }
+
+    async fn spawn(guard: Arc<dyn UrlGuard>, dial: Arc<dyn Dial>, quiet: bool) -> io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             guard,
+            quiet,
             dial,
             log: Mutex::default(),
         });
@@ -148,7 +161,11 @@ impl Shared {
     }
 
     fn record(&self, target: &str, reason: &str) {
-        tracing::info!(target, reason, "proxy refused a browser connection");
+        if self.quiet {
+            tracing::debug!(target, reason, "proxy refused the browser's own connection");
+        } else {
+            tracing::info!(target, reason, "proxy refused a page's connection");
+        }
         let mut log = self.lock_log();
         let seq = log.next;
         log.next += 1;

@@ -29,11 +29,24 @@ fn config(allow: String) -> ScrapeConfig {
 }
 
 fn handler(fixture_port: u16) -> ScrapeHandler {
-    ScrapeHandler::new(
+    handler_with(
         config(format!("127.0.0.1:{fixture_port}")),
         &prometheus::Registry::new(),
     )
-    .expect("handler")
+}
+
+fn handler_with(cfg: ScrapeConfig, registry: &prometheus::Registry) -> ScrapeHandler {
+    ScrapeHandler::new(cfg, registry).expect("handler")
+}
+
+/// The browser restarts counter, as the metrics endpoint would show it.
+fn restarts(registry: &prometheus::Registry) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .find(|m| m.name() == "stevedore_scrape_browser_restarts_total")
+        .map(|m| m.get_metric()[0].get_counter().get_value())
+        .unwrap_or_default()
 }
 
 /// What expected.json says a page holds; `correct` only where the page
@@ -242,7 +255,8 @@ async fn a_name_that_rebinds_connects_only_where_it_was_checked() {
 async fn a_browser_killed_mid_job_fails_the_attempt_retryably_and_the_next_one_succeeds() {
     let canary = Canary::start().await;
     let port = fixtures(&canary).await;
-    let h = handler(port);
+    let registry = prometheus::Registry::new();
+    let h = handler_with(config(format!("127.0.0.1:{port}")), &registry);
     let slow = json!({"url": format!("http://127.0.0.1:{port}/slow"), "render": "browser"});
     let job = {
         let h = h.clone();
@@ -273,4 +287,38 @@ async fn a_browser_killed_mid_job_fails_the_attempt_retryably_and_the_next_one_s
         5
     );
     assert_ne!(h.browser().pid().await, Some(pid));
+    assert_eq!(restarts(&registry), 1.0);
+}
+
+#[tokio::test]
+async fn a_browser_that_served_its_share_is_replaced() {
+    let canary = Canary::start().await;
+    let port = fixtures(&canary).await;
+    let registry = prometheus::Registry::new();
+    let mut cfg = config(format!("127.0.0.1:{port}"));
+    cfg.browser.recycle_after = 2;
+    let h = handler_with(cfg, &registry);
+    let page = json!({"url": format!("http://127.0.0.1:{port}/moodle"), "render": "browser"});
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        let (res, _) = scrape(&h, page.clone()).await;
+        assert_eq!(res.expect("scraped").questions.len(), 5);
+        pids.push(h.browser().pid().await.expect("a browser runs"));
+    }
+    assert_eq!(pids[0], pids[1], "reused while under its share");
+    assert_ne!(pids[1], pids[2], "replaced after two pages");
+    assert_eq!(restarts(&registry), 1.0);
+    // The old browser is closed once its last page is done.
+    let old = pids[0];
+    let mut gone = false;
+    for _ in 0..100 {
+        gone = std::fs::read_to_string(format!("/proc/{old}/stat"))
+            .map(|s| s.split_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+            .unwrap_or(true);
+        if gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the retired browser {old} still runs");
 }

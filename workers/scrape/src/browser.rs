@@ -28,7 +28,7 @@ use stevedore_netguard::UrlGuard;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::proxy::{Dial, Proxy, Refusal, REFUSED_META};
+use crate::proxy::{Dial, Proxy, Refusal, Refusals, REFUSED_META};
 
 #[derive(Debug, Clone)]
 pub struct BrowserConfig {
@@ -95,6 +95,9 @@ struct Live {
     _background: Proxy,
     pid: Option<u32>,
     served: AtomicU64,
+    /// Set before the event task drops the CDP handler, which is what fails
+    /// the pending commands: a job that sees its command fail then sees the
+    /// flag (the task's own `is_finished` may still lag behind).
     dead: Arc<AtomicBool>,
     _profile: tempfile::TempDir,
 }
@@ -120,7 +123,7 @@ pub struct BrowserPool {
     dial: Arc<dyn Dial>,
     pages: Semaphore,
     live: Mutex<Option<Arc<Live>>>,
-    recent: std::sync::Mutex<std::collections::VecDeque<Refusal>>,
+    recent: Refusals,
     started: AtomicU64,
     on_restart: OnRestart,
 }
@@ -153,18 +156,7 @@ impl BrowserPool {
     /// What pages tried and were refused lately (tests check that a page's
     /// escape attempts were made, and stopped).
     pub fn refusals(&self) -> Vec<Refusal> {
-        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.iter().cloned().collect()
-    }
-
-    fn remember(&self, refused: &[Refusal]) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        for r in refused {
-            if recent.len() == 256 {
-                recent.pop_front();
-            }
-            recent.push_back(r.clone());
-        }
+        self.recent.all()
     }
 
     /// The running browser, or a new one if there is none, it died, or it
@@ -226,7 +218,7 @@ impl BrowserPool {
                 &format!("proxy-server=http://{}", background.addr()),
                 // Chromium bypasses proxies for loopback unless told not to;
                 // loopback is exactly what the guard must see.
-                BYPASS_NOTHING_ARG,
+                &format!("proxy-bypass-list={BYPASS_NOTHING}"),
                 // Without it WebRTC sends STUN straight past the proxy.
                 "webrtc-ip-handling-policy=disable_non_proxied_udp",
                 "force-webrtc-ip-handling-policy",
@@ -286,7 +278,9 @@ impl BrowserPool {
         )
         .await;
         let refusals = proxy.refusals();
-        self.remember(&refusals);
+        for r in &refusals {
+            self.recent.push(r.clone());
+        }
         let refused = || {
             refusals
                 .first()
@@ -349,7 +343,6 @@ pub struct Wait<'a> {
 }
 
 const BYPASS_NOTHING: &str = "<-loopback>";
-const BYPASS_NOTHING_ARG: &str = "proxy-bypass-list=<-loopback>";
 
 async fn visit(
     browser: &Browser,

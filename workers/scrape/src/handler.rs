@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use stevedore_handler::{Handler, JobContext, JobError};
-use stevedore_netguard::{GuardError, NetGuard, UrlGuard};
+use stevedore_netguard::{NetGuard, UrlGuard};
 use tokio::sync::Semaphore;
 
 use crate::browser::{BrowserConfig, BrowserError, BrowserPool, Wait};
@@ -133,10 +133,10 @@ impl ScrapeHandler {
     async fn in_browser(&self, p: &ScrapePayload) -> Result<(String, Extracted), JobError> {
         // Refused before a browser is even asked; the proxy judges every
         // connection the page then makes, redirects included.
-        self.guard.check(&p.url).await.map_err(|e| match e {
-            GuardError::Unresolvable(_) => classify(LoadError::Unresolvable(e)),
-            other => classify(LoadError::Refused(other)),
-        })?;
+        self.guard
+            .check(&p.url)
+            .await
+            .map_err(|e| classify(LoadError::from(e)))?;
         let started = Instant::now();
         let selectors = p.selectors.as_ref();
         let ready = |html: &str| !extract(html, selectors).questions.is_empty();
@@ -192,13 +192,15 @@ fn classify_browser(e: BrowserError) -> JobError {
     let msg = e.to_string();
     match e {
         BrowserError::Refused(_) => JobError::permanent(msg),
-        BrowserError::Status { status, .. } if status != 429 && status < 500 => {
-            JobError::permanent(msg)
-        }
+        // The same status classes as a plain HTTP load.
+        BrowserError::Status { status, url } => classify(LoadError::Status {
+            status,
+            url,
+            retry_after: None,
+        }),
         // A crash, a timeout, an unreachable host or a browser that would
         // not start: another attempt (on a new browser) may well succeed.
-        BrowserError::Status { .. }
-        | BrowserError::Timeout(_)
+        BrowserError::Timeout(_)
         | BrowserError::Crashed(_)
         | BrowserError::Launch(_)
         | BrowserError::Other(_) => JobError::retryable(msg),

@@ -43,6 +43,17 @@ pub enum LoadError {
     TooManyRedirects,
 }
 
+impl From<GuardError> for LoadError {
+    /// A name that does not resolve may resolve later; anything else the
+    /// guard says is a refusal.
+    fn from(e: GuardError) -> Self {
+        match e {
+            GuardError::Unresolvable(_) => LoadError::Unresolvable(e),
+            other => LoadError::Refused(other),
+        }
+    }
+}
+
 fn transport(e: reqwest::Error) -> LoadError {
     LoadError::Transport {
         retryable: e.is_timeout() || e.is_connect() || e.is_request() || e.is_body(),
@@ -53,10 +64,7 @@ fn transport(e: reqwest::Error) -> LoadError {
 pub async fn load(guard: &dyn UrlGuard, url: &str, cfg: &LoadConfig) -> Result<Page, LoadError> {
     let mut current = url.to_owned();
     for _ in 0..=MAX_REDIRECTS {
-        let allowed = guard.check(&current).await.map_err(|e| match e {
-            GuardError::Unresolvable(_) => LoadError::Unresolvable(e),
-            other => LoadError::Refused(other),
-        })?;
+        let allowed = guard.check(&current).await.map_err(LoadError::from)?;
         // A client per hop, pinned to the checked address: reqwest never
         // resolves the name itself, so a DNS answer that changes between
         // the check and the connect cannot redirect the request inside.

@@ -73,15 +73,28 @@ impl UrlGuard for DenyAll {
 /// One refusal: what was asked for and why it was refused.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refusal {
-    pub seq: u64,
     pub target: String,
     pub reason: String,
 }
 
+/// The last few hundred refusals, oldest first: enough to explain a job's
+/// failure without a page that keeps trying growing memory.
 #[derive(Default)]
-struct Log {
-    next: u64,
-    recent: VecDeque<Refusal>,
+pub struct Refusals(Mutex<VecDeque<Refusal>>);
+
+impl Refusals {
+    pub fn push(&self, r: Refusal) {
+        let mut recent = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == REMEMBERED_REFUSALS {
+            recent.pop_front();
+        }
+        recent.push_back(r);
+    }
+
+    pub fn all(&self) -> Vec<Refusal> {
+        let recent = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().cloned().collect()
+    }
 }
 
 struct Shared {
@@ -90,7 +103,7 @@ struct Shared {
     /// day; only a page's refusals are worth an info line.
     quiet: bool,
     dial: Arc<dyn Dial>,
-    log: Mutex<Log>,
+    log: Refusals,
 }
 
 /// A running proxy on a loopback port; stops when dropped.
@@ -123,7 +136,7 @@ impl Proxy {
             guard,
             quiet,
             dial,
-            log: Mutex::default(),
+            log: Refusals::default(),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -151,29 +164,18 @@ impl Proxy {
 
     /// What this proxy refused, oldest first (the last few hundred).
     pub fn refusals(&self) -> Vec<Refusal> {
-        self.shared.lock_log().recent.iter().cloned().collect()
+        self.shared.log.all()
     }
 }
 
 impl Shared {
-    fn lock_log(&self) -> std::sync::MutexGuard<'_, Log> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn record(&self, target: &str, reason: &str) {
         if self.quiet {
             tracing::debug!(target, reason, "proxy refused the browser's own connection");
         } else {
             tracing::info!(target, reason, "proxy refused a page's connection");
         }
-        let mut log = self.lock_log();
-        let seq = log.next;
-        log.next += 1;
-        if log.recent.len() == REMEMBERED_REFUSALS {
-            log.recent.pop_front();
-        }
-        log.recent.push_back(Refusal {
-            seq,
+        self.log.push(Refusal {
             target: target.to_owned(),
             reason: reason.to_owned(),
         });

@@ -222,6 +222,13 @@ fn hop_by_hop(name: &str) -> bool {
     .any(|h| name.eq_ignore_ascii_case(h))
 }
 
+fn push_header(out: &mut Vec<u8>, h: &httparse::Header) {
+    out.extend_from_slice(h.name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(h.value);
+    out.extend_from_slice(b"\r\n");
+}
+
 fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('"', "&quot;")
@@ -321,10 +328,7 @@ async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
                 .and_then(|v| v.trim().parse().ok())
                 .ok_or_else(|| bad("bad content-length"))?;
         }
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        push_header(&mut out, h);
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     // Only this request's body goes upstream: whatever the client sends
@@ -355,10 +359,7 @@ async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
     )
     .into_bytes();
     for h in resp.headers.iter().filter(|h| !hop_by_hop(h.name)) {
-        head.extend_from_slice(h.name.as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(h.value);
-        head.extend_from_slice(b"\r\n");
+        push_header(&mut head, h);
     }
     head.extend_from_slice(b"Connection: close\r\nProxy-Connection: close\r\n\r\n");
     client.write_all(&head).await?;

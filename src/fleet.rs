@@ -222,19 +222,18 @@ pub fn kinds(args: &KindsArgs, shared: Shared) -> anyhow::Result<Kinds> {
 
 /// Every kind with default settings and in-process sharing (tests, tools).
 pub fn default_kinds() -> Kinds {
-    match kinds(&KindsArgs::default(), Shared::InProcess) {
-        Ok(k) => k,
-        Err(e) => {
-            tracing::error!(error = %e, "Building the kinds failed; only probe is available.");
-            Kinds::default().register(crate::kinds::probe::Probe)
-        }
-    }
+    default_kinds_sharing(Shared::InProcess)
 }
 
 /// Every kind with default settings, analyze sharing its state through the
 /// backend's SQLite file when it has one (tests on the embedded store).
 pub fn backend_kinds(backend: &Backend) -> Kinds {
-    match kinds(&KindsArgs::default(), Shared::local(backend)) {
+    default_kinds_sharing(Shared::local(backend))
+}
+
+/// Default settings; if a kind cannot be built, probe still runs.
+fn default_kinds_sharing(shared: Shared) -> Kinds {
+    match kinds(&KindsArgs::default(), shared) {
         Ok(k) => k,
         Err(e) => {
             tracing::error!(error = %e, "Building the kinds failed; only probe is available.");

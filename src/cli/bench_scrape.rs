@@ -90,13 +90,13 @@ pub async fn run(args: BenchScrapeArgs) -> anyhow::Result<()> {
     let url = format!("http://{addr}/demo/quiz/moodle-multichoice.html");
     let allow = addr.to_string();
     for mode in &args.modes {
-        let (render, pages) = match mode.as_str() {
-            "http" => (Render::Http, args.pages),
-            "browser" | "fresh-browser" => (Render::Browser, args.pages),
+        let render = match mode.as_str() {
+            "http" => Render::Http,
+            "browser" | "fresh-browser" => Render::Browser,
             other => bail!("unknown mode {other:?} (http, browser, fresh-browser)"),
         };
         let fresh = mode == "fresh-browser";
-        let pages = if fresh { args.fresh_pages } else { pages };
+        let pages = if fresh { args.fresh_pages } else { args.pages };
         let shared = Arc::new(handler(&args, &allow)?);
         // Warm up: the first browser start is not what a warm pool costs.
         one(&shared, &url, render)

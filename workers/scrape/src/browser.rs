@@ -32,7 +32,8 @@ use crate::proxy::{Dial, Proxy, Refusal, Refusals, REFUSED_META};
 
 #[derive(Debug, Clone)]
 pub struct BrowserConfig {
-    /// The Chromium executable (Debian's `chromium`; `CHROME` overrides).
+    /// The Chromium executable (Debian's `chromium`; the core reads
+    /// `CHROME`, this crate never reads the environment).
     pub chrome: PathBuf,
     /// Pages open at once in this process.
     pub max_pages: usize,
@@ -49,9 +50,7 @@ pub struct BrowserConfig {
 impl Default for BrowserConfig {
     fn default() -> Self {
         Self {
-            chrome: std::env::var_os("CHROME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium")),
+            chrome: PathBuf::from("/usr/bin/chromium"),
             max_pages: 4,
             recycle_after: 500,
             timeout: Duration::from_secs(30),

@@ -34,8 +34,8 @@ use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 
+use crate::model::secret::Secret;
 use crate::notifier::guard::NetGuard;
-use crate::notifier::sign::Secret;
 use crate::notifier::{NotifierConfig, WebhookConfig};
 
 /// Which broker carries a pool's job ids.

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Brokers;
-use crate::job::JobStatus;
 use crate::metrics;
+use crate::model::JobStatus;
 use crate::store::{Store, StoreResult};
 
 #[derive(Debug, Clone)]

@@ -21,8 +21,8 @@ use crate::config::{BackendArgs, BrokerKind, KindsArgs, NotifyArgs, TimingArgs};
 use crate::dispatcher::{Dispatcher, DispatcherConfig};
 use crate::kinds::Kinds;
 use crate::notifier::hub::Hub;
-use crate::notifier::store::EventStore;
 use crate::notifier::Notifier;
+use crate::store::events::EventStore;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -125,6 +125,18 @@ async fn migrate_with_retry(store: &dyn Store) -> anyhow::Result<()> {
 /// Names of every kind (and so of every worker pool).
 pub const KIND_NAMES: [&str; 3] = ["analyze", "probe", "scrape"];
 
+/// A worker pool's name, checked when arguments are parsed.
+pub fn parse_pool(s: &str) -> Result<String, String> {
+    if KIND_NAMES.contains(&s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "unknown pool {s:?}; known: {}",
+            KIND_NAMES.join(", ")
+        ))
+    }
+}
+
 /// Where the analyze kind keeps its shared rate limits and answer cache:
 /// Redis in production, the SQLite file in dev mode (shared by every process
 /// on that file), or this process alone (tests, tools).
@@ -175,7 +187,7 @@ fn analyze(args: &KindsArgs, shared: Shared) -> anyhow::Result<stevedore_analyze
             cfg.cache = Arc::new(stevedore_analyze::MemoryAnswerCache::new(ttl, 100_000));
         }
         Shared::Sqlite(pool) => {
-            use crate::store::sqlite_analyze::{SqliteAnswerCache, SqliteRateLimiter};
+            use crate::store::sqlite::analyze::{SqliteAnswerCache, SqliteRateLimiter};
             cfg.rate_limiter = Arc::new(SqliteRateLimiter::new(pool.clone(), limits));
             cfg.cache = Arc::new(SqliteAnswerCache::new(pool, ttl));
         }

@@ -2,10 +2,12 @@
 //! truth and brokers as the fast path.
 //!
 //! # Layout
-//! - [`job`]: states, the submit request, the stored job.
-//! - [`lifecycle`]: what a finished attempt becomes; backoff. No I/O.
+//! - [`model`]: statuses, event types, the job, and every lifecycle rule as
+//!   a function returning the transition to apply. No I/O.
+//! - [`store`]: all SQL: the `Store` and `EventStore` traits, applied by
+//!   `store/postgres/` and `store/sqlite/` (which also holds the embedded
+//!   queue's table and dev mode's analyze limits and cache).
 //! - [`kinds`]: the registry of job kinds; `probe` lives here.
-//! - [`store`]: the `Store` trait, Postgres and SQLite implementations.
 //! - [`broker`]: the `Broker` trait, Redis Streams and the embedded queue.
 //! - [`dispatcher`]: outbox relay, lease rescue, lost-message repair.
 //! - [`worker`]: claim, run, heartbeat, finish, ack; graceful shutdown.
@@ -22,10 +24,9 @@ pub mod cli;
 pub mod config;
 pub mod dispatcher;
 pub mod fleet;
-pub mod job;
 pub mod kinds;
-pub mod lifecycle;
 pub mod metrics;
+pub mod model;
 pub mod notifier;
 pub mod store;
 pub mod supervisor;

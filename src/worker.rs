@@ -20,10 +20,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::broker::{Acker, Broker, Delivery, Tag};
-use crate::job::NewJob;
 use crate::kinds::Kinds;
-use crate::lifecycle::{after_failure, Finish, FinishCmd};
 use crate::metrics;
+use crate::model::job::NewJob;
+use crate::model::lifecycle::{self, Outcome, Transition};
 use crate::store::{Claimed, Store};
 
 #[derive(Debug, Clone)]
@@ -95,7 +95,7 @@ fn interrupt(map: &RunningMap, id: Uuid, why: Interrupt) {
 /// What a finished attempt hands to the finisher: the write (none when the
 /// lease was lost, since it would be refused anyway) and the message to ack.
 struct Done {
-    cmd: Option<FinishCmd>,
+    cmd: Option<Transition>,
     kind: String,
     tag: Tag,
     /// Released only once the finish is committed, so the jobs the
@@ -363,51 +363,46 @@ async fn run_attempt(
     metrics::RUN_SECONDS
         .with_label_values(&[&job.kind])
         .observe(started.elapsed().as_secs_f64());
-    let finish = match (why, outcome) {
+    let outcome = match (why, outcome) {
         (Some(Interrupt::LeaseLost), _) => None,
-        (Some(Interrupt::Cancelled), _) => Some(Finish::Cancelled),
-        (Some(Interrupt::HandBack), _) => Some(Finish::HandedBack),
+        (Some(Interrupt::Cancelled), _) => Some(Outcome::StoppedForCancel),
+        (Some(Interrupt::HandBack), _) => Some(Outcome::HandedBack),
         (None, Ok(result)) => Some(success(&kinds, &job, result, &ctx)),
         (None, Err(e)) => {
             tracing::info!(error = %e, retryable = e.is_retryable(), "Attempt failed.");
-            Some(after_failure(
-                job.attempt,
-                job.attempt_limit,
-                job.backoff,
-                &e,
-                chrono::Utc::now(),
-            ))
+            Some(Outcome::Failed(e))
         }
     };
+    let cmd = outcome.and_then(
+        |o| match lifecycle::next(&job.state(), o, chrono::Utc::now()) {
+            Ok(t) => Some(t),
+            // A claimed job is running, and every attempt outcome is legal
+            // there; refusing to write is the safe answer to a broken rule.
+            Err(e) => {
+                tracing::error!(error = %e, "Attempt outcome refused by the lifecycle.");
+                None
+            }
+        },
+    );
     let _ = done.send(Done {
-        cmd: finish.map(|finish| FinishCmd {
-            id: job.id,
-            attempt: job.attempt,
-            finish,
-        }),
+        cmd,
         kind: job.kind,
         tag: delivery.tag,
         _permit: Some(permit),
     });
 }
 
-fn success(kinds: &Kinds, job: &Claimed, result: serde_json::Value, ctx: &JobContext) -> Finish {
+fn success(kinds: &Kinds, job: &Claimed, result: serde_json::Value, ctx: &JobContext) -> Outcome {
     let children: Result<Vec<NewJob>, _> = ctx
         .take_children()
         .into_iter()
         .map(|c| NewJob::child(job.id, c, kinds))
         .collect();
     match children {
-        Ok(children) => Finish::Succeeded { result, children },
+        Ok(children) => Outcome::Succeeded { result, children },
         // A child the core cannot accept is a bug in the handler's output;
         // retrying would build the same child again.
-        Err(e) => after_failure(
-            job.attempt,
-            job.attempt_limit,
-            job.backoff,
-            &JobError::permanent(format!("invalid child job: {e}")),
-            chrono::Utc::now(),
-        ),
+        Err(e) => Outcome::Failed(JobError::permanent(format!("invalid child job: {e}"))),
     }
 }
 
@@ -420,17 +415,18 @@ async fn finisher(
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 512).await > 0 {
-        let cmds: Vec<FinishCmd> = batch.iter().filter_map(|d| d.cmd.clone()).collect();
-        let applied = (|| store.finish(&cmds))
+        let cmds: Vec<Transition> = batch.iter().filter_map(|d| d.cmd.clone()).collect();
+        let applied = (|| store.apply(&cmds))
             .retry(retry_policy())
             .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "Finish failed; retrying."))
             .await
             .unwrap_or_default();
+        let applied: std::collections::HashSet<Uuid> = applied.into_iter().collect();
         for d in &batch {
             let Some(cmd) = &d.cmd else { continue };
             if applied.contains(&cmd.id) {
                 metrics::FINISHED
-                    .with_label_values(&[&d.kind, cmd.finish.status().as_str()])
+                    .with_label_values(&[&d.kind, cmd.to.as_str()])
                     .inc();
             } else {
                 metrics::FENCED.with_label_values(&["finish"]).inc();

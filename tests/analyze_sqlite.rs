@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use stevedore::store::sqlite::analyze::{SqliteAnswerCache, SqliteRateLimiter};
 use stevedore::store::sqlite::SqliteStore;
-use stevedore::store::sqlite_analyze::{SqliteAnswerCache, SqliteRateLimiter};
 use stevedore::store::Store;
 use stevedore_analyze::cache::{AnswerCache, CachedAnswer};
 use stevedore_analyze::ratelimit::{Cost, Decision, RateLimiter, RateLimits};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use reqwest::StatusCode;
 use serde_json::json;
-use stevedore::lifecycle::{Finish, FinishCmd};
+use stevedore::model::lifecycle::{next, Outcome};
 use support::{eventually, Flavor, Opts, TestFleet};
 use uuid::Uuid;
 
@@ -328,15 +328,16 @@ async fn a_paused_worker_cannot_overwrite_the_newer_attempt(flavor: Flavor) {
         .await
         .expect("heartbeat");
     assert!(held.is_empty(), "the stale lease is not extended");
-    let stale = FinishCmd {
-        id,
-        attempt: 1,
-        finish: Finish::Succeeded {
+    let stale = next(
+        &paused[0].state(),
+        Outcome::Succeeded {
             result: json!({"stale": true}),
             children: vec![],
         },
-    };
-    let applied = f.store().finish(&[stale]).await.expect("finish");
+        Utc::now(),
+    )
+    .expect("a running attempt may succeed");
+    let applied = f.store().apply(&[stale]).await.expect("apply");
     assert!(applied.is_empty(), "the late write is refused");
     let job = f.job(id).await;
     assert_eq!(

@@ -10,9 +10,11 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
-use super::jobs::{filter_from, page, query, JobPage, ListQuery};
+use super::jobs::{filter_from, page, JobPage, ListQuery};
+use super::query;
 use super::{parse_id, ApiError, AppState};
-use crate::job::{Job, JobStatus};
+use crate::model::job::Job;
+use crate::model::JobStatus;
 use crate::store::DeadLetterOutcome;
 
 #[derive(Deserialize, IntoParams)]

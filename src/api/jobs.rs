@@ -11,8 +11,9 @@ use stevedore_handler::FieldError;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{parse_body, parse_id, ApiError, AppState};
-use crate::job::{Inserted, Job, JobStatus, NewJob, SubmitRequest};
+use super::{parse_body, parse_id, query, ApiError, AppState};
+use crate::model::job::{Inserted, Job, NewJob, SubmitRequest};
+use crate::model::JobStatus;
 use crate::store::{CancelOutcome, ListFilter};
 
 #[derive(Serialize, ToSchema)]
@@ -203,11 +204,6 @@ pub(crate) fn page(jobs: Vec<Job>, limit: i64) -> JobPage {
         None
     };
     JobPage { jobs, next_cursor }
-}
-
-pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(q)| q)
-        .map_err(|e| ApiError::BadParam(FieldError::new("query", e.body_text())))
 }
 
 /// A page of jobs, newest first.

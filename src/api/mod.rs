@@ -14,8 +14,8 @@ mod webhooks;
 
 use std::sync::Arc;
 
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -31,8 +31,8 @@ pub use error::ApiError;
 use crate::broker::Brokers;
 use crate::kinds::Kinds;
 use crate::notifier::hub::Hub;
-use crate::notifier::store::EventStore;
 use crate::notifier::WebhookConfig;
+use crate::store::events::EventStore;
 use crate::store::Store;
 
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -119,6 +119,12 @@ pub(crate) fn parse_body<T: DeserializeOwned>(
         let field = if path == "." { String::new() } else { path };
         ApiError::Invalid(FieldError::new(field, e.inner().to_string()))
     })
+}
+
+/// A query string, or a 400 naming it.
+pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::BadParam(FieldError::new("query", e.body_text())))
 }
 
 pub(crate) fn parse_id(raw: &str) -> Result<Uuid, ApiError> {

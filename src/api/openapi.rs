@@ -24,7 +24,11 @@ use utoipa::OpenApi;
         super::healthz,
         super::readyz
     ),
-    components(schemas(crate::job::Job, crate::job::SubmitRequest, crate::job::JobStatus))
+    components(schemas(
+        crate::model::job::Job,
+        crate::model::job::SubmitRequest,
+        crate::model::JobStatus
+    ))
 )]
 struct ApiDoc;
 

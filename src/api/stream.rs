@@ -19,9 +19,9 @@ use futures::{SinkExt, StreamExt};
 use stevedore_handler::FieldError;
 
 use super::{ApiError, AppState};
-use crate::notifier::event::{Event, EventFilter};
+use crate::model::event::{Event, EventFilter};
 use crate::notifier::hub::{ClientGauge, Subscription, SLOW_CLIENT};
-use crate::notifier::store::EventStore;
+use crate::store::events::EventStore;
 
 /// How long one WebSocket write may block before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -191,7 +191,7 @@ fn slow_message(last: i64) -> String {
 /// type, `data:` the JSON event. A client too slow to keep up gets an
 /// `event: error` naming the last id it got, and the stream ends.
 #[utoipa::path(get, path = "/v1/events", params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id")),
-    responses((status = 200, description = "`text/event-stream` of job events", body = crate::notifier::event::Event, content_type = "text/event-stream"),
+    responses((status = 200, description = "`text/event-stream` of job events", body = crate::model::event::Event, content_type = "text/event-stream"),
               (status = 400, description = "Bad filter", body = super::error::ErrorBody)))]
 pub async fn sse(
     State(s): State<AppState>,
@@ -229,7 +229,7 @@ pub async fn sse(
 /// The same events as JSON text frames over a WebSocket, with ping/pong
 /// keepalive. A slow client is closed with code 1013 and a reason.
 #[utoipa::path(get, path = "/v1/stream", params(StreamQuery), responses(
-    (status = 101, description = "WebSocket of job events (JSON text frames)", body = crate::notifier::event::Event),
+    (status = 101, description = "WebSocket of job events (JSON text frames)", body = crate::model::event::Event),
     (status = 400, description = "Bad filter", body = super::error::ErrorBody)))]
 pub async fn ws(
     State(s): State<AppState>,

@@ -12,12 +12,11 @@ use serde::{Deserialize, Serialize};
 use stevedore_handler::FieldError;
 use utoipa::{IntoParams, ToSchema};
 
-use super::jobs::query;
-use super::{parse_body, parse_id, ApiError, AppState};
-use crate::job::NewJob;
-use crate::notifier::event::{EVENT_TYPES, TERMINAL_TYPES};
-use crate::notifier::sign::Secret;
-use crate::notifier::store::{DeliveryView, RetryOutcome, Webhook};
+use super::{parse_body, parse_id, query, ApiError, AppState};
+use crate::model::job::NewJob;
+use crate::model::secret::Secret;
+use crate::model::EventType;
+use crate::store::events::{DeliveryView, RetryOutcome, Webhook};
 
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -89,20 +88,17 @@ pub async fn create(
         .map_err(ApiError::Invalid)?;
     let events = req
         .events
-        .unwrap_or_else(|| TERMINAL_TYPES.map(str::to_owned).to_vec());
+        .unwrap_or_else(|| EventType::TERMINAL.map(|t| t.as_str().to_owned()).to_vec());
     if events.is_empty() {
         return Err(ApiError::Invalid(FieldError::new(
             "events",
             "must not be empty",
         )));
     }
-    if let Some(bad) = events.iter().find(|e| !EVENT_TYPES.contains(&e.as_str())) {
+    if let Some(bad) = events.iter().find(|e| EventType::parse(e).is_none()) {
         return Err(ApiError::Invalid(FieldError::new(
             "events",
-            format!(
-                "unknown event type {bad:?}; known: {}",
-                EVENT_TYPES.join(", ")
-            ),
+            format!("unknown event type {bad:?}; known: {}", EventType::names()),
         )));
     }
     let secret = Secret::generate();

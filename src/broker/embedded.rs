@@ -1,7 +1,8 @@
-//! The embedded broker of `stevedore dev`: a `queue` table in the same SQLite
-//! file. Receiving hides a message for a visibility timeout instead of
-//! deleting it, so a consumer that dies before acking gets it redelivered,
-//! as with a real broker. A `Notify` wakes consumers in the same process.
+//! The embedded broker of `stevedore dev`: a queue table in the same SQLite
+//! file ([`QueueTable`] holds its SQL). Receiving hides a message for a
+//! visibility timeout instead of deleting it, so a consumer that dies before
+//! acking gets it redelivered, as with a real broker. A `Notify` wakes
+//! consumers in the same process.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +13,11 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{Acker, Broker, BrokerError, Consumer, Delivery, Tag};
-use crate::store::sqlite::now_ms;
+use crate::store::sqlite::queue::QueueTable;
 
 #[derive(Clone)]
 pub struct EmbeddedBroker {
-    pool: SqlitePool,
+    table: QueueTable,
     notify: Arc<Notify>,
     visibility: Duration,
 }
@@ -30,7 +31,7 @@ impl EmbeddedBroker {
     /// it is delivered again.
     pub fn new(pool: SqlitePool, visibility: Duration) -> Self {
         Self {
-            pool,
+            table: QueueTable::new(pool),
             notify: Arc::new(Notify::new()),
             visibility,
         }
@@ -38,11 +39,8 @@ impl EmbeddedBroker {
 
     /// Writes a raw body, bypassing id encoding (tests of poison handling).
     pub async fn publish_raw(&self, pool: &str, body: &str) -> Result<(), BrokerError> {
-        sqlx::query("INSERT INTO queue (pool, body, visible_at) VALUES (?, ?, ?)")
-            .bind(pool)
-            .bind(body)
-            .bind(now_ms())
-            .execute(&self.pool)
+        self.table
+            .push(pool, &[body.to_owned()])
             .await
             .map_err(err)?;
         self.notify.notify_waiters();
@@ -57,36 +55,18 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
-        Ok(())
+        self.table.ping().await.map_err(err)
     }
 
     async fn publish(&self, pool: &str, ids: &[Uuid]) -> Result<(), BrokerError> {
-        let mut tx = self.pool.begin().await.map_err(err)?;
-        let now = now_ms();
-        for id in ids {
-            sqlx::query("INSERT INTO queue (pool, body, visible_at) VALUES (?, ?, ?)")
-                .bind(pool)
-                .bind(id.to_string())
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-        }
-        tx.commit().await.map_err(err)?;
+        let bodies: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        self.table.push(pool, &bodies).await.map_err(err)?;
         self.notify.notify_waiters();
         Ok(())
     }
 
     async fn depth(&self, pool: &str) -> Result<u64, BrokerError> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM queue WHERE pool = ?")
-            .bind(pool)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(err)?;
+        let n = self.table.depth(pool).await.map_err(err)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -110,20 +90,14 @@ struct EmbeddedConsumer {
 
 impl EmbeddedConsumer {
     async fn take(&self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
-        let now = now_ms();
-        let hide = now + i64::try_from(self.broker.visibility.as_millis()).unwrap_or(i64::MAX / 2);
-        let rows: Vec<(i64, String)> = sqlx::query_as(
-            "UPDATE queue SET visible_at = ?, deliveries = deliveries + 1
-             WHERE id IN (SELECT id FROM queue WHERE pool = ? AND visible_at <= ? ORDER BY id LIMIT ?)
-             RETURNING id, body",
-        )
-        .bind(hide)
-        .bind(&self.pool)
-        .bind(now)
-        .bind(i64::try_from(max).unwrap_or(i64::MAX))
-        .fetch_all(&self.broker.pool)
-        .await
-        .map_err(err)?;
+        let hide = i64::try_from(self.broker.visibility.as_millis()).unwrap_or(i64::MAX / 2);
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = self
+            .broker
+            .table
+            .take(&self.pool, max, hide)
+            .await
+            .map_err(err)?;
         let mut out = Vec::with_capacity(rows.len());
         for (rowid, body) in rows {
             match Uuid::parse_str(&body) {
@@ -135,11 +109,7 @@ impl EmbeddedConsumer {
                     // Poison: kept aside (pool renamed) instead of being
                     // redelivered forever.
                     tracing::warn!(rowid, pool = %self.pool, "Undecodable message dead-lettered.");
-                    sqlx::query("UPDATE queue SET pool = 'poison:' || pool WHERE id = ?")
-                        .bind(rowid)
-                        .execute(&self.broker.pool)
-                        .await
-                        .map_err(err)?;
+                    self.broker.table.quarantine(rowid).await.map_err(err)?;
                     crate::metrics::POISON.inc();
                 }
             }
@@ -179,14 +149,8 @@ impl Consumer for EmbeddedConsumer {
 #[async_trait]
 impl Acker for EmbeddedBroker {
     async fn ack(&self, tags: &[Tag]) -> Result<(), BrokerError> {
-        let mut tx = self.pool.begin().await.map_err(err)?;
-        for t in tags {
-            sqlx::query("DELETE FROM queue WHERE id = ?")
-                .bind(t.0.parse::<i64>().unwrap_or(-1))
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-        }
-        tx.commit().await.map_err(err)
+        // Our own tags are row ids; anything else matches no row.
+        let rows: Vec<i64> = tags.iter().map(|t| t.0.parse().unwrap_or(-1)).collect();
+        self.table.delete(&rows).await.map_err(err)
     }
 }

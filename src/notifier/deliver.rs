@@ -17,10 +17,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::sign::Secret;
-use super::store::{AttemptRecord, DueDelivery, EventStore};
 use super::WebhookConfig;
 use crate::metrics;
+use crate::model::secret::Secret;
+use crate::store::events::{AttemptRecord, DueDelivery, EventStore};
 
 pub struct Deliverer {
     store: Arc<dyn EventStore>,

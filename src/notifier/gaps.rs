@@ -11,28 +11,14 @@
 //! transaction still running) reaches that `xmax`, the writer is finished,
 //! and a row still missing will never appear.
 
+use crate::store::events::Snapshot;
+
 /// A range of missing ids and the snapshot `xmax` when it was first seen.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Gap {
     lo: i64,
     hi: i64,
     xmax: i64,
-}
-
-/// The snapshot a page of events was read in (Postgres `xid8`s as i64).
-/// SQLite has one writer and no in-flight rows: use [`Snapshot::SERIAL`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Snapshot {
-    pub xmin: i64,
-    pub xmax: i64,
-}
-
-impl Snapshot {
-    /// Every gap is final at once.
-    pub const SERIAL: Snapshot = Snapshot {
-        xmin: i64::MAX,
-        xmax: 0,
-    };
 }
 
 #[derive(Debug, Default)]

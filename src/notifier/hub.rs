@@ -15,9 +15,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::event::{Event, EventFilter};
-use super::store::{EventStore, CURSOR_CHANNEL};
 use crate::metrics;
+use crate::model::event::{Event, EventFilter};
+use crate::store::events::{EventStore, CURSOR_CHANNEL};
 
 /// Why a subscription ended on the server's side.
 pub const SLOW_CLIENT: &str =

@@ -2,12 +2,13 @@
 //! and webhook deliveries.
 //!
 //! # Layout
-//! - [`event`]: the [`event::Event`] watchers see and the filter they use.
 //! - [`gaps`]: reading ids in order without skipping a late commit.
-//! - [`store`]: the [`store::EventStore`] trait; `pg` and `sqlite` implement it.
 //! - [`hub`]: fan-out to the stream clients of an API process.
 //! - [`deliver`]: signed webhook delivery with retries.
-//! - [`sign`], [`guard`]: Standard Webhooks signatures; the SSRF guard.
+//! - [`guard`]: the SSRF guard for webhook targets.
+//!
+//! What watchers see is [`crate::model::event`]; the queries are
+//! [`crate::store::events::EventStore`]'s.
 //!
 //! The [`Notifier`] service reads events after its persisted cursor, writes
 //! the deliveries they call for and moves the cursor in one transaction, so
@@ -18,14 +19,9 @@
 //! newly final rows.
 
 pub mod deliver;
-pub mod event;
 pub mod gaps;
 pub mod guard;
 pub mod hub;
-pub mod pg;
-pub mod sign;
-pub mod sqlite;
-pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,12 +32,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use self::event::Event;
 use self::gaps::Frontier;
 use self::guard::UrlGuard;
-use self::sign::Secret;
-use self::store::{EventStore, NewDelivery, Webhook, EVENTS_CHANNEL};
 use crate::metrics;
+use crate::model::event::Event;
+use crate::model::secret::Secret;
+use crate::store::events::{EventStore, NewDelivery, Webhook, EVENTS_CHANNEL};
 use crate::store::StoreResult;
 
 /// How webhooks are delivered.
@@ -150,7 +146,6 @@ impl Notifier {
             self.cfg.retention,
             stop.clone(),
         ));
-        let bell = sqlite::events_bell();
         while !stop.is_cancelled() {
             match self.run_once().await {
                 Ok(n) if n as i64 >= self.cfg.batch => continue,
@@ -162,7 +157,6 @@ impl Notifier {
             }
             tokio::select! {
                 () = wake.notified() => {},
-                () = bell.notified() => {},
                 () = tokio::time::sleep(self.cfg.poll) => {},
                 () = stop.cancelled() => {},
             }

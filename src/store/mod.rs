@@ -1,13 +1,15 @@
-//! The source of truth for jobs. [`Store`] is the one interface the API,
-//! dispatcher and workers use; `postgres` is production, `sqlite` is the
-//! embedded dev mode. Both apply the same lifecycle rules: every transition
-//! is one conditional UPDATE that also appends to `job_events`.
-//! `sqlite_analyze` keeps the analyze kind's rate limits and answer cache in
-//! the SQLite file for dev mode (production keeps them in Redis).
+//! All of the project's SQL, and the interfaces over it. [`Store`] is the
+//! one interface the API, dispatcher and workers use for jobs;
+//! [`events::EventStore`] is the notifier's. `postgres/` is production,
+//! `sqlite/` the embedded dev mode (which also keeps the embedded queue and
+//! the analyze kind's rate limits and answer cache in its file). Neither
+//! decides anything: the rules are [`crate::model::lifecycle`]'s, and the
+//! stores apply the [`Transition`]s it returns, each fenced on the status
+//! and attempt it was decided from.
 
+pub mod events;
 pub mod postgres;
 pub mod sqlite;
-pub mod sqlite_analyze;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,8 +17,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use crate::job::{Backoff, Inserted, Job, JobStatus, NewJob};
-use crate::lifecycle::FinishCmd;
+use crate::model::job::{Backoff, Inserted, Job, NewJob};
+use crate::model::lifecycle::{Illegal, JobState, Outcome, Transition};
+use crate::model::{EventType, JobStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,6 +51,18 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        match e {
+            // Connecting and running the scripts fail like any query, so
+            // "the database is not up yet" stays retryable at start.
+            sqlx::migrate::MigrateError::Execute(e)
+            | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => e.into(),
+            other => Self::Other(anyhow::Error::new(other).context("applying migrations")),
+        }
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// A job as a worker claimed it: what it needs to run the attempt.
@@ -59,9 +74,36 @@ pub struct Claimed {
     /// This attempt's number, also its fencing token.
     pub attempt: i32,
     pub attempt_limit: i32,
+    pub max_attempts: i32,
     pub timeout_secs: i32,
     pub backoff: Backoff,
     pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Claimed {
+    /// The state the lifecycle rules decide this attempt's end from.
+    pub fn state(&self) -> JobState {
+        JobState {
+            id: self.id,
+            status: JobStatus::Running,
+            attempt: self.attempt,
+            attempt_limit: self.attempt_limit,
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            // Only the lease rescuer reads it; a worker learns of a cancel
+            // from its heartbeat.
+            cancel_requested: false,
+        }
+    }
+}
+
+/// What [`Store::decide`] did.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Applied(Transition),
+    /// The outcome cannot happen to the job as it is; nothing was written.
+    Illegal(Illegal),
+    NotFound,
 }
 
 /// A lease still held after a heartbeat.
@@ -129,8 +171,9 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_jobs(&self, jobs: &[NewJob]) -> StoreResult<Vec<Inserted>>;
     async fn get_job(&self, id: Uuid) -> StoreResult<Option<Job>>;
     async fn list_jobs(&self, filter: &ListFilter) -> StoreResult<Vec<Job>>;
-    async fn cancel(&self, id: Uuid) -> StoreResult<CancelOutcome>;
-    async fn replay(&self, id: Uuid) -> StoreResult<DeadLetterOutcome>;
+    /// Reads the job under a row lock, asks [`crate::model::lifecycle::next`]
+    /// what `outcome` makes of it and applies that, in one transaction.
+    async fn decide(&self, id: Uuid, outcome: Outcome) -> StoreResult<Decision>;
     async fn purge(&self, id: Uuid) -> StoreResult<DeadLetterOutcome>;
 
     /// Claims the given jobs for one attempt each: `queued`/`retrying` and
@@ -141,15 +184,17 @@ pub trait Store: Send + Sync + 'static {
     /// Extends the leases still held; the ones missing from the answer were
     /// lost (expired and re-claimed, or finished elsewhere).
     async fn heartbeat(&self, held: &[(Uuid, i32)], lease: Duration) -> StoreResult<Vec<Held>>;
-    /// Applies finishes conditional on `running` with the same attempt;
-    /// returns the ids applied. The others were fenced.
-    async fn finish(&self, cmds: &[FinishCmd]) -> StoreResult<Vec<Uuid>>;
+    /// Applies transitions in one transaction, each only while its job is
+    /// still in `from` at `attempt`; returns the ids applied (the others
+    /// were fenced). At most one transition per job applies in a batch. A
+    /// success's children are inserted with it.
+    async fn apply(&self, batch: &[Transition]) -> StoreResult<Vec<Uuid>>;
 
     /// Moves up to `limit` due outbox rows to the broker: rows are removed
     /// only once `publisher` has them, so a crash re-sends rather than loses.
     async fn relay_outbox(&self, limit: i64, publisher: &dyn Publisher) -> StoreResult<usize>;
-    /// Jobs whose lease ran out (their worker died): back to the queue, or
-    /// dead when that was the last attempt. Returns how many moved.
+    /// Jobs whose lease ran out (their worker died) get the model's
+    /// [`Outcome::LeaseExpired`]; returns how many moved.
     async fn rescue_expired(&self, limit: i64) -> StoreResult<usize>;
     /// Jobs of `pool` the broker should be holding: queued or retrying,
     /// minus those whose outbox row is not yet published.
@@ -168,7 +213,57 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<HashMap<String, i64>>;
     /// Event rows of one job, oldest first.
     async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>>;
+
+    async fn cancel(&self, id: Uuid) -> StoreResult<CancelOutcome> {
+        Ok(match self.decide(id, Outcome::Cancel).await? {
+            Decision::Applied(t) if t.to == JobStatus::Cancelled => CancelOutcome::Cancelled,
+            Decision::Applied(_) => CancelOutcome::Requested,
+            Decision::Illegal(e) => CancelOutcome::AlreadyFinished(e.from),
+            Decision::NotFound => CancelOutcome::NotFound,
+        })
+    }
+
+    async fn replay(&self, id: Uuid) -> StoreResult<DeadLetterOutcome> {
+        Ok(match self.decide(id, Outcome::Replay).await? {
+            Decision::Applied(_) => DeadLetterOutcome::Done,
+            Decision::Illegal(e) => DeadLetterOutcome::NotDead(e.from),
+            Decision::NotFound => DeadLetterOutcome::NotFound,
+        })
+    }
 }
+
+/// `('queued', 'retrying')`: statuses as an SQL list, spelled by the model.
+/// Literal rather than bound, so the planner can match partial indexes.
+pub(crate) fn sql_list(statuses: &[JobStatus]) -> String {
+    let quoted: Vec<String> = statuses
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    format!("({})", quoted.join(", "))
+}
+
+/// The event columns both dialects read: the job's result rides on the
+/// success event and its last error on the events that carry one.
+/// `last_error` is the dialect's expression for the last of `j.errors`.
+pub(crate) fn event_columns(last_error: &str) -> String {
+    let carrying: Vec<String> = EventType::ALL
+        .into_iter()
+        .filter(|t| t.carries_error())
+        .map(|t| format!("'{}'", t.as_str()))
+        .collect();
+    format!(
+        "e.id, e.type, e.job_id, e.kind, e.status, e.attempt, e.parent_id, e.at,
+         CASE WHEN e.type = '{}' THEN j.result END AS result,
+         CASE WHEN e.type IN ({}) THEN {last_error} END AS error,
+         j.webhook",
+        EventType::Succeeded.as_str(),
+        carrying.join(", ")
+    )
+}
+
+/// How long the outbox relay waits for a broker to take a batch before it
+/// gives the rows back for the next round.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)

@@ -7,20 +7,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::job::JobWebhook;
-
-/// The event types a watcher can ask for.
-pub const EVENT_TYPES: [&str; 6] = [
-    "job.queued",
-    "job.started",
-    "job.retrying",
-    "job.succeeded",
-    "job.dead",
-    "job.cancelled",
-];
-
-/// The default webhook subscription: how jobs end.
-pub const TERMINAL_TYPES: [&str; 3] = ["job.succeeded", "job.dead", "job.cancelled"];
+use super::job::JobWebhook;
+use super::status::EventType;
 
 /// One transition as the stream and webhooks carry it (`data` of an SSE
 /// event, a WebSocket text frame, and `data` of a webhook body).
@@ -53,7 +41,7 @@ pub struct Event {
 
 impl Event {
     pub fn is_terminal(&self) -> bool {
-        TERMINAL_TYPES.contains(&self.event_type.as_str())
+        EventType::parse(&self.event_type).is_some_and(EventType::is_terminal)
     }
 
     /// The JSON text sent to streams.
@@ -106,10 +94,10 @@ impl EventFilter {
                     .push(Uuid::parse_str(v).map_err(|_| ("job", format!("{v:?} is not a UUID")))?),
                 "types" => {
                     for t in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                        if !EVENT_TYPES.contains(&t) {
+                        if EventType::parse(t).is_none() {
                             return Err((
                                 "types",
-                                format!("unknown type {t:?}; known: {}", EVENT_TYPES.join(", ")),
+                                format!("unknown type {t:?}; known: {}", EventType::names()),
                             ));
                         }
                         f.types.push(t.to_owned());

@@ -1,6 +1,6 @@
-//! The job model: states and their allowed transitions, the submit request
-//! (parsed into a [`NewJob`] that can only hold valid values), and the stored
-//! [`Job`] as the API shows it.
+//! What a job is: the submit request (parsed into a [`NewJob`] that can
+//! only hold valid values), its retry policy and error history, and the
+//! stored [`Job`] as the API shows it.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -8,72 +8,12 @@ use stevedore_handler::FieldError;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::secret::Secret;
+use super::status::JobStatus;
 use crate::kinds::Kinds;
 
-/// Where a job is in its life. Transitions (each one conditional UPDATE):
-///
-/// ```text
-/// queued ──claim──▶ running ──ok──▶ succeeded
-///    ▲                 │ ├──retryable──▶ retrying ──due+claim──▶ running
-///    │                 │ └──permanent / last attempt──▶ dead ──replay──▶ queued
-///    └── hand back ────┘
-/// queued | retrying | running(at next lease check) ──cancel──▶ cancelled
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum JobStatus {
-    Queued,
-    Running,
-    Retrying,
-    Succeeded,
-    Dead,
-    Cancelled,
-}
-
-impl JobStatus {
-    pub const ALL: [JobStatus; 6] = [
-        Self::Queued,
-        Self::Running,
-        Self::Retrying,
-        Self::Succeeded,
-        Self::Dead,
-        Self::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Retrying => "retrying",
-            Self::Succeeded => "succeeded",
-            Self::Dead => "dead",
-            Self::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|st| st.as_str() == s)
-    }
-
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Dead | Self::Cancelled)
-    }
-
-    /// The event type recorded when a job enters this state.
-    pub fn event_type(self) -> &'static str {
-        match self {
-            Self::Queued => "job.queued",
-            Self::Running => "job.started",
-            Self::Retrying => "job.retrying",
-            Self::Succeeded => "job.succeeded",
-            Self::Dead => "job.dead",
-            Self::Cancelled => "job.cancelled",
-        }
-    }
-}
-
 /// Per-job retry delay: exponential from `base_ms`, capped at `max_ms`, with
-/// full jitter (see `lifecycle::retry_delay`).
+/// full jitter (see [`super::lifecycle::retry_delay`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backoff {
@@ -213,8 +153,7 @@ impl NewJob {
                 ));
             }
             if let Some(secret) = &w.secret {
-                crate::notifier::sign::Secret::parse(secret)
-                    .map_err(|e| FieldError::new("webhook.secret", e))?;
+                Secret::parse(secret).map_err(|e| FieldError::new("webhook.secret", e))?;
             }
         }
         Ok(Self {
@@ -299,19 +238,4 @@ pub struct Job {
     pub finished_at: Option<DateTime<Utc>>,
     pub next_run_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_round_trips_and_terminality() {
-        for s in JobStatus::ALL {
-            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
-        }
-        assert!(JobStatus::Dead.is_terminal());
-        assert!(!JobStatus::Retrying.is_terminal());
-        assert_eq!(JobStatus::parse("done"), None);
-    }
 }

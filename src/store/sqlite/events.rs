@@ -1,7 +1,8 @@
 //! [`EventStore`] on SQLite for `stevedore dev`. The store's single
 //! connection serialises every transaction, so ids are visible in commit
 //! order and the frontier never waits ([`Snapshot::SERIAL`]); instead of
-//! NOTIFY, the store's event writes ring the in-process [`events_bell`].
+//! NOTIFY, the store's event writes ring the in-process
+//! bell (see [`SqliteStore`]).
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -15,23 +16,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::event::Event;
-use super::gaps::Snapshot;
-use super::store::{
+use crate::model::event::Event;
+use crate::store::events::{
     AttemptRecord, DeliveryView, DueDelivery, EventPage, EventStore, Lag, NewDelivery,
-    RetryOutcome, Webhook,
+    RetryOutcome, Snapshot, Webhook, EVENTS_CHANNEL,
 };
 use crate::store::sqlite::{now_ms, SqliteStore};
-use crate::store::{ms, StoreResult};
-
-static BELL: LazyLock<Arc<Notify>> = LazyLock::new(|| Arc::new(Notify::new()));
-
-/// Rung by the SQLite store when it writes events. Ringing before the
-/// commit is safe: the pool's one connection makes the notifier's read wait
-/// for that commit.
-pub fn events_bell() -> Arc<Notify> {
-    BELL.clone()
-}
+use crate::store::{event_columns, ms, StoreResult};
 
 fn t(v: Option<i64>) -> Option<DateTime<Utc>> {
     v.and_then(|v| Utc.timestamp_millis_opt(v).single())
@@ -41,10 +32,8 @@ fn uuid(s: &str) -> anyhow::Result<Uuid> {
     Uuid::parse_str(s).with_context(|| format!("bad id {s:?} in the database"))
 }
 
-const EVENT_COLUMNS: &str = "e.id, e.type, e.job_id, e.kind, e.status, e.attempt, e.parent_id, e.at,
-    CASE WHEN e.type = 'job.succeeded' THEN j.result END AS result,
-    CASE WHEN e.type IN ('job.dead', 'job.retrying') THEN json_extract(j.errors, '$[#-1]') END AS error,
-    j.webhook";
+static EVENT_COLUMNS: LazyLock<String> =
+    LazyLock::new(|| event_columns("json_extract(j.errors, '$[#-1]')"));
 
 fn row_to_event(r: &SqliteRow) -> anyhow::Result<Event> {
     let json = |c: &str| -> anyhow::Result<Option<serde_json::Value>> {
@@ -118,8 +107,9 @@ impl EventStore for SqliteStore {
 
     async fn events_between(&self, after: i64, upto: i64, limit: i64) -> StoreResult<Vec<Event>> {
         let rows = sqlx::query(&format!(
-            "SELECT {EVENT_COLUMNS} FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id
-             WHERE e.id > ? AND e.id <= ? ORDER BY e.id LIMIT ?"
+            "SELECT {cols} FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id
+             WHERE e.id > ? AND e.id <= ? ORDER BY e.id LIMIT ?",
+            cols = EVENT_COLUMNS.as_str()
         ))
         .bind(after)
         .bind(upto)
@@ -419,5 +409,18 @@ impl EventStore for SqliteStore {
         })
     }
 
-    async fn listen(&self, _channel: &'static str, _wake: Arc<Notify>, _stop: CancellationToken) {}
+    /// No NOTIFY on SQLite: event writes ring the store's bell in process,
+    /// and that stands in for the events channel. Other channels have no
+    /// writer in another process to hear from.
+    async fn listen(&self, channel: &'static str, wake: Arc<Notify>, stop: CancellationToken) {
+        if channel != EVENTS_CHANNEL {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = self.bell.notified() => wake.notify_one(),
+                () = stop.cancelled() => return,
+            }
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! cursor advance, the deliveries and the NOTIFY to API processes commit
 //! together.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -15,20 +15,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::event::Event;
-use super::gaps::Snapshot;
-use super::store::{
+use crate::model::event::Event;
+use crate::store::events::{
     AttemptRecord, DeliveryView, DueDelivery, EventPage, EventStore, Lag, NewDelivery,
-    RetryOutcome, Webhook,
+    RetryOutcome, Snapshot, Webhook,
 };
 use crate::store::postgres::PgStore;
-use crate::store::{ms, StoreResult};
+use crate::store::{event_columns, ms, StoreResult};
 
-const EVENT_COLUMNS: &str =
-    "e.id, e.type, e.job_id, e.kind, e.status, e.attempt, e.parent_id, e.at,
-    CASE WHEN e.type = 'job.succeeded' THEN j.result END AS result,
-    CASE WHEN e.type IN ('job.dead', 'job.retrying') THEN j.errors -> -1 END AS error,
-    j.webhook";
+static EVENT_COLUMNS: LazyLock<String> = LazyLock::new(|| event_columns("j.errors -> -1"));
 
 fn row_to_event(r: &PgRow) -> anyhow::Result<Event> {
     let webhook: Option<serde_json::Value> = r.try_get("webhook")?;
@@ -88,11 +83,12 @@ impl EventStore for PgStore {
         // One statement, one snapshot: the rows and the xmin/xmax the
         // frontier judges gaps by must come from the same instant.
         let rows = sqlx::query(&format!(
-            "SELECT {EVENT_COLUMNS},
+            "SELECT {cols},
                     pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin,
                     pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax
              FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id
-             WHERE e.id > $1 ORDER BY e.id LIMIT $2"
+             WHERE e.id > $1 ORDER BY e.id LIMIT $2",
+            cols = EVENT_COLUMNS.as_str()
         ))
         .bind(after)
         .bind(limit)
@@ -114,8 +110,9 @@ impl EventStore for PgStore {
 
     async fn events_between(&self, after: i64, upto: i64, limit: i64) -> StoreResult<Vec<Event>> {
         let rows = sqlx::query(&format!(
-            "SELECT {EVENT_COLUMNS} FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id
-             WHERE e.id > $1 AND e.id <= $2 ORDER BY e.id LIMIT $3"
+            "SELECT {cols} FROM job_events e LEFT JOIN jobs j ON j.id = e.job_id
+             WHERE e.id > $1 AND e.id <= $2 ORDER BY e.id LIMIT $3",
+            cols = EVENT_COLUMNS.as_str()
         ))
         .bind(after)
         .bind(upto)
@@ -174,7 +171,7 @@ impl EventStore for PgStore {
         // One NOTIFY per batch from a single writer: cheap, and it tells API
         // processes in other processes that events up to `to` are final.
         sqlx::query("SELECT pg_notify($1, $2::text)")
-            .bind(super::store::CURSOR_CHANNEL)
+            .bind(crate::store::events::CURSOR_CHANNEL)
             .bind(to)
             .execute(&mut *tx)
             .await?;

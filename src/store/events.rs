@@ -1,8 +1,8 @@
-//! The notifier's own queries, kept out of the core `Store` trait:
+//! The notifier's queries, kept out of the core [`super::Store`] trait:
 //! [`EventStore`] reads events in order, advances the persisted cursor
 //! together with the webhook deliveries it writes, and keeps webhooks and
-//! their deliveries. Implemented for `PgStore` (in `pg.rs`) and
-//! `SqliteStore` (in `sqlite.rs`).
+//! their deliveries. Implemented in `postgres/events.rs` and
+//! `sqlite/events.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +15,24 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::event::Event;
-use super::gaps::Snapshot;
-use crate::store::StoreResult;
+use super::StoreResult;
+use crate::model::event::Event;
+
+/// The snapshot a page of events was read in (Postgres `xid8`s as i64).
+/// SQLite has one writer and no in-flight rows: use [`Snapshot::SERIAL`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Snapshot {
+    pub xmin: i64,
+    pub xmax: i64,
+}
+
+impl Snapshot {
+    /// Every gap is final at once.
+    pub const SERIAL: Snapshot = Snapshot {
+        xmin: i64::MAX,
+        xmax: 0,
+    };
+}
 
 /// Events read after a cursor, and the snapshot they were read in.
 #[derive(Debug, Clone)]

@@ -1,0 +1,12 @@
+//! The job model, with no I/O: statuses and event types ([`status`]), what
+//! a job is ([`job`]), every lifecycle rule as a function that returns the
+//! transition a store applies ([`lifecycle`]), what watchers see
+//! ([`event`]) and webhook signing keys ([`secret`]).
+
+pub mod event;
+pub mod job;
+pub mod lifecycle;
+pub mod secret;
+pub mod status;
+
+pub use status::{EventType, JobStatus};

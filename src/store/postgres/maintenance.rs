@@ -1,0 +1,97 @@
+//! The dispatcher's queries on Postgres: relaying the outbox to brokers,
+//! and finding jobs a broker should hold but may have lost.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::PgStore;
+use crate::model::JobStatus;
+use crate::store::{ms, sql_list, Publisher, StoreError, StoreResult, PUBLISH_TIMEOUT};
+
+impl PgStore {
+    pub(super) async fn relay(&self, limit: i64, publisher: &dyn Publisher) -> StoreResult<usize> {
+        // The rows stay locked (and the transaction open) while the broker
+        // confirms: deleting them in the same transaction costs one commit
+        // per batch, where a lease on the rows would cost two and a WAL
+        // record per row, and commits are the scarce resource on a disk
+        // with slow fsync. SKIP LOCKED lets other relays go on meanwhile,
+        // and PUBLISH_TIMEOUT bounds how long a stalled broker holds them.
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "DELETE FROM outbox WHERE id IN (
+                SELECT id FROM outbox WHERE available_at <= now()
+                ORDER BY available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING job_id, pool",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut by_pool: HashMap<&str, Vec<Uuid>> = HashMap::new();
+        for (id, pool) in &rows {
+            by_pool.entry(pool.as_str()).or_default().push(*id);
+        }
+        // Publish before commit: if the commit fails the rows come back and
+        // are sent twice, which the conditional claim makes harmless; the
+        // other order could lose them.
+        for (pool, ids) in by_pool {
+            tokio::time::timeout(PUBLISH_TIMEOUT, publisher.publish(pool, &ids))
+                .await
+                .map_err(|_| {
+                    StoreError::Other(anyhow::anyhow!("publishing to {pool} timed out"))
+                })??;
+        }
+        tx.commit().await?;
+        Ok(rows.len())
+    }
+
+    pub(super) async fn waiting_by_pool(&self) -> StoreResult<HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT kind, sum(n)::bigint FROM (
+                SELECT kind, count(*) AS n FROM jobs
+                WHERE status IN {} AND NOT cancel_requested GROUP BY kind
+                UNION ALL
+                SELECT pool, -count(*) FROM outbox GROUP BY pool
+             ) t GROUP BY kind",
+            sql_list(&JobStatus::CLAIMABLE)
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub(super) async fn resend_lost(
+        &self,
+        pool: &str,
+        older_than: Duration,
+        limit: i64,
+    ) -> StoreResult<usize> {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "WITH x AS (
+                SELECT id FROM jobs j
+                WHERE status IN {} AND kind = $3
+                  AND greatest(updated_at, coalesce(next_run_at, updated_at))
+                      < now() - $1 * interval '1 millisecond'
+                  AND NOT cancel_requested
+                  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)
+                ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), upd AS (
+                UPDATE jobs j SET updated_at = now() FROM x WHERE j.id = x.id RETURNING j.id, j.kind
+             ), ob AS (
+                INSERT INTO outbox (job_id, pool) SELECT id, kind FROM upd
+             )
+             SELECT count(*) FROM upd",
+            sql_list(&JobStatus::CLAIMABLE)
+        ))
+        .bind(ms(older_than) as f64)
+        .bind(limit)
+        .bind(pool)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as usize)
+    }
+}

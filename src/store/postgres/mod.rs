@@ -1,0 +1,194 @@
+//! The Postgres store: production source of truth. `apply.rs` writes the
+//! lifecycle, `claim.rs` claims and extends leases, `jobs.rs` reads jobs, `maintenance.rs` holds the dispatcher's
+//! queries and `events.rs` the notifier's.
+
+mod apply;
+mod claim;
+pub mod events;
+mod jobs;
+mod maintenance;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use self::apply::{apply_in, insert_in, row_to_state, STATE_COLUMNS};
+use super::{
+    Claimed, DeadLetterOutcome, Decision, Depths, Held, JobEvent, ListFilter, Publisher, Store,
+    StoreResult,
+};
+use crate::model::job::{Inserted, Job, NewJob};
+use crate::model::lifecycle::{self, Outcome, Transition};
+use crate::model::JobStatus;
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        let opts: PgConnectOptions = url.parse().context("DATABASE_URL is not a valid URL")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            // A short acquire timeout turns "Postgres is down" into a fast
+            // 503 instead of a hung request.
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy_with(opts);
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn parse_status(s: &str) -> anyhow::Result<JobStatus> {
+    JobStatus::parse(s).with_context(|| format!("unknown status {s:?} in the database"))
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_jobs(&self, jobs: &[NewJob]) -> StoreResult<Vec<Inserted>> {
+        let mut tx = self.pool.begin().await?;
+        let out = insert_in(&mut tx, jobs).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn get_job(&self, id: Uuid) -> StoreResult<Option<Job>> {
+        self.job(id).await
+    }
+
+    async fn list_jobs(&self, f: &ListFilter) -> StoreResult<Vec<Job>> {
+        self.jobs(f).await
+    }
+
+    async fn decide(&self, id: Uuid, outcome: Outcome) -> StoreResult<Decision> {
+        let mut tx = self.pool.begin().await?;
+        // The lock makes the state read the state the transition applies
+        // to: a worker's heartbeat or finish waits for this commit.
+        let row = sqlx::query(&format!(
+            "SELECT {STATE_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Decision::NotFound);
+        };
+        let state = row_to_state(&row)?;
+        match lifecycle::next(&state, outcome, chrono::Utc::now()) {
+            Err(e) => Ok(Decision::Illegal(e)),
+            Ok(t) => {
+                apply_in(&mut tx, std::slice::from_ref(&t)).await?;
+                tx.commit().await?;
+                Ok(Decision::Applied(t))
+            }
+        }
+    }
+
+    async fn purge(&self, id: Uuid) -> StoreResult<DeadLetterOutcome> {
+        self.purge_dead(id).await
+    }
+
+    async fn claim(
+        &self,
+        ids: &[Uuid],
+        worker: &str,
+        lease: Duration,
+    ) -> StoreResult<Vec<Claimed>> {
+        self.claim_ids(ids, worker, lease).await
+    }
+
+    async fn heartbeat(&self, held: &[(Uuid, i32)], lease: Duration) -> StoreResult<Vec<Held>> {
+        self.extend_leases(held, lease).await
+    }
+
+    async fn apply(&self, batch: &[Transition]) -> StoreResult<Vec<Uuid>> {
+        if batch.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut tx = self.pool.begin().await?;
+        let applied = apply_in(&mut tx, batch).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    async fn relay_outbox(&self, limit: i64, publisher: &dyn Publisher) -> StoreResult<usize> {
+        self.relay(limit, publisher).await
+    }
+
+    async fn rescue_expired(&self, limit: i64) -> StoreResult<usize> {
+        let mut tx = self.pool.begin().await?;
+        // SKIP LOCKED shares the work between dispatchers; the row locks
+        // also make a heartbeat racing the rescue wait, then find its
+        // lease gone.
+        let rows = sqlx::query(&format!(
+            "SELECT {STATE_COLUMNS} FROM jobs
+             WHERE status = '{}' AND lease_until < now()
+             ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED",
+            JobStatus::Running.as_str()
+        ))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let now = chrono::Utc::now();
+        let batch: Vec<Transition> = rows
+            .iter()
+            .map(row_to_state)
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .iter()
+            .filter_map(|s| lifecycle::next(s, Outcome::LeaseExpired, now).ok())
+            .collect();
+        let applied = apply_in(&mut tx, &batch).await?;
+        tx.commit().await?;
+        Ok(applied.len())
+    }
+
+    async fn published_waiting(&self) -> StoreResult<HashMap<String, i64>> {
+        self.waiting_by_pool().await
+    }
+
+    async fn repair_lost(
+        &self,
+        pool: &str,
+        older_than: Duration,
+        limit: i64,
+    ) -> StoreResult<usize> {
+        self.resend_lost(pool, older_than, limit).await
+    }
+
+    async fn depths(&self) -> StoreResult<Depths> {
+        self.depth_counts().await
+    }
+
+    async fn counts(
+        &self,
+        since: Option<Uuid>,
+        kind: Option<&str>,
+    ) -> StoreResult<HashMap<String, i64>> {
+        self.status_counts(since, kind).await
+    }
+
+    async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>> {
+        self.events_of(id).await
+    }
+}

@@ -1,0 +1,222 @@
+//! Writing the lifecycle on SQLite: inserting jobs and applying the
+//! model's transitions row by row inside the caller's transaction, each
+//! fenced on the status and attempt it was decided from.
+
+use std::collections::HashSet;
+
+use anyhow::Context as _;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::{now_ms, parse_id, parse_status, to_ms};
+use crate::model::job::{AttemptError, Backoff, Inserted, NewJob};
+use crate::model::lifecycle::{Enqueue, JobState, Transition};
+use crate::model::{EventType, JobStatus};
+use crate::store::StoreResult;
+
+/// The columns [`row_to_state`] reads.
+pub(super) const STATE_COLUMNS: &str = "id, status, attempt, attempt_limit, max_attempts, \
+     backoff_base_ms, backoff_max_ms, cancel_requested";
+
+pub(super) fn row_to_state(r: &SqliteRow) -> anyhow::Result<JobState> {
+    Ok(JobState {
+        id: parse_id(r.try_get("id")?)?,
+        status: parse_status(r.try_get("status")?)?,
+        attempt: r.try_get("attempt")?,
+        attempt_limit: r.try_get("attempt_limit")?,
+        max_attempts: r.try_get("max_attempts")?,
+        backoff: backoff(r)?,
+        cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+    })
+}
+
+pub(super) fn backoff(r: &SqliteRow) -> Result<Backoff, sqlx::Error> {
+    Ok(Backoff {
+        base_ms: r.try_get::<i64, _>("backoff_base_ms")? as u64,
+        max_ms: r.try_get::<i64, _>("backoff_max_ms")? as u64,
+    })
+}
+
+pub(super) async fn state_in(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+) -> StoreResult<Option<JobState>> {
+    let row = sqlx::query(&format!("SELECT {STATE_COLUMNS} FROM jobs WHERE id = ?"))
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.as_ref().map(row_to_state).transpose()?)
+}
+
+pub(super) async fn event(
+    conn: &mut SqliteConnection,
+    id: &str,
+    event: EventType,
+    bell: &Notify,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO job_events (job_id, kind, type, status, attempt, parent_id, at)
+         SELECT id, kind, ?, status, attempt, parent_id, ? FROM jobs WHERE id = ?",
+    )
+    .bind(event.as_str())
+    .bind(now_ms())
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    bell.notify_one();
+    Ok(())
+}
+
+pub(super) async fn outbox(
+    conn: &mut SqliteConnection,
+    id: &str,
+    pool: &str,
+    at: i64,
+) -> StoreResult<()> {
+    sqlx::query("INSERT INTO outbox (job_id, pool, available_at) VALUES (?, ?, ?)")
+        .bind(id)
+        .bind(pool)
+        .bind(at)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn insert_in(
+    conn: &mut SqliteConnection,
+    jobs: &[NewJob],
+    bell: &Notify,
+) -> StoreResult<Vec<Inserted>> {
+    let mut out = Vec::with_capacity(jobs.len());
+    let now = now_ms();
+    for j in jobs {
+        if let Some(key) = &j.idempotency_key {
+            let found: Option<(String, String)> =
+                sqlx::query_as("SELECT id, status FROM jobs WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            if let Some((id, status)) = found {
+                out.push(Inserted {
+                    id: parse_id(&id)?,
+                    status: parse_status(&status)?,
+                    created: false,
+                });
+                continue;
+            }
+        }
+        let id = j.id.to_string();
+        let run_at = j.run_at.map(to_ms);
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
+               backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
+               created_at, updated_at, webhook)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&j.kind)
+        .bind(j.payload.to_string())
+        .bind(JobStatus::Queued.as_str())
+        .bind(j.max_attempts)
+        .bind(j.max_attempts)
+        .bind(j.backoff.base_ms as i64)
+        .bind(j.backoff.max_ms as i64)
+        .bind(j.timeout_secs)
+        .bind(run_at)
+        .bind(run_at)
+        .bind(&j.idempotency_key)
+        .bind(j.parent_id.map(|p| p.to_string()))
+        .bind(now)
+        .bind(now)
+        .bind(
+            j.webhook
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .context("encoding the job's webhook")?,
+        )
+        .execute(&mut *conn)
+        .await?;
+        outbox(conn, &id, &j.kind, run_at.unwrap_or(now)).await?;
+        event(conn, &id, EventType::Queued, bell).await?;
+        out.push(Inserted {
+            id: j.id,
+            status: JobStatus::Queued,
+            created: true,
+        });
+    }
+    Ok(out)
+}
+
+/// Appends one attempt error to the JSON array in `errors`.
+async fn push_error(conn: &mut SqliteConnection, id: &str, e: &AttemptError) -> StoreResult<()> {
+    let e = serde_json::to_string(e).context("encoding attempt error")?;
+    sqlx::query("UPDATE jobs SET errors = json_insert(errors, '$[#]', json(?)) WHERE id = ?")
+        .bind(e)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Applies `batch` in the caller's transaction, then the children of the
+/// successes that applied. Once a job has moved, its other transitions in
+/// the batch are skipped: Postgres' one-statement update also applies at
+/// most one per row.
+pub(super) async fn apply_in(
+    conn: &mut SqliteConnection,
+    batch: &[Transition],
+    bell: &Notify,
+) -> StoreResult<Vec<Uuid>> {
+    let mut applied = Vec::new();
+    let mut moved = HashSet::new();
+    let now = now_ms();
+    for t in batch {
+        if moved.contains(&t.id) {
+            continue;
+        }
+        let sid = t.id.to_string();
+        let kind: Option<String> = sqlx::query_scalar(
+            "UPDATE jobs SET status = ?4,
+               attempt_limit = coalesce(?5, attempt_limit),
+               next_run_at = ?6,
+               cancel_requested = coalesce(?7, cancel_requested),
+               result = coalesce(?8, result),
+               finished_at = CASE WHEN ?9 THEN ?11 END,
+               lease_until = CASE WHEN ?10 THEN lease_until END,
+               updated_at = ?11
+             WHERE id = ?1 AND status = ?2 AND attempt = ?3 RETURNING kind",
+        )
+        .bind(&sid)
+        .bind(t.from.as_str())
+        .bind(t.attempt)
+        .bind(t.to.as_str())
+        .bind(t.attempt_limit)
+        .bind(t.next_run_at.map(to_ms))
+        .bind(t.cancel_requested)
+        .bind(t.result.as_ref().map(|r| r.to_string()))
+        .bind(t.to.is_terminal())
+        .bind(t.to == JobStatus::Running)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(kind) = kind else { continue };
+        if let Some(e) = &t.error {
+            push_error(conn, &sid, e).await?;
+        }
+        match t.enqueue {
+            Some(Enqueue::Now) => outbox(conn, &sid, &kind, now).await?,
+            Some(Enqueue::At(at)) => outbox(conn, &sid, &kind, to_ms(at)).await?,
+            None => {}
+        }
+        if let Some(e) = t.event {
+            event(conn, &sid, e, bell).await?;
+        }
+        insert_in(conn, &t.children, bell).await?;
+        moved.insert(t.id);
+        applied.push(t.id);
+    }
+    Ok(applied)
+}

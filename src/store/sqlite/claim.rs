@@ -1,0 +1,93 @@
+//! The hot path on SQLite: claiming delivered jobs for one attempt and
+//! extending the leases of running ones (see `postgres/claim.rs` for why
+//! these are not model transitions).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::apply::{backoff, event};
+use super::{from_ms, now_ms, SqliteStore};
+use crate::model::{EventType, JobStatus};
+use crate::store::{ms, sql_list, Claimed, Held, StoreResult};
+
+impl SqliteStore {
+    pub(super) async fn claim_ids(
+        &self,
+        ids: &[Uuid],
+        worker: &str,
+        lease: Duration,
+    ) -> StoreResult<Vec<Claimed>> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        let now = now_ms();
+        let sql = format!(
+            "UPDATE jobs SET status = ?5, attempt = attempt + 1, lease_until = ?2,
+               worker = ?3, started_at = ?4, next_run_at = NULL, updated_at = ?4
+             WHERE id = ?1 AND status IN {}
+               AND (next_run_at IS NULL OR next_run_at <= ?4) AND cancel_requested = 0
+             RETURNING kind, payload, attempt, attempt_limit, max_attempts, timeout_secs,
+                       backoff_base_ms, backoff_max_ms, created_at",
+            sql_list(&JobStatus::CLAIMABLE)
+        );
+        for id in ids {
+            let sid = id.to_string();
+            let row = sqlx::query(&sql)
+                .bind(&sid)
+                .bind(now + ms(lease))
+                .bind(worker)
+                .bind(now)
+                .bind(JobStatus::Running.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(r) = row else { continue };
+            event(&mut tx, &sid, EventType::Started, &self.bell).await?;
+            let payload: String = r.try_get("payload")?;
+            out.push(Claimed {
+                id: *id,
+                kind: r.try_get("kind")?,
+                payload: serde_json::from_str(&payload).context("stored payload")?,
+                attempt: r.try_get("attempt")?,
+                attempt_limit: r.try_get("attempt_limit")?,
+                max_attempts: r.try_get("max_attempts")?,
+                timeout_secs: r.try_get("timeout_secs")?,
+                backoff: backoff(&r)?,
+                created_at: from_ms(r.try_get("created_at")?).unwrap_or_default(),
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(super) async fn extend_leases(
+        &self,
+        held: &[(Uuid, i32)],
+        lease: Duration,
+    ) -> StoreResult<Vec<Held>> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        let until = now_ms() + ms(lease);
+        for (id, attempt) in held {
+            let cancel: Option<i64> = sqlx::query_scalar(
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND attempt = ? AND status = ?
+                 RETURNING cancel_requested",
+            )
+            .bind(until)
+            .bind(id.to_string())
+            .bind(attempt)
+            .bind(JobStatus::Running.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(c) = cancel {
+                out.push(Held {
+                    id: *id,
+                    cancel_requested: c != 0,
+                });
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}

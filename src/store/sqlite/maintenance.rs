@@ -1,0 +1,121 @@
+//! The dispatcher's queries on SQLite: relaying the outbox to the broker,
+//! finding expired leases, and jobs a broker should hold but may have lost.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::SqliteConnection;
+use uuid::Uuid;
+
+use super::apply::{outbox, row_to_state, STATE_COLUMNS};
+use super::{now_ms, parse_id, SqliteStore};
+use crate::model::lifecycle::JobState;
+use crate::model::JobStatus;
+use crate::store::{ms, sql_list, Publisher, StoreError, StoreResult, PUBLISH_TIMEOUT};
+
+impl SqliteStore {
+    pub(super) async fn relay(&self, limit: i64, publisher: &dyn Publisher) -> StoreResult<usize> {
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(
+            "SELECT id, job_id, pool FROM outbox WHERE available_at <= ? ORDER BY available_at, id LIMIT ?",
+        )
+        .bind(now_ms())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut by_pool: HashMap<&str, Vec<Uuid>> = HashMap::new();
+        for (_, id, pool) in &rows {
+            by_pool
+                .entry(pool.as_str())
+                .or_default()
+                .push(parse_id(id)?);
+        }
+        // Dev mode runs one relay, so no row lock is needed and no
+        // transaction is held while publishing; rows are deleted only after
+        // the publish, so a crash in between re-sends, never loses.
+        for (pool, ids) in by_pool {
+            tokio::time::timeout(PUBLISH_TIMEOUT, publisher.publish(pool, &ids))
+                .await
+                .map_err(|_| {
+                    StoreError::Other(anyhow::anyhow!("publishing to {pool} timed out"))
+                })??;
+        }
+        let mut tx = self.pool.begin().await?;
+        for (rowid, _, _) in &rows {
+            sqlx::query("DELETE FROM outbox WHERE id = ?")
+                .bind(rowid)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len())
+    }
+
+    pub(super) async fn expired_in(
+        &self,
+        conn: &mut SqliteConnection,
+        limit: i64,
+    ) -> StoreResult<Vec<JobState>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {STATE_COLUMNS} FROM jobs WHERE status = ? AND lease_until < ?
+             ORDER BY lease_until LIMIT ?"
+        ))
+        .bind(JobStatus::Running.as_str())
+        .bind(now_ms())
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(row_to_state)
+            .collect::<anyhow::Result<_>>()?)
+    }
+
+    pub(super) async fn waiting_by_pool(&self) -> StoreResult<HashMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT kind, sum(n) FROM (
+                SELECT kind, count(*) AS n FROM jobs
+                WHERE status IN {} AND cancel_requested = 0 GROUP BY kind
+                UNION ALL
+                SELECT pool, -count(*) FROM outbox GROUP BY pool
+             ) GROUP BY kind",
+            sql_list(&JobStatus::CLAIMABLE)
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub(super) async fn resend_lost(
+        &self,
+        pool: &str,
+        older_than: Duration,
+        limit: i64,
+    ) -> StoreResult<usize> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT id, kind FROM jobs j WHERE status IN {} AND kind = ?
+               AND max(updated_at, coalesce(next_run_at, updated_at)) < ? AND cancel_requested = 0
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id) ORDER BY updated_at LIMIT ?",
+            sql_list(&JobStatus::CLAIMABLE)
+        ))
+        .bind(pool)
+        .bind(now - ms(older_than))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, kind) in &rows {
+            sqlx::query("UPDATE jobs SET updated_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            outbox(&mut tx, id, kind, now).await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len())
+    }
+}

@@ -1,0 +1,89 @@
+//! The embedded queue's table (`queue`, in the dev mode's SQLite file):
+//! the SQL behind [`crate::broker::embedded`]. A received message is hidden
+//! until `visible_at` instead of deleted, so one whose consumer dies before
+//! acking comes back.
+
+use sqlx::SqlitePool;
+
+use super::now_ms;
+
+#[derive(Clone)]
+pub struct QueueTable {
+    pool: SqlitePool,
+}
+
+impl QueueTable {
+    pub fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Adds one message per body, visible at once, in one transaction.
+    pub async fn push(&self, pool: &str, bodies: &[String]) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        for body in bodies {
+            sqlx::query("INSERT INTO queue (pool, body, visible_at) VALUES (?, ?, ?)")
+                .bind(pool)
+                .bind(body)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+
+    pub async fn depth(&self, pool: &str) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT count(*) FROM queue WHERE pool = ?")
+            .bind(pool)
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// Up to `max` visible messages of `pool`, oldest first, hidden for
+    /// `hide_ms`: (row id, body).
+    pub async fn take(
+        &self,
+        pool: &str,
+        max: i64,
+        hide_ms: i64,
+    ) -> Result<Vec<(i64, String)>, sqlx::Error> {
+        let now = now_ms();
+        sqlx::query_as(
+            "UPDATE queue SET visible_at = ?, deliveries = deliveries + 1
+             WHERE id IN (SELECT id FROM queue WHERE pool = ? AND visible_at <= ? ORDER BY id LIMIT ?)
+             RETURNING id, body",
+        )
+        .bind(now.saturating_add(hide_ms))
+        .bind(pool)
+        .bind(now)
+        .bind(max)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Moves an undecodable message aside (its pool renamed `poison:<pool>`)
+    /// instead of redelivering it forever.
+    pub async fn quarantine(&self, row: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE queue SET pool = 'poison:' || pool WHERE id = ?")
+            .bind(row)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, rows: &[i64]) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        for row in rows {
+            sqlx::query("DELETE FROM queue WHERE id = ?")
+                .bind(row)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+}

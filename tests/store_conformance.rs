@@ -1,0 +1,642 @@
+//! One conformance suite for both stores: every `Store` method against a
+//! fresh Postgres database and a fresh SQLite file, with the fencing cases
+//! (a late write of an older attempt is refused) and the batch edge cases
+//! (empty batch, duplicate ids, mixed outcomes). The rules themselves are
+//! unit-tested in `src/model/`; this checks that both stores apply them
+//! the same way.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use serde_json::json;
+use stevedore::model::job::{Backoff, NewJob};
+use stevedore::model::lifecycle::{next, Outcome, Transition};
+use stevedore::model::JobStatus;
+use stevedore::store::postgres::PgStore;
+use stevedore::store::sqlite::SqliteStore;
+use stevedore::store::{CancelOutcome, Claimed, DeadLetterOutcome, ListFilter, Publisher, Store};
+use stevedore_handler::JobError;
+use support::eventually;
+use uuid::Uuid;
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// A migrated store of one kind, dropped with the test.
+struct Db {
+    store: Arc<dyn Store>,
+    pg_url: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Postgres,
+    Sqlite,
+}
+
+impl Db {
+    async fn open(kind: Kind) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, pg_url): (Arc<dyn Store>, _) = match kind {
+            Kind::Postgres => {
+                let url = support::fresh_pg_database().await;
+                let pg = PgStore::connect(&url, 4).await.expect("connect");
+                (Arc::new(pg), Some(url))
+            }
+            Kind::Sqlite => {
+                let lite = SqliteStore::open(&dir.path().join("s.db"))
+                    .await
+                    .expect("open");
+                (Arc::new(lite), None)
+            }
+        };
+        store.migrate().await.expect("migrate");
+        Self {
+            store,
+            pg_url,
+            _dir: dir,
+        }
+    }
+
+    async fn close(self) {
+        if let Some(url) = &self.pg_url {
+            support::drop_database(url).await;
+        }
+    }
+
+    async fn insert(&self, n: usize) -> Vec<Uuid> {
+        let jobs: Vec<NewJob> = (0..n).map(|_| new_job(None)).collect();
+        let ids = jobs.iter().map(|j| j.id).collect();
+        self.store.insert_jobs(&jobs).await.expect("insert");
+        ids
+    }
+
+    async fn claim_one(&self, id: Uuid) -> Claimed {
+        let mut c = self.store.claim(&[id], "w", LEASE).await.expect("claim");
+        assert_eq!(c.len(), 1, "{id} is claimable");
+        c.remove(0)
+    }
+
+    async fn status(&self, id: Uuid) -> JobStatus {
+        self.store
+            .get_job(id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .status
+    }
+
+    async fn events(&self, id: Uuid) -> Vec<(String, i32)> {
+        self.store
+            .job_events(id)
+            .await
+            .expect("events")
+            .into_iter()
+            .map(|e| (e.kind, e.attempt))
+            .collect()
+    }
+}
+
+fn new_job(key: Option<&str>) -> NewJob {
+    NewJob {
+        id: Uuid::now_v7(),
+        kind: "probe".into(),
+        payload: json!({"n": 1}),
+        max_attempts: 2,
+        timeout_secs: 60,
+        backoff: Backoff {
+            base_ms: 60_000,
+            max_ms: 60_000,
+        },
+        run_at: None,
+        idempotency_key: key.map(str::to_owned),
+        parent_id: None,
+        webhook: None,
+    }
+}
+
+fn ended(c: &Claimed, outcome: Outcome) -> Transition {
+    next(&c.state(), outcome, Utc::now()).expect("legal for a running attempt")
+}
+
+fn success(c: &Claimed, n: i64) -> Transition {
+    ended(
+        c,
+        Outcome::Succeeded {
+            result: json!({"n": n}),
+            children: vec![],
+        },
+    )
+}
+
+/// Publishes into a list, or fails when told to.
+#[derive(Default)]
+struct Recorder {
+    sent: Mutex<Vec<(String, Uuid)>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Publisher for Recorder {
+    async fn publish(&self, pool: &str, ids: &[Uuid]) -> anyhow::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            anyhow::bail!("broker down");
+        }
+        let mut sent = self.sent.lock().expect("lock");
+        sent.extend(ids.iter().map(|id| (pool.to_owned(), *id)));
+        Ok(())
+    }
+}
+
+async fn inserts_with_idempotency_and_reads_back(kind: Kind) {
+    let db = Db::open(kind).await;
+    let first = new_job(Some("key-1"));
+    let again = new_job(Some("key-1"));
+    let other = new_job(None);
+    let out = db
+        .store
+        .insert_jobs(&[first.clone(), other.clone()])
+        .await
+        .expect("insert");
+    assert!(out
+        .iter()
+        .all(|i| i.created && i.status == JobStatus::Queued));
+    let out = db.store.insert_jobs(&[again]).await.expect("insert");
+    assert_eq!(
+        (out[0].id, out[0].created),
+        (first.id, false),
+        "first job wins"
+    );
+
+    let job = db
+        .store
+        .get_job(first.id)
+        .await
+        .expect("get")
+        .expect("found");
+    assert_eq!(
+        (job.status, job.attempt, job.attempt_limit),
+        (JobStatus::Queued, 0, 2)
+    );
+    assert_eq!(job.payload, json!({"n": 1}));
+    assert_eq!(db.events(first.id).await, vec![("job.queued".into(), 0)]);
+    assert!(db
+        .store
+        .get_job(Uuid::now_v7())
+        .await
+        .expect("get")
+        .is_none());
+
+    let page = db
+        .store
+        .list_jobs(&ListFilter {
+            status: Some(JobStatus::Queued),
+            limit: 10,
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list");
+    let ids: Vec<Uuid> = page.iter().map(|j| j.id).collect();
+    assert_eq!(ids, vec![other.id, first.id], "newest first");
+    let counts = db.store.counts(None, Some("probe")).await.expect("counts");
+    assert_eq!(counts.get("queued"), Some(&2));
+    db.close().await;
+}
+
+async fn empty_batches_write_nothing(kind: Kind) {
+    let db = Db::open(kind).await;
+    assert!(db.store.insert_jobs(&[]).await.expect("insert").is_empty());
+    assert!(db.store.apply(&[]).await.expect("apply").is_empty());
+    assert!(db
+        .store
+        .claim(&[], "w", LEASE)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert!(db.store.heartbeat(&[], LEASE).await.expect("hb").is_empty());
+    assert_eq!(db.store.rescue_expired(10).await.expect("rescue"), 0);
+    let recorder = Recorder::default();
+    assert_eq!(
+        db.store.relay_outbox(10, &recorder).await.expect("relay"),
+        0
+    );
+    assert!(db
+        .store
+        .counts(None, None)
+        .await
+        .expect("counts")
+        .is_empty());
+    db.close().await;
+}
+
+async fn a_claim_takes_a_job_once_and_only_when_due(kind: Kind) {
+    let db = Db::open(kind).await;
+    let ids = db.insert(1).await;
+    let mut later = new_job(None);
+    later.run_at = Some(Utc::now() + chrono::Duration::hours(1));
+    db.store
+        .insert_jobs(&[later.clone()])
+        .await
+        .expect("insert");
+
+    let both = [ids[0], ids[0], later.id];
+    let claimed = db.store.claim(&both, "w", LEASE).await.expect("claim");
+    assert_eq!(
+        claimed.len(),
+        1,
+        "a duplicate id and a delayed job are left out"
+    );
+    assert_eq!((claimed[0].id, claimed[0].attempt), (ids[0], 1));
+    assert!(db
+        .store
+        .claim(&ids, "w", LEASE)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(db.status(ids[0]).await, JobStatus::Running);
+    assert_eq!(
+        db.events(ids[0]).await,
+        vec![("job.queued".into(), 0), ("job.started".into(), 1)]
+    );
+    let held = db
+        .store
+        .heartbeat(&[(ids[0], 1), (ids[0], 7)], LEASE)
+        .await
+        .expect("hb");
+    assert_eq!(
+        held.len(),
+        1,
+        "only the current attempt's lease is extended"
+    );
+    assert!(!held[0].cancel_requested);
+    db.close().await;
+}
+
+async fn a_late_finish_of_an_older_attempt_is_refused(kind: Kind) {
+    let db = Db::open(kind).await;
+    let id = db.insert(1).await[0];
+    let old = db
+        .store
+        .claim(&[id], "paused", Duration::ZERO)
+        .await
+        .expect("claim")
+        .remove(0);
+    eventually(10, "the zero lease expires and is rescued", || async {
+        db.store.rescue_expired(10).await.expect("rescue") == 1
+    })
+    .await;
+    assert_eq!(db.status(id).await, JobStatus::Retrying);
+    let new = db.claim_one(id).await;
+    assert_eq!(new.attempt, 2);
+
+    assert!(db
+        .store
+        .heartbeat(&[(id, 1)], LEASE)
+        .await
+        .expect("hb")
+        .is_empty());
+    let refused = db.store.apply(&[success(&old, 1)]).await.expect("apply");
+    assert!(refused.is_empty(), "attempt 1 is fenced off");
+    let applied = db.store.apply(&[success(&new, 2)]).await.expect("apply");
+    assert_eq!(applied, vec![id]);
+    let job = db.store.get_job(id).await.expect("get").expect("found");
+    assert_eq!(
+        (job.status, job.result),
+        (JobStatus::Succeeded, Some(json!({"n": 2})))
+    );
+    assert!(job.finished_at.is_some());
+    assert_eq!(job.errors.len(), 1, "the expired lease is in the history");
+    assert_eq!(
+        db.events(id).await,
+        vec![
+            ("job.queued".into(), 0),
+            ("job.started".into(), 1),
+            ("job.retrying".into(), 1),
+            ("job.started".into(), 2),
+            ("job.succeeded".into(), 2),
+        ]
+    );
+    db.close().await;
+}
+
+async fn a_mixed_batch_applies_each_row_on_its_own(kind: Kind) {
+    let db = Db::open(kind).await;
+    let ids = db.insert(5).await;
+    let recorder = Recorder::default();
+    assert_eq!(
+        db.store.relay_outbox(100, &recorder).await.expect("relay"),
+        5
+    );
+    let claimed = db.store.claim(&ids, "w", LEASE).await.expect("claim");
+    let c: HashMap<Uuid, Claimed> = claimed.into_iter().map(|c| (c.id, c)).collect();
+    let mut stale = success(&c[&ids[3]], 3);
+    stale.attempt = 7;
+    let batch = vec![
+        success(&c[&ids[0]], 0),
+        ended(
+            &c[&ids[1]],
+            Outcome::Failed(JobError::retry_after("429", Duration::from_secs(3600))),
+        ),
+        ended(&c[&ids[2]], Outcome::Failed(JobError::permanent("bad"))),
+        stale,
+        ended(&c[&ids[4]], Outcome::HandedBack),
+    ];
+    let mut applied = db.store.apply(&batch).await.expect("apply");
+    applied.sort();
+    let mut want = vec![ids[0], ids[1], ids[2], ids[4]];
+    want.sort();
+    assert_eq!(applied, want, "only the stale row is fenced");
+
+    assert_eq!(db.status(ids[0]).await, JobStatus::Succeeded);
+    let retrying = db.store.get_job(ids[1]).await.expect("get").expect("found");
+    assert_eq!(retrying.status, JobStatus::Retrying);
+    let (kept, asked) = (
+        retrying.next_run_at.expect("set"),
+        batch[1].next_run_at.expect("set"),
+    );
+    assert!(
+        (kept - asked).abs() < chrono::Duration::milliseconds(1),
+        "the retry time is kept (to the store's precision): {kept} vs {asked}"
+    );
+    assert_eq!(retrying.errors[0].class, "retryable");
+    let dead = db.store.get_job(ids[2]).await.expect("get").expect("found");
+    assert_eq!(
+        (dead.status, dead.errors[0].class.as_str()),
+        (JobStatus::Dead, "permanent")
+    );
+    assert_eq!(db.status(ids[3]).await, JobStatus::Running);
+    let back = db.store.get_job(ids[4]).await.expect("get").expect("found");
+    assert_eq!(
+        (back.status, back.attempt_limit),
+        (JobStatus::Queued, 3),
+        "budget kept"
+    );
+    assert!(back.errors.is_empty());
+
+    // The outbox: the handed-back job is due now, the retry in an hour.
+    recorder.sent.lock().expect("lock").clear();
+    let relayed = db.store.relay_outbox(100, &recorder).await.expect("relay");
+    let sent: Vec<Uuid> = recorder
+        .sent
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|s| s.1)
+        .collect();
+    assert!(
+        sent.contains(&ids[4]) && !sent.contains(&ids[1]),
+        "{sent:?}"
+    );
+    assert_eq!(relayed, sent.len());
+    db.close().await;
+}
+
+async fn duplicate_ids_in_a_batch_move_a_job_once(kind: Kind) {
+    let db = Db::open(kind).await;
+    let id = db.insert(1).await[0];
+    let c = db.claim_one(id).await;
+    let applied = db
+        .store
+        .apply(&[success(&c, 1), success(&c, 2)])
+        .await
+        .expect("apply");
+    assert_eq!(applied, vec![id]);
+    let events = db.events(id).await;
+    let done = events.iter().filter(|e| e.0 == "job.succeeded").count();
+    assert_eq!(done, 1, "one transition, one event: {events:?}");
+    db.close().await;
+}
+
+async fn children_are_inserted_only_with_a_success_that_applies(kind: Kind) {
+    let db = Db::open(kind).await;
+    let ids = db.insert(2).await;
+    let c0 = db.claim_one(ids[0]).await;
+    let c1 = db.claim_one(ids[1]).await;
+    let child = |parent: Uuid| NewJob {
+        parent_id: Some(parent),
+        ..new_job(None)
+    };
+    let (kept, lost) = (child(ids[0]), child(ids[1]));
+    let with_child = |c: &Claimed, kid: &NewJob| {
+        ended(
+            c,
+            Outcome::Succeeded {
+                result: json!({}),
+                children: vec![kid.clone()],
+            },
+        )
+    };
+    let mut fenced = with_child(&c1, &lost);
+    fenced.attempt = 9;
+    let applied = db
+        .store
+        .apply(&[with_child(&c0, &kept), fenced])
+        .await
+        .expect("apply");
+    assert_eq!(applied, vec![ids[0]]);
+    let parent = db.store.get_job(ids[0]).await.expect("get").expect("found");
+    assert_eq!(parent.children.len(), 1);
+    assert_eq!(parent.children[0].id, kept.id);
+    let kid = db
+        .store
+        .get_job(kept.id)
+        .await
+        .expect("get")
+        .expect("found");
+    assert_eq!(
+        (kid.status, kid.parent_id),
+        (JobStatus::Queued, Some(ids[0]))
+    );
+    assert!(db.store.get_job(lost.id).await.expect("get").is_none());
+    db.close().await;
+}
+
+async fn cancel_replay_and_purge_follow_the_rules(kind: Kind) {
+    let db = Db::open(kind).await;
+    let ids = db.insert(3).await;
+    let s = &db.store;
+    assert_eq!(
+        s.cancel(ids[0]).await.expect("cancel"),
+        CancelOutcome::Cancelled
+    );
+    assert_eq!(db.status(ids[0]).await, JobStatus::Cancelled);
+    assert!(s
+        .claim(&ids[..1], "w", LEASE)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(
+        s.cancel(ids[0]).await.expect("cancel"),
+        CancelOutcome::AlreadyFinished(JobStatus::Cancelled)
+    );
+    assert_eq!(
+        s.cancel(Uuid::now_v7()).await.expect("cancel"),
+        CancelOutcome::NotFound
+    );
+
+    let running = db.claim_one(ids[1]).await;
+    assert_eq!(
+        s.cancel(ids[1]).await.expect("cancel"),
+        CancelOutcome::Requested
+    );
+    assert_eq!(db.status(ids[1]).await, JobStatus::Running);
+    let held = s.heartbeat(&[(ids[1], 1)], LEASE).await.expect("hb");
+    assert!(
+        held[0].cancel_requested,
+        "the worker learns of it at its heartbeat"
+    );
+    let stop = ended(&running, Outcome::StoppedForCancel);
+    assert_eq!(s.apply(&[stop]).await.expect("apply"), vec![ids[1]]);
+    assert_eq!(db.status(ids[1]).await, JobStatus::Cancelled);
+
+    let c = db.claim_one(ids[2]).await;
+    let dead = ended(&c, Outcome::Failed(JobError::permanent("bad")));
+    s.apply(&[dead]).await.expect("apply");
+    assert_eq!(
+        s.replay(ids[0]).await.expect("replay"),
+        DeadLetterOutcome::NotDead(JobStatus::Cancelled)
+    );
+    assert_eq!(
+        s.replay(ids[2]).await.expect("replay"),
+        DeadLetterOutcome::Done
+    );
+    let job = s.get_job(ids[2]).await.expect("get").expect("found");
+    assert_eq!((job.status, job.attempt_limit), (JobStatus::Queued, 1 + 2));
+    let again = db.claim_one(ids[2]).await;
+    let dead = ended(&again, Outcome::Failed(JobError::permanent("still bad")));
+    s.apply(&[dead]).await.expect("apply");
+    assert_eq!(
+        s.purge(ids[1]).await.expect("purge"),
+        DeadLetterOutcome::NotDead(JobStatus::Cancelled)
+    );
+    assert_eq!(
+        s.purge(ids[2]).await.expect("purge"),
+        DeadLetterOutcome::Done
+    );
+    assert!(s.get_job(ids[2]).await.expect("get").is_none());
+    assert_eq!(
+        s.purge(ids[2]).await.expect("purge"),
+        DeadLetterOutcome::NotFound
+    );
+    db.close().await;
+}
+
+async fn expired_leases_retry_die_on_the_last_attempt_or_honour_a_cancel(kind: Kind) {
+    let db = Db::open(kind).await;
+    let ids = db.insert(3).await;
+    let s = &db.store;
+    // ids[1] on its last attempt: a first attempt already failed.
+    let c = db.claim_one(ids[1]).await;
+    let mut retry = ended(&c, Outcome::Failed(JobError::retryable("flaky")));
+    retry.next_run_at = None;
+    s.apply(&[retry]).await.expect("apply");
+    s.claim(&ids, "dying", Duration::ZERO).await.expect("claim");
+    assert_eq!(
+        s.cancel(ids[2]).await.expect("cancel"),
+        CancelOutcome::Requested
+    );
+    eventually(10, "all three leases rescued", || async {
+        s.rescue_expired(10).await.expect("rescue");
+        let st = [
+            db.status(ids[0]).await,
+            db.status(ids[1]).await,
+            db.status(ids[2]).await,
+        ];
+        !st.contains(&JobStatus::Running)
+    })
+    .await;
+    assert_eq!(db.status(ids[0]).await, JobStatus::Retrying);
+    assert_eq!(db.status(ids[1]).await, JobStatus::Dead);
+    assert_eq!(db.status(ids[2]).await, JobStatus::Cancelled);
+    let job = s.get_job(ids[1]).await.expect("get").expect("found");
+    assert!(job
+        .errors
+        .last()
+        .is_some_and(|e| e.message.starts_with("lease expired")));
+    db.close().await;
+}
+
+async fn the_outbox_is_kept_until_a_broker_takes_it_and_lost_jobs_are_resent(kind: Kind) {
+    let db = Db::open(kind).await;
+    let ids = db.insert(2).await;
+    let s = &db.store;
+    let r = Recorder::default();
+    r.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(s.relay_outbox(10, &r).await.is_err());
+    assert_eq!(
+        s.published_waiting().await.expect("waiting").get("probe"),
+        Some(&0)
+    );
+    r.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        s.relay_outbox(10, &r).await.expect("relay"),
+        2,
+        "kept after the failure"
+    );
+    assert_eq!(s.relay_outbox(10, &r).await.expect("relay"), 0, "sent once");
+    let mut sent: Vec<Uuid> = r.sent.lock().expect("lock").iter().map(|s| s.1).collect();
+    sent.sort();
+    assert_eq!(sent, ids);
+    assert_eq!(
+        s.published_waiting().await.expect("waiting").get("probe"),
+        Some(&2)
+    );
+
+    // The broker forgot them: both are put back in the outbox once (the
+    // loop waits out SQLite's millisecond clock).
+    let repaired = std::sync::atomic::AtomicUsize::new(0);
+    eventually(5, "both jobs re-sent", || async {
+        let n = s
+            .repair_lost("probe", Duration::ZERO, 10)
+            .await
+            .expect("repair");
+        repaired.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n == 2
+    })
+    .await;
+    assert_eq!(
+        s.repair_lost("probe", Duration::ZERO, 10)
+            .await
+            .expect("repair"),
+        0
+    );
+    assert_eq!(s.relay_outbox(10, &r).await.expect("relay"), 2);
+    let depths = s.depths().await.expect("depths");
+    assert_eq!(
+        depths
+            .by_kind_status
+            .get(&("probe".into(), JobStatus::Queued)),
+        Some(&2)
+    );
+    db.close().await;
+}
+
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Kind::Postgres).await })*
+        }
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Kind::Sqlite).await })*
+        }
+    };
+}
+
+both_stores!(
+    inserts_with_idempotency_and_reads_back,
+    empty_batches_write_nothing,
+    a_claim_takes_a_job_once_and_only_when_due,
+    a_late_finish_of_an_older_attempt_is_refused,
+    a_mixed_batch_applies_each_row_on_its_own,
+    duplicate_ids_in_a_batch_move_a_job_once,
+    children_are_inserted_only_with_a_success_that_applies,
+    cancel_replay_and_purge_follow_the_rules,
+    expired_leases_retry_die_on_the_last_attempt_or_honour_a_cancel,
+    the_outbox_is_kept_until_a_broker_takes_it_and_lost_jobs_are_resent,
+);

@@ -75,7 +75,7 @@ enum Command {
     Worker {
         #[command(flatten)]
         kinds: KindsArgs,
-        #[arg(long)]
+        #[arg(long, value_parser = fleet::parse_pool)]
         pool: String,
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
@@ -302,11 +302,6 @@ async fn main() -> anyhow::Result<()> {
             metrics_listen,
             backend,
         } => {
-            anyhow::ensure!(
-                fleet::KIND_NAMES.contains(&pool.as_str()),
-                "unknown pool {pool:?}; known: {}",
-                fleet::KIND_NAMES.join(", ")
-            );
             let roles = Roles {
                 api: None,
                 dispatcher: None,
@@ -388,13 +383,6 @@ async fn main() -> anyhow::Result<()> {
             database_url,
         } => {
             let scale = stevedore::supervisor::parse_scale(&scale)?;
-            for pool in scale.keys() {
-                anyhow::ensure!(
-                    fleet::KIND_NAMES.contains(&pool.as_str()),
-                    "unknown pool {pool:?}; known: {}",
-                    fleet::KIND_NAMES.join(", ")
-                );
-            }
             let specs = stevedore::supervisor::plan(&listen, &scale, concurrency, &database_url);
             let stop = stop_on_signal();
             stevedore::supervisor::run(specs, stop, std::time::Duration::from_secs(grace_secs))

@@ -35,7 +35,9 @@ pub fn parse_scale(s: &str) -> anyhow::Result<BTreeMap<String, usize>> {
         let n: usize = n
             .parse()
             .with_context(|| format!("--scale {pool}: {n:?} is not a number"))?;
-        out.insert(pool.trim().to_owned(), n);
+        let pool =
+            crate::fleet::parse_pool(pool.trim()).map_err(|e| anyhow::anyhow!("--scale: {e}"))?;
+        out.insert(pool, n);
     }
     Ok(out)
 }
@@ -213,5 +215,10 @@ mod tests {
         );
         assert!(parse_scale("probe").is_err());
         assert!(parse_scale("probe=x").is_err());
+        let unknown = parse_scale("probe=1,mail=2").expect_err("no such pool");
+        assert!(
+            unknown.to_string().contains("unknown pool \"mail\""),
+            "{unknown}"
+        );
     }
 }

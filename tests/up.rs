@@ -101,3 +101,47 @@ async fn up_scales_pools_restarts_crashed_children_and_stops_cleanly() {
     pg.close().await;
     support::drop_database(&db).await;
 }
+
+/// A role started before its database waits for it (and says so) instead
+/// of exiting, then serves once the database answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_waits_for_a_database_that_is_not_up_yet() {
+    use support::faultproxy::{FaultProxy, Mode};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = support::fresh_pg_database().await;
+    let proxy = FaultProxy::start(5432).await;
+    proxy.set(Mode::Reset);
+    let name = db.rsplit('/').next().expect("database name");
+    let url = format!("postgres://postgres@127.0.0.1:{}/{name}", proxy.port);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = [
+        ("DATABASE_URL", url),
+        (
+            "STEVEDORE_REDIS_PREFIX",
+            format!("sdt:{}", uuid::Uuid::now_v7().simple()),
+        ),
+    ];
+    let mut api = Proc::stevedore(&["api", "--listen", &listen], &env, dir.path(), "api");
+    support::eventually(
+        20,
+        "the api logs that it waits for the database",
+        || async { api.log().contains("Database not ready") },
+    )
+    .await;
+    assert!(
+        api.running(),
+        "still up while the database is away:\n{}",
+        api.log()
+    );
+
+    proxy.set(Mode::Pass);
+    wait_port(port, 60).await;
+    let ready = reqwest::get(format!("http://{listen}/readyz"))
+        .await
+        .expect("readyz");
+    assert!(ready.status().is_success(), "{:?}", ready.text().await);
+    api.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(api.wait_exit(20).await.success());
+    support::drop_database(&db).await;
+}

@@ -46,6 +46,18 @@ async fn bench_runs_on_postgres_and_rabbitmq() {
             .await
             .expect("bench thread");
     assert!(out.contains("end to end: 500 jobs"), "{out}");
+    let figures: Vec<f64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("database: "))
+        .unwrap_or_else(|| panic!("no database line: {out}"))
+        .split_whitespace()
+        .filter_map(|w| w.replace(',', "").parse().ok())
+        .collect();
+    // [commits per 1,000 jobs, 1,000, WAL bytes per job]: each job writes,
+    // so both are positive and finite.
+    assert_eq!(figures.len(), 3, "{out}");
+    assert!(figures[0].is_finite() && figures[0] > 0.0, "{out}");
+    assert!(figures[2].is_finite() && figures[2] > 100.0, "{out}");
     support::delete_amqp(&prefix, &["probe"]).await;
     support::drop_database(&db).await;
 }

@@ -1,6 +1,8 @@
 //! `stevedore bench`: submits no-op probe jobs through a running API and
 //! reports the submit rate, end-to-end throughput (first submit to last
-//! `succeeded`, from the jobs' own timestamps) and latency percentiles.
+//! `succeeded`, from the jobs' own timestamps), latency percentiles and,
+//! when it can reach the Postgres behind the API (`DATABASE_URL`), commits
+//! per 1,000 jobs and WAL bytes per job.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -91,6 +93,14 @@ async fn spawn_fleet(
     Ok((fleet::start(backend, kinds, roles).await?, dir))
 }
 
+/// The database the fleet writes to, when `DATABASE_URL` names it.
+async fn database() -> Option<crate::store::postgres::PgStore> {
+    let url = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    crate::store::postgres::PgStore::connect(&url, 1).await.ok()
+}
+
 pub async fn run(mut a: BenchArgs) -> anyhow::Result<()> {
     let spawned = match a.broker.clone() {
         Some(b) => {
@@ -104,14 +114,36 @@ pub async fn run(mut a: BenchArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let db = if a.broker.as_deref() == Some("embedded") {
+        None
+    } else {
+        database().await
+    };
+    let before = match &db {
+        Some(db) => db.db_stats().await.ok(),
+        None => None,
+    };
     let res = measure(a).await;
+    if let (Ok(jobs), Some(db), Some(before)) = (&res, &db, before) {
+        // pg_stat_database is flushed about once a second.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        if let Ok(after) = db.db_stats().await {
+            let n = *jobs as f64;
+            println!(
+                "database: {:.1} commits per 1,000 jobs (reads included), {:.0} WAL bytes per job (whole cluster)",
+                (after.commits - before.commits) as f64 * 1000.0 / n,
+                (after.wal_bytes - before.wal_bytes) as f64 / n
+            );
+        }
+    }
     if let Some((running, _dir)) = spawned {
         running.shutdown().await;
     }
-    res
+    res.map(drop)
 }
 
-async fn measure(a: BenchArgs) -> anyhow::Result<()> {
+/// Runs the benchmark; returns how many jobs were submitted.
+async fn measure(a: BenchArgs) -> anyhow::Result<usize> {
     anyhow::ensure!(
         a.jobs > 0 && a.batch > 0 && a.concurrency > 0,
         "jobs, batch and concurrency must be positive"
@@ -176,8 +208,10 @@ async fn measure(a: BenchArgs) -> anyhow::Result<()> {
             .filter_map(|k| counts.get(*k))
             .sum();
         if done as usize >= ids.len() {
+            eprintln!();
             break;
         }
+        eprint!("\rfinished {done} of {}", ids.len());
         if Instant::now() > deadline {
             bail!(
                 "timed out with {done} of {} jobs finished: {counts:?}",
@@ -242,5 +276,5 @@ async fn measure(a: BenchArgs) -> anyhow::Result<()> {
         pct(&to_done, 0.5),
         pct(&to_done, 0.99)
     );
-    Ok(())
+    Ok(ids.len())
 }

@@ -46,6 +46,26 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// Commits in this database and the cluster's WAL position, for
+    /// benchmarks (`pg_stat_database` is flushed about once a second, so
+    /// read it a second after the work you measure).
+    pub async fn db_stats(&self) -> StoreResult<DbStats> {
+        let (commits, wal_bytes): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),
+                    (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(DbStats { commits, wal_bytes })
+    }
+}
+
+/// See [`PgStore::db_stats`].
+#[derive(Debug, Clone, Copy)]
+pub struct DbStats {
+    pub commits: i64,
+    pub wal_bytes: i64,
 }
 
 fn parse_status(s: &str) -> anyhow::Result<JobStatus> {

@@ -208,11 +208,15 @@ fn a_page_with_100000_radios_is_refused_as_over_the_cap() {
         refused.as_ref().err(),
         started.elapsed()
     );
-    assert!(matches!(refused, Err(ExtractError::TooManyInputs { .. })));
-    let job: JobError = refused.err().expect("refused").into();
+    assert!(matches!(
+        refused,
+        Err(ExtractError::TooManyTags { max: 40_000 })
+    ));
+    let job: JobError = refused.expect_err("refused").into();
     assert!(!job.is_retryable(), "a page over a cap stays over it");
     assert!(
-        job.to_string().contains("more than 10000 answer controls"),
+        job.to_string()
+            .contains("more than 40000 input and option tags"),
         "{job}"
     );
 }
@@ -245,6 +249,12 @@ fn pages_over_the_question_option_and_length_caps_are_refused() {
         "{too_many:?}"
     );
     assert!(extract(&generated(MAX_QUESTIONS, 2, 0), None).is_ok());
+    // Under the tag count, over the controls a page may hold.
+    let crowded = extract(&generated(3_000, 4, 0), None);
+    assert!(
+        matches!(crowded, Err(ExtractError::TooManyInputs { max: 10_000 })),
+        "{crowded:?}"
+    );
     let wide = extract(&generated(1, MAX_OPTIONS + 1, 0), None);
     assert!(
         matches!(

@@ -97,16 +97,6 @@ fn kind_of(e: ElementRef) -> Option<Kind> {
 impl<'a> Index<'a> {
     pub fn build(doc: &'a Html) -> Result<Self, ExtractError> {
         let nodes: Vec<NodeRef<'a, Node>> = doc.tree.root().descendants().collect();
-        let order: HashMap<NodeId, usize> =
-            nodes.iter().enumerate().map(|(i, n)| (n.id(), i)).collect();
-        let mut end: Vec<usize> = (0..nodes.len()).collect();
-        // Children come after their parents, so a reverse walk sees every
-        // subtree complete before its root.
-        for i in (0..nodes.len()).rev() {
-            if let Some(p) = nodes[i].parent().and_then(|p| order.get(&p.id())) {
-                end[*p] = end[*p].max(end[i]);
-            }
-        }
         let mut by_id = HashMap::new();
         let mut labels_for: HashMap<&str, Vec<ElementRef>> = HashMap::new();
         let mut opts = Vec::new();
@@ -130,6 +120,16 @@ impl<'a> Index<'a> {
                 if opts.len() > MAX_INPUTS {
                     return Err(ExtractError::TooManyInputs { max: MAX_INPUTS });
                 }
+            }
+        }
+        let order: HashMap<NodeId, usize> =
+            nodes.iter().enumerate().map(|(i, n)| (n.id(), i)).collect();
+        let mut end: Vec<usize> = (0..nodes.len()).collect();
+        // Children come after their parents, so a reverse walk sees every
+        // subtree complete before its root.
+        for i in (0..nodes.len()).rev() {
+            if let Some(p) = nodes[i].parent().and_then(|p| order.get(&p.id())) {
+                end[*p] = end[*p].max(end[i]);
             }
         }
         let mut index = Self {

@@ -41,11 +41,16 @@ pub const MAX_QUESTION_CHARS: usize = 2_000;
 pub const MAX_OPTION_CHARS: usize = 500;
 /// Option-like elements one page may hold: every question full.
 pub const MAX_INPUTS: usize = MAX_QUESTIONS * MAX_OPTIONS;
+/// `<input` and `<option` tags counted in the raw HTML before parsing,
+/// hidden inputs included: parsing a page this size costs seconds.
+pub const MAX_TAGS: usize = 4 * MAX_INPUTS;
 
 /// A page over one of the caps. Permanent: loading it again gives the same
 /// page.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExtractError {
+    #[error("the page has more than {max} input and option tags")]
+    TooManyTags { max: usize },
     #[error("the page has more than {max} answer controls")]
     TooManyInputs { max: usize },
     #[error("the page has more than {max} questions")]
@@ -92,7 +97,20 @@ fn sel(s: &str) -> Selector {
     Selector::parse(s).unwrap_or_else(|_| unreachable!("static selector {s}"))
 }
 
+/// Tags that can be answer controls, counted without parsing (std's
+/// substring search, fast even in a debug build; mixed-case tags such as
+/// `<Input` are not counted, the caps after parsing still hold).
+fn control_tags(html: &str) -> usize {
+    ["<input", "<INPUT", "<option", "<OPTION"]
+        .iter()
+        .map(|t| html.matches(t).count())
+        .sum()
+}
+
 pub fn extract(html: &str, selectors: Option<&Selectors>) -> Result<Extracted, ExtractError> {
+    if control_tags(html) > MAX_TAGS {
+        return Err(ExtractError::TooManyTags { max: MAX_TAGS });
+    }
     let doc = Html::parse_document(html);
     let title = doc
         .select(&sel("title"))

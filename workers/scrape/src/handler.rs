@@ -127,7 +127,7 @@ impl ScrapeHandler {
         let page = load(self.guard.as_ref(), &p.url, &cfg).await;
         self.observe("http", started, &page);
         let page = page.map_err(classify)?;
-        Ok((page.final_url, extract(&page.html, p.selectors.as_ref())))
+        Ok((page.final_url, extract(&page.html, p.selectors.as_ref())?))
     }
 
     async fn in_browser(&self, p: &ScrapePayload) -> Result<(String, Extracted), JobError> {
@@ -139,7 +139,8 @@ impl ScrapeHandler {
             .map_err(|e| classify(LoadError::from(e)))?;
         let started = Instant::now();
         let selectors = p.selectors.as_ref();
-        let ready = |html: &str| !extract(html, selectors).questions.is_empty();
+        // A page over a cap is ready too: waiting longer will not help.
+        let ready = |html: &str| extract(html, selectors).map_or(true, |e| !e.questions.is_empty());
         let wait = Wait {
             selector: p.wait_for.as_deref(),
             ms: p.wait_ms,
@@ -148,7 +149,7 @@ impl ScrapeHandler {
         let page = self.browser.render(&p.url, wait).await;
         self.observe("browser", started, &page);
         let page = page.map_err(classify_browser)?;
-        Ok((page.final_url, extract(&page.html, p.selectors.as_ref())))
+        Ok((page.final_url, extract(&page.html, p.selectors.as_ref())?))
     }
 
     /// The per-host cap: one site is not hammered by a busy pool.
@@ -252,6 +253,8 @@ impl Handler for ScrapeHandler {
             title: found.title,
             rendered_with,
             questions: found.questions,
+            method: found.method,
+            warnings: found.warnings,
         })
     }
 }

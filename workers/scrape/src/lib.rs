@@ -4,8 +4,9 @@
 //!
 //! # Layout
 //! - [`payload`]: the payload (validated at submit) and the result.
-//! - [`extract`]: questions from schema.org JSON-LD, radio/checkbox groups,
-//!   ARIA radio groups, or the payload's own selectors.
+//! - [`extract`]: questions from schema.org JSON-LD, every kind of choice
+//!   control tied to its question text, or the payload's own selectors;
+//!   linear in the page, capped.
 //! - [`load`]: HTTP loading pinned to the address the guard checked,
 //!   redirects re-checked hop by hop, a size cap, charset decoding.
 //! - [`browser`]: the Chromium pool (one browser per process, a fresh

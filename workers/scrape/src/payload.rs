@@ -90,6 +90,12 @@ pub struct Question {
     pub options: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub correct: Option<usize>,
+    /// How it was found: `json-ld`, `selectors`, or the option kind and
+    /// what tied the text to it, e.g. `radio+legend`. Left out of the
+    /// question as passed on (the analyze payload has no such field); the
+    /// result's `method` sums it up.
+    #[serde(skip)]
+    pub method: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -99,4 +105,10 @@ pub struct ScrapeOutput {
     pub title: String,
     pub rendered_with: &'static str,
     pub questions: Vec<Question>,
+    /// How the questions were found, e.g. `radio+legend, select+label`.
+    pub method: String,
+    /// Where the extractor guessed (an option without a label, options
+    /// without a question that were left out).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }

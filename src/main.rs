@@ -161,6 +161,8 @@ enum Command {
     /// Scrape the embedded Moodle page over HTTP, in the warm browser pool
     /// and in a fresh browser per page; report pages/s and load latency.
     BenchScrape(cli::bench_scrape::BenchScrapeArgs),
+    /// Check configuration, Postgres, brokers, Chromium and the model; say how to fix what is wrong.
+    Doctor(cli::doctor::DoctorArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -393,5 +395,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Webhooks { command, client } => cli::notify::webhooks(&client, command).await,
         Command::Bench(args) => cli::bench::run(args).await,
         Command::BenchScrape(args) => cli::bench_scrape::run(args).await,
+        Command::Doctor(args) => cli::doctor::run(args).await,
     }
 }

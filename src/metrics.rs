@@ -165,6 +165,40 @@ pub static EVENT_LAG: LazyLock<GaugeVec> = LazyLock::new(|| {
     .expect("static metric definition"))
 });
 
+pub static HTTP_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "stevedore_http_requests_total",
+        "API requests by route template, method and status class (2xx, 4xx, 5xx...).",
+        &["route", "method", "status_class"],
+    )
+});
+pub static HTTP_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    // 0.5 s is a bucket edge so the p95 < 500 ms objective is an exact
+    // ratio of two series, not an interpolation.
+    let buckets = vec![
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    reg(HistogramVec::new(
+        HistogramOpts::new(
+            "stevedore_http_request_duration_seconds",
+            "API request latency until the response head, by route template and method.",
+        )
+        .buckets(buckets),
+        &["route", "method"],
+    )
+    .expect("static metric definition"))
+});
+pub static DEPENDENCY_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    reg(IntGaugeVec::new(
+        Opts::new(
+            "stevedore_dependency_up",
+            "1 when the API process reached the dependency (database, or a broker by name) at its last /metrics scrape.",
+        ),
+        &["dependency"],
+    )
+    .expect("static metric definition"))
+});
+
 pub fn broker_publish(broker: &str, n: usize, ok: bool) {
     BROKER_PUBLISH
         .with_label_values(&[broker, if ok { "ok" } else { "error" }])
@@ -190,6 +224,27 @@ pub fn init() {
     LazyLock::force(&WEBHOOK_DELIVERIES);
     LazyLock::force(&WEBHOOK_LATENCY);
     LazyLock::force(&EVENT_LAG);
+    LazyLock::force(&HTTP_REQUESTS);
+    LazyLock::force(&HTTP_DURATION);
+    LazyLock::force(&DEPENDENCY_UP);
+    // Rare events start at an explicit zero: `increase()` over a series
+    // that appears only with its first event misses that event, and alert
+    // rules on them would name a series no process exports yet.
+    for op in ["heartbeat", "finish"] {
+        FENCED.with_label_values(&[op]);
+    }
+    for transport in ["sse", "ws"] {
+        STREAM_CLIENTS.with_label_values(&[transport]);
+        for reason in ["slow_client", "keepalive"] {
+            STREAM_DROPPED.with_label_values(&[transport, reason]);
+        }
+    }
+    for service in ["lease_rescuer", "lost_message_repair"] {
+        REPAIRED.with_label_values(&[service]);
+    }
+    for outcome in ["delivered", "retry", "failed", "gone"] {
+        WEBHOOK_DELIVERIES.with_label_values(&[outcome, "1"]);
+    }
 }
 
 pub fn render() -> String {

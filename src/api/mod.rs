@@ -1,13 +1,15 @@
 //! The HTTP API (axum): routes, shared state and the request-body rules
 //! (1 MiB limit, strict JSON). Handlers live in `jobs`, `dlq`, `stream`
 //! (SSE and WebSocket), `webhooks` and `display` (the live page); the
-//! OpenAPI document is assembled in `openapi`.
+//! OpenAPI document is assembled in `openapi`; request ids and request
+//! metrics are layered on in `observe`.
 
 pub mod demo;
 mod display;
 mod dlq;
 pub mod error;
 mod jobs;
+mod observe;
 mod openapi;
 mod stream;
 mod webhooks;
@@ -55,7 +57,7 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
         .route("/v1/jobs/{id}", get(jobs::get))
@@ -75,12 +77,12 @@ pub fn router(state: AppState) -> Router {
         .route("/display/style.css", get(display::style))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(observe::api_metrics))
         .route("/openapi.json", get(openapi::document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT));
+    observe::layer(routes).with_state(state)
 }
 
 /// `/metrics` and `/healthz` alone, for worker and dispatcher processes.

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_scrape;
+pub mod doctor;
 pub mod notify;
 
 use std::time::Duration;

@@ -1,0 +1,381 @@
+//! Monitoring as an operator sees it: the API's request metrics and request
+//! ids through real HTTP requests, and a real fleet's `/metrics` on every role
+//! checked against every metric the alert rules and dashboards name.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::procs::{free_port, wait_port, Proc};
+use support::{drop_database, fresh_pg_database, Flavor, TestFleet, REDIS};
+use uuid::Uuid;
+
+/// The value of the sample `name{labels...}` in Prometheus text, if present.
+/// `labels` need only be a subset of the sample's labels.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            return None;
+        }
+        let all = labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        all.then(|| value.parse().ok()).flatten()
+    })
+}
+
+async fn scrape(f: &TestFleet) -> String {
+    f.http
+        .get(format!("{}/metrics", f.url))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_metrics_count_routes_status_classes_and_latency() {
+    let f = TestFleet::start(Flavor::Sqlite).await;
+    let id = f.probe(json!({}), json!({})).await;
+    let route = [("route", "/v1/jobs/{id}"), ("method", "GET")];
+    let ok = [route[0], route[1], ("status_class", "2xx")];
+    let bad = [route[0], route[1], ("status_class", "4xx")];
+
+    let before = scrape(&f).await;
+    let ok0 = sample(&before, "stevedore_http_requests_total", &ok).unwrap_or(0.0);
+    let count0 = sample(
+        &before,
+        "stevedore_http_request_duration_seconds_count",
+        &route,
+    )
+    .unwrap_or(0.0);
+
+    for _ in 0..3 {
+        f.job(id).await;
+    }
+    let (status, body) = f.get("/v1/jobs/not-a-uuid").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = f.get("/no/such/route").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let after = scrape(&f).await;
+    let ok1 = sample(&after, "stevedore_http_requests_total", &ok).expect("2xx series");
+    assert_eq!(ok1 - ok0, 3.0, "three GETs of one job by route template");
+    let bad1 = sample(&after, "stevedore_http_requests_total", &bad).expect("4xx series");
+    assert_eq!(bad1, 1.0, "the malformed id is a 4xx of the same template");
+    let unmatched = [("route", "unmatched"), ("status_class", "4xx")];
+    assert_eq!(
+        sample(&after, "stevedore_http_requests_total", &unmatched),
+        Some(1.0),
+        "a path no route matched is one bounded label, not the raw path"
+    );
+    assert!(
+        !after.contains("/no/such/route"),
+        "raw paths must not become labels"
+    );
+    let count1 = sample(
+        &after,
+        "stevedore_http_request_duration_seconds_count",
+        &route,
+    )
+    .expect("histogram count");
+    assert_eq!(
+        count1 - count0,
+        4.0,
+        "3 ok + 1 bad observed in the histogram"
+    );
+    let le = [route[0], route[1], ("le", "0.5")];
+    let fast = sample(
+        &after,
+        "stevedore_http_request_duration_seconds_bucket",
+        &le,
+    )
+    .expect("the 0.5 s bucket the latency objective uses");
+    assert!((1.0..=count1).contains(&fast), "{fast} of {count1}");
+    assert_eq!(
+        sample(
+            &after,
+            "stevedore_dependency_up",
+            &[("dependency", "database")]
+        ),
+        Some(1.0),
+        "the API's scrape checks the database"
+    );
+    f.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_carry_a_request_id_generated_or_kept() {
+    let f = TestFleet::start(Flavor::Sqlite).await;
+    let r = f
+        .http
+        .get(format!("{}/healthz", f.url))
+        .send()
+        .await
+        .expect("healthz");
+    let id = r
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("x-request-id on the response")
+        .to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "generated id {id}");
+    let r = f
+        .http
+        .post(format!("{}/v1/jobs", f.url))
+        .header("x-request-id", "client-chosen-42")
+        .json(&json!({"kind": "probe", "payload": {"sleep_ms": "x"}}))
+        .send()
+        .await
+        .expect("submit");
+    assert!(r.status().is_client_error(), "{}", r.status());
+    assert_eq!(
+        r.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("client-chosen-42"),
+        "a caller's id is kept so its logs and ours join"
+    );
+    f.shutdown().await;
+}
+
+/// Every `stevedore_*` metric name in the alert rules and dashboards
+/// (recording rules, `stevedore:...`, are defined by the rules themselves).
+fn names_in_monitoring() -> BTreeSet<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("monitoring");
+    let mut files = Vec::new();
+    for dir in ["prometheus/rules", "grafana/dashboards"] {
+        for e in std::fs::read_dir(root.join(dir)).expect("monitoring folder") {
+            files.push(e.expect("dir entry").path());
+        }
+    }
+    assert!(files.len() >= 6, "rules and dashboards found: {files:?}");
+    let mut names = BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("read");
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("stevedore_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
+/// Sample names (histograms as `_bucket`, `_count`, `_sum`) in Prometheus text.
+fn exported(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+        .collect()
+}
+
+async fn get_text(url: &str) -> String {
+    match reqwest::get(url).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+async fn fixture_server() -> u16 {
+    let app = axum::Router::new().route(
+        "/moodle",
+        axum::routing::get(|| async {
+            axum::response::Html(include_str!("../fixtures/quiz/moodle-multichoice.html"))
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    port
+}
+
+async fn wait_done(http: &reqwest::Client, api: &str, id: &str, want: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let job: Value = match http.get(format!("{api}/v1/jobs/{id}")).send().await {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        if job["status"] == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} not {want} within 120 s: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn submit(http: &reqwest::Client, api: &str, body: Value) -> String {
+    let r = http
+        .post(format!("{api}/v1/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let v: Value = r.json().await.expect("json");
+    v["id"].as_str().expect("id").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_rules_and_dashboards_name_is_exported() {
+    let wanted = names_in_monitoring();
+    let db = fresh_pg_database().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixtures = fixture_server().await;
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join(stevedore_analyze::DEFAULT_LOCAL_MODEL);
+    let env = vec![
+        ("DATABASE_URL", db.clone()),
+        ("REDIS_URL", REDIS.to_owned()),
+        (
+            "STEVEDORE_REDIS_PREFIX",
+            format!("sdt:{}", Uuid::now_v7().simple()),
+        ),
+        ("STEVEDORE_ALLOW_HOSTS", format!("127.0.0.1:{fixtures}")),
+        ("STEVEDORE_LOCAL_MODEL", model.display().to_string()),
+        ("STEVEDORE_LOG", "info,tower_http=debug".to_owned()),
+    ];
+    let mut migrate = Proc::stevedore(&["migrate"], &env, dir.path(), "migrate");
+    assert!(migrate.wait_exit(60).await.success(), "{}", migrate.log());
+
+    let api_port = free_port();
+    let listen = format!("127.0.0.1:{api_port}");
+    let mut procs = vec![Proc::stevedore(
+        &[
+            "--log-format",
+            "json",
+            "api",
+            "--no-dispatcher",
+            "--listen",
+            &listen,
+        ],
+        &env,
+        dir.path(),
+        "api",
+    )];
+    let mut targets = vec![(String::from("api"), api_port)];
+    let roles: [(&str, &[&str]); 5] = [
+        ("dispatcher", &["dispatcher"]),
+        ("notifier", &["notifier"]),
+        ("probe", &["worker", "--pool", "probe"]),
+        ("scrape", &["worker", "--pool", "scrape"]),
+        (
+            "analyze",
+            &["worker", "--pool", "analyze", "--concurrency", "1"],
+        ),
+    ];
+    for (name, args) in roles {
+        let port = free_port();
+        let m = format!("127.0.0.1:{port}");
+        let mut a = vec!["--log-format", "json"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--metrics-listen", &m]);
+        procs.push(Proc::stevedore(&a, &env, dir.path(), name));
+        targets.push((name.to_owned(), port));
+    }
+    for (_, port) in &targets {
+        wait_port(*port, 60).await;
+    }
+
+    let api = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    let retried = submit(
+        &http,
+        &api,
+        json!({"kind": "probe", "payload": {"fail_attempts": 1}, "backoff": {"base_ms": 10, "max_ms": 10}}),
+    )
+    .await;
+    let dead = submit(
+        &http,
+        &api,
+        json!({"kind": "probe", "payload": {"fail_attempts": 1, "failure": "permanent"}}),
+    )
+    .await;
+    let scraped = submit(
+        &http,
+        &api,
+        json!({"kind": "scrape", "payload": {"url": format!("http://127.0.0.1:{fixtures}/moodle"), "then": {"kind": "analyze"}}}),
+    )
+    .await;
+    let analyzed = submit(
+        &http,
+        &api,
+        json!({"kind": "analyze", "payload": {"questions": [{"text": "What is 2 + 2?", "options": ["3", "4", "5"]}]}}),
+    )
+    .await;
+    wait_done(&http, &api, &retried, "succeeded").await;
+    wait_done(&http, &api, &dead, "dead").await;
+    wait_done(&http, &api, &scraped, "succeeded").await;
+    wait_done(&http, &api, &analyzed, "succeeded").await;
+    let r = http
+        .get(format!("{api}/v1/jobs/{retried}"))
+        .header("x-request-id", "monitoring-rid-7")
+        .send()
+        .await
+        .expect("get job");
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // Gauges refresh on timers (queue depth, event lag): wait for them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let missing = loop {
+        let mut have = BTreeSet::new();
+        for (_, port) in &targets {
+            have.extend(exported(
+                &get_text(&format!("http://127.0.0.1:{port}/metrics")).await,
+            ));
+        }
+        let missing: Vec<&String> = wanted.iter().filter(|n| !have.contains(*n)).collect();
+        if missing.is_empty() || tokio::time::Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let api_log = procs[0].log();
+    let probe_log = procs[3].log();
+    drop(procs);
+    drop_database(&db).await;
+    assert!(
+        missing.is_empty(),
+        "rules or dashboards name metrics no role exports: {missing:?}"
+    );
+    assert!(
+        wanted.contains("stevedore_http_requests_total"),
+        "{wanted:?}"
+    );
+
+    // The JSON logs carry the ids the Loki pipeline extracts.
+    let has = |log: &str, key: &str, value: &str| {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|v| {
+                v["spans"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|span| span[key] == value))
+            })
+    };
+    assert!(
+        has(&api_log, "request_id", "monitoring-rid-7"),
+        "the request's span carries its id:\n{api_log}"
+    );
+    assert!(
+        has(&probe_log, "job.id", &retried),
+        "the failed attempt's log line carries the job id:\n{probe_log}"
+    );
+}

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Makes sure the services the tests and the production roles use are there:
 # PostgreSQL, Redis and RabbitMQ at DATABASE_URL, REDIS_URL and AMQP_URL
-# (default: the local ones). A service on this machine that is down is
-# installed from Debian's packages when missing and started; a remote one
-# must already answer. Installs the tools the suite needs (Chromium at
-# $CHROME, psql/pg_dump, a compose CLI, node and python venv for
-# scripts/check-deploy.sh). Works as root or as a user with sudo (used for
-# apt-get and for starting system services only). Idempotent.
+# (default: the local ones). A local one that is down is started; a remote
+# one must already answer. The server packages are installed either way,
+# because the fault drills start private instances of each (tests/drills.rs).
+# Also installs the tools the suite needs: Chromium at $CHROME, psql and
+# pg_dump, a compose CLI, node and python venv for scripts/check-deploy.sh.
+# Works as root or as a user with sudo (used for apt-get and for starting
+# system services only). Idempotent.
 set -euo pipefail
 
 DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -54,13 +55,9 @@ for svc in postgres redis rabbitmq; do
   fi
   start+=("$svc")
 done
-for svc in "${start[@]}"; do
-  case $svc in
-    postgres) command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql) ;;
-    redis) command -v redis-server >/dev/null || need_apt+=(redis-server) ;;
-    rabbitmq) command -v rabbitmq-server >/dev/null || need_apt+=(rabbitmq-server) ;;
-  esac
-done
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_apt+=(postgresql)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v rabbitmq-server >/dev/null || need_apt+=(rabbitmq-server)
 command -v psql >/dev/null && command -v pg_dump >/dev/null || need_apt+=(postgresql-client)
 [ -x "$CHROME" ] || need_apt+=(chromium)
 # The compose files are validated by the tests; without the v2 plugin, use
@@ -70,10 +67,25 @@ command -v npm >/dev/null || need_apt+=(npm)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
+  # Packaged daemons must not start on install: they would take the ports
+  # of the services named by URL (CI's containers); this script starts
+  # what is needed itself.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e $policy ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${as_root[@]}" tee $policy >/dev/null
+    "${as_root[@]}" chmod 755 $policy
+    trap '"${as_root[@]}" rm -f '$policy EXIT
+  fi
   "${as_root[@]}" apt-get -o DPkg::Lock::Timeout=600 update -qq
   "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# The drills call initdb and pg_ctl by name; Debian keeps them off PATH.
+for tool in initdb pg_ctl; do
+  command -v $tool >/dev/null && continue
+  found=$(compgen -G "/usr/lib/postgresql/*/bin/$tool" | sort -V | tail -1)
+  "${as_root[@]}" ln -sf "$found" /usr/local/bin/$tool
+done
 
 for svc in "${start[@]}"; do
   case $svc in

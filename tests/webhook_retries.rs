@@ -20,15 +20,18 @@ use uuid::Uuid;
 /// Delays after the 1st, 2nd and 3rd failed attempt.
 const SCHEDULE: [f64; 3] = [1.0, 2.0, 1.0];
 
+/// One verified request: event type, job id, when it arrived.
+type Hit = (String, String, Instant);
+
 #[derive(Default)]
 struct Receiver {
     secrets: Mutex<HashMap<String, String>>,
     /// Path → (event type, job id, when) of each verified request.
-    hits: Mutex<HashMap<String, Vec<(String, String, Instant)>>>,
+    hits: Mutex<HashMap<String, Vec<Hit>>>,
 }
 
 impl Receiver {
-    fn hits(&self, path: &str) -> Vec<(String, String, Instant)> {
+    fn hits(&self, path: &str) -> Vec<Hit> {
         self.hits
             .lock()
             .expect("lock")

@@ -1,8 +1,8 @@
 //! The analyze kind through the whole pipeline (API → broker → worker →
 //! store) with the local model on the fixture quizzes: every answer picks a
-//! real option, the same quiz gives the same answers, and the second time
-//! it is answered from the cache (on SQLite, the file's) without a model
-//! call.
+//! real option, a separate `stevedore dev` process with nothing shared
+//! gives the same answers, and the second time it is answered from the
+//! cache (on SQLite, the file's) without a model call.
 
 mod support;
 
@@ -42,6 +42,65 @@ async fn analyze(f: &TestFleet, questions: &[Value]) -> Value {
     f.wait_status(id, "succeeded", 180).await["result"].clone()
 }
 
+/// The same questions answered by a separate `stevedore dev` process on its
+/// own empty file: no cache or handler shared with this test's fleet.
+async fn answers_from_another_process(questions: &[Value]) -> Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = support::procs::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    let args = [
+        "dev",
+        "--listen",
+        &listen,
+        "--data-dir",
+        data.to_str().expect("path"),
+        "--concurrency",
+        "1",
+    ];
+    let env = [
+        ("STEVEDORE_LOCAL_MODEL", model.to_owned()),
+        ("STEVEDORE_LOG", "warn".to_owned()),
+    ];
+    let _dev = support::procs::Proc::stevedore(&args, &env, dir.path(), "dev");
+    support::procs::wait_port(port, 60).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{listen}");
+    let v: Value = http
+        .post(format!("{base}/v1/jobs"))
+        .json(&json!({"kind": "analyze", "payload": {"questions": questions}}))
+        .send()
+        .await
+        .expect("submit")
+        .json()
+        .await
+        .expect("json");
+    let id = v["id"].as_str().expect("id").to_owned();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let job: Value = http
+            .get(format!("{base}/v1/jobs/{id}"))
+            .send()
+            .await
+            .expect("job")
+            .json()
+            .await
+            .expect("json");
+        if job["status"] == "succeeded" {
+            return job["result"].clone();
+        }
+        assert!(
+            job["status"] != "dead" && tokio::time::Instant::now() < deadline,
+            "the other process's analyze job: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn local_model_answers_the_fixture_quizzes_deterministically(flavor: Flavor) {
     let f = TestFleet::start_with(
         flavor,
@@ -75,6 +134,15 @@ async fn local_model_answers_the_fixture_quizzes_deterministically(flavor: Flavo
             if expected[&page]["questions"][q]["correct"].as_u64() == Some(c as u64) {
                 correct += 1;
             }
+        }
+        if flavor == Flavor::Sqlite && page.starts_with("moodle") {
+            // Determinism that can fail: a run that shares nothing.
+            let other = answers_from_another_process(&questions).await;
+            assert_eq!(other["cached"], 0, "{page}: the other run used the model");
+            assert_eq!(
+                other["answers"], first["answers"],
+                "{page}: an independent run picks the same answers"
+            );
         }
         let again = analyze(&f, &questions).await;
         assert_eq!(

@@ -156,6 +156,27 @@ async fn bad_input_gets_a_clear_4xx(flavor: Flavor) {
         .collect();
     let (s, _) = f.post("/v1/jobs/batch", json!({"jobs": too_many})).await;
     assert_eq!(s, unprocessable);
+    // A rejected batch is all or nothing: its valid first job is not there.
+    let (s, v) = f.get("/v1/jobs").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["jobs"],
+        json!([]),
+        "rejected submits inserted nothing: {v}"
+    );
+    let (s, v) = f
+        .post(
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "probe", "payload": {}}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let (_, v) = f.get("/v1/jobs").await;
+    assert_eq!(
+        v["jobs"].as_array().map(Vec::len),
+        Some(1),
+        "the list does show jobs: {v}"
+    );
 
     let (s, v) = f.get(&format!("/v1/jobs/{}", Uuid::now_v7())).await;
     assert_eq!(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::json;
-use support::checker::{check, fenced_from_metrics};
+use support::checker::{check, fenced_from_metrics, metric_sum};
 use support::faultproxy::{FaultProxy, Mode};
 use support::procs::{free_port, wait_port, PrivatePostgres, PrivateRabbit, PrivateRedis, Proc};
 use uuid::Uuid;
@@ -175,7 +175,7 @@ impl Drill {
         total
     }
 
-    async fn finish(self, drill: &str, accepted: &[Uuid]) {
+    async fn finish(self, drill: &str, accepted: &[Uuid]) -> support::checker::Report {
         let mut report = check(&self.db, accepted, 180, 0).await;
         // Read after the jobs settle: late writes are refused only once the
         // fault is over and the stale worker gets to try them.
@@ -193,6 +193,7 @@ impl Drill {
         if self.db_url.contains(":5432/") {
             support::drop_database(&self.db_url).await;
         }
+        report
     }
 }
 
@@ -203,10 +204,18 @@ async fn drill_worker_killed_with_sigkill_loses_nothing() {
     d.worker(32).await;
     let accepted = d.submit(2000, json!({"sleep_ms": 100})).await;
     d.wait_succeeded(300, 120).await;
+    let victim = d.workers[0].1;
+    let in_flight = metric_sum(victim, "stevedore_jobs_started_total").await
+        - metric_sum(victim, "stevedore_jobs_finished_total").await;
     d.workers[0].0.signal(Signal::SIGKILL);
     d.workers[0].0.wait_exit(10).await;
+    assert!(in_flight >= 1.0, "the worker had jobs running when killed");
     d.worker(32).await;
-    d.finish("kill -9 worker", &accepted).await;
+    let report = d.finish("kill -9 worker", &accepted).await;
+    assert!(
+        report.lease_expiries >= 1,
+        "attempts the kill cut off were rescued after their lease: {report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,12 +223,31 @@ async fn drill_redis_restarted_empty_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut redis = PrivateRedis::start(dir.path()).await;
     let redis_url = redis.url();
-    let mut d = Drill::start(dir, support::fresh_pg_database().await, redis_url).await;
+    let mut d = Drill::start(dir, support::fresh_pg_database().await, redis_url.clone()).await;
     d.worker(32).await;
     d.worker(32).await;
     let accepted = d.submit(1500, json!({"sleep_ms": 50})).await;
     d.wait_succeeded(200, 120).await;
+    let mut conn = redis::Client::open(redis_url.as_str())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("private redis");
+    let waiting: i64 = redis::cmd("XLEN")
+        .arg(format!("{}:stream:probe", d.prefix))
+        .query_async(&mut conn)
+        .await
+        .expect("XLEN");
     redis.restart_empty().await;
+    assert!(
+        waiting > 0,
+        "messages were waiting in Redis when it was wiped"
+    );
+    d.wait_succeeded(accepted.len() as i64, 180).await;
+    assert!(
+        metric_sum(d.api_port, "stevedore_dispatcher_repairs_total").await >= 1.0,
+        "the dispatcher re-sent what Redis lost"
+    );
     d.finish("redis restarted empty", &accepted).await;
 }
 

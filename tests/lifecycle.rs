@@ -260,9 +260,14 @@ async fn a_job_delivered_twice_runs_once(flavor: Flavor) {
         .await
         .expect("publish duplicates");
     f.wait_status(id, "succeeded", 20).await;
-    // Late duplicates after success are dropped as well.
+    // Late duplicates after success are dropped as well: once the broker
+    // holds nothing unacked, every copy has been received and handled.
     broker.publish("probe", &[id]).await.expect("publish");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(20, "every copy received and acked", || {
+        let broker = broker.clone();
+        async move { broker.depth("probe").await.is_ok_and(|d| d == 0) }
+    })
+    .await;
     let started = f
         .events(id)
         .await
@@ -355,9 +360,23 @@ async fn a_delayed_job_does_not_start_early(flavor: Flavor) {
     let id = f
         .probe(json!({}), json!({"run_at": run_at.to_rfc3339()}))
         .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(f.job(id).await["status"], "queued");
-    let job = f.wait_status(id, "succeeded", 20).await;
+    // Watch it the whole way: every look before run_at finds it queued.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut early_looks = 0;
+    let job = loop {
+        let looked_at = Utc::now();
+        let job = f.job(id).await;
+        if looked_at < run_at - chrono::Duration::milliseconds(50) {
+            assert_eq!(job["status"], "queued", "started before its run_at: {job}");
+            early_looks += 1;
+        }
+        if job["status"] == "succeeded" {
+            break job;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ran: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(early_looks > 0, "the job was looked at before its run_at");
     assert!(ts(&job["started_at"]) + chrono::Duration::milliseconds(1) >= run_at);
     f.shutdown().await;
 }

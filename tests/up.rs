@@ -1,5 +1,6 @@
 //! `stevedore up`: the supervisor starts api, dispatcher and N workers per
-//! pool, restarts a crashed child, and stops everything on SIGTERM.
+//! pool, restarts a crashed child with a growing backoff, and stops
+//! everything on SIGTERM.
 
 mod support;
 
@@ -12,6 +13,27 @@ fn pid_of(log: &str, name: &str) -> Vec<i32> {
     let needle = format!("[up] started {name} pid ");
     log.lines()
         .filter_map(|l| l.strip_prefix(&needle)?.trim().parse().ok())
+        .collect()
+}
+
+/// The delays `up` announced before restarting `name`, in order.
+fn restart_delays(log: &str, name: &str) -> Vec<std::time::Duration> {
+    let needle = format!("[up] {name} exited");
+    log.lines()
+        .filter(|l| l.starts_with(&needle))
+        .filter_map(|l| {
+            let d = l.rsplit("restarting in ").next()?.trim();
+            if let Some(ms) = d.strip_suffix("ms") {
+                ms.parse()
+                    .ok()
+                    .map(|v: f64| std::time::Duration::from_secs_f64(v / 1000.0))
+            } else {
+                d.strip_suffix('s')?
+                    .parse()
+                    .ok()
+                    .map(std::time::Duration::from_secs_f64)
+            }
+        })
         .collect()
 }
 
@@ -69,13 +91,34 @@ async fn up_scales_pools_restarts_crashed_children_and_stops_cleanly() {
         .expect("submit");
     assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED);
 
-    let victim = pid_of(&up.log(), "probe-1")[0];
-    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill worker");
-    support::eventually(30, "the crashed worker is restarted", || async {
-        pid_of(&up.log(), "probe-1").len() == 2
-    })
-    .await;
-    assert!(up.log().contains("[up] probe-1 exited"), "{}", up.log());
+    // Three crashes in a row: each restart waits longer than the last, and
+    // no sooner than it says.
+    for n in 1..=3 {
+        let victim = *pid_of(&up.log(), "probe-1").last().expect("pid");
+        kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill worker");
+        let killed = std::time::Instant::now();
+        support::eventually(30, "the crashed worker is restarted", || async {
+            pid_of(&up.log(), "probe-1").len() == n + 1
+        })
+        .await;
+        let delays = restart_delays(&up.log(), "probe-1");
+        assert_eq!(delays.len(), n, "{}", up.log());
+        assert!(
+            killed.elapsed() >= delays[n - 1],
+            "restarted after {:?}, sooner than the {:?} it announced",
+            killed.elapsed(),
+            delays[n - 1]
+        );
+    }
+    let delays = restart_delays(&up.log(), "probe-1");
+    assert!(
+        delays[0] >= std::time::Duration::from_millis(500),
+        "{delays:?}"
+    );
+    assert!(
+        delays[0] < delays[1] && delays[1] < delays[2],
+        "the backoff grows: {delays:?}"
+    );
 
     let pg = sqlx::PgPool::connect(&db).await.expect("db");
     support::eventually(60, "every job succeeded", || async {

@@ -123,3 +123,19 @@ pub async fn fenced_from_metrics(port: u16) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
+
+/// Sums every series of metric `name` from a process's `/metrics` (0 when
+/// the process does not answer).
+pub async fn metric_sum(port: u16, name: &str) -> f64 {
+    let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return 0.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

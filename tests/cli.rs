@@ -1,0 +1,367 @@
+//! The client CLI run as the README types it (`stevedore submit … --wait`,
+//! `status`, `dlq list|show|replay|purge`, `watch --kind`, `webhooks
+//! add|list|deliveries|retry`), against a dev-mode fleet whose address it
+//! gets from `STEVEDORE_URL`: what a person reads in the terminal and the
+//! exit code are what is checked.
+
+mod support;
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::json;
+use support::{eventually, fast_notify, Flavor, Opts, TestFleet};
+use tokio::io::AsyncBufReadExt;
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `stevedore ARGS` against the fleet, as typed in a second terminal.
+async fn cli(f: &TestFleet, args: &[&str]) -> Out {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stevedore"))
+        .args(args)
+        .env("STEVEDORE_URL", &f.url)
+        .env("STEVEDORE_LOG", "warn")
+        .stdin(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .unwrap_or_else(|_| panic!("stevedore {args:?} did not finish within 60s"))
+        .expect("run stevedore");
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The value of a `key   value` line of `status`/`submit --wait` output.
+fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_status_and_the_dead_letter_commands() {
+    let f = TestFleet::start(Flavor::Sqlite).await;
+
+    let out = cli(
+        &f,
+        &[
+            "submit",
+            "probe",
+            "--payload",
+            r#"{"sleep_ms": 200}"#,
+            "--wait",
+        ],
+    )
+    .await;
+    assert!(out.ok, "{}{}", out.stdout, out.stderr);
+    assert_eq!(
+        field(&out.stdout, "status"),
+        Some("succeeded"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(field(&out.stdout, "kind"), Some("probe"));
+    let result = field(&out.stdout, "result").expect("a result line");
+    assert!(result.contains(r#""attempt":1"#), "{result}");
+    let id = field(&out.stdout, "id").expect("id line").to_owned();
+    let status = cli(&f, &["status", &id]).await;
+    assert!(status.ok, "{}", status.stderr);
+    assert_eq!(field(&status.stdout, "id"), Some(id.as_str()));
+    assert_eq!(field(&status.stdout, "status"), Some("succeeded"));
+
+    // Bad input is refused with the field named, and a non-zero exit.
+    let bad = cli(
+        &f,
+        &["submit", "probe", "--payload", r#"{"sleep_ms": "x"}"#],
+    )
+    .await;
+    assert!(!bad.ok);
+    assert!(bad.stderr.contains("422"), "{}", bad.stderr);
+    assert!(bad.stderr.contains("payload.sleep_ms"), "{}", bad.stderr);
+
+    // A job that dies: --wait says so and exits non-zero.
+    let dies = r#"{"fail_attempts": 1, "failure": "permanent"}"#;
+    let dead = cli(&f, &["submit", "probe", "--payload", dies, "--wait"]).await;
+    assert!(!dead.ok, "{}", dead.stdout);
+    assert!(dead.stderr.contains("job ended dead"), "{}", dead.stderr);
+    assert_eq!(field(&dead.stdout, "status"), Some("dead"));
+    let dead_id = field(&dead.stdout, "id").expect("id").to_owned();
+    let other = cli(&f, &["submit", "probe", "--payload", dies, "--wait"]).await;
+    let other_id = field(&other.stdout, "id").expect("id").to_owned();
+
+    let list = cli(&f, &["dlq", "list"]).await;
+    assert!(list.ok, "{}", list.stderr);
+    let rows: Vec<&str> = list.stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "two dead letters: {}", list.stdout);
+    assert!(
+        rows[0].starts_with(&other_id),
+        "newest first: {}",
+        list.stdout
+    );
+    assert!(rows[1].starts_with(&dead_id) && rows[1].contains("dead"));
+    assert!(
+        !list.stdout.contains(&id),
+        "a succeeded job is no dead letter"
+    );
+
+    let show = cli(&f, &["dlq", "show", &dead_id]).await;
+    assert!(show.ok, "{}", show.stderr);
+    let error = field(&show.stdout, "error").expect("the error history");
+    assert!(
+        error.starts_with("#1") && error.contains("permanent"),
+        "{error}"
+    );
+
+    // Replay: a fresh budget, and attempt 2 is past fail_attempts.
+    let replay = cli(&f, &["dlq", "replay", &dead_id]).await;
+    assert!(replay.ok, "{}", replay.stderr);
+    assert!(replay.stdout.starts_with(&dead_id), "{}", replay.stdout);
+    f.wait_status(dead_id.parse().expect("uuid"), "succeeded", 20)
+        .await;
+    let status = cli(&f, &["status", &dead_id]).await;
+    assert_eq!(field(&status.stdout, "status"), Some("succeeded"));
+    assert_eq!(field(&status.stdout, "attempt"), Some("2"));
+
+    let purge = cli(&f, &["dlq", "purge", &other_id]).await;
+    assert!(purge.ok, "{}", purge.stderr);
+    assert_eq!(purge.stdout.trim(), format!("{other_id} purged"));
+    let gone = cli(&f, &["status", &other_id]).await;
+    assert!(!gone.ok && gone.stderr.contains("404"), "{}", gone.stderr);
+    let list = cli(&f, &["dlq", "list"]).await;
+    assert_eq!(list.stdout.lines().count(), 1, "empty: {}", list.stdout);
+    f.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_one_kind() {
+    let f = TestFleet::start_with(
+        Flavor::Sqlite,
+        Opts {
+            workers: vec![("probe".into(), 4), ("scrape".into(), 1)],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stevedore"))
+        .args(["watch", "--kind", "probe"])
+        .env("STEVEDORE_URL", &f.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("stevedore watch");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut reader = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let sink = lines.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = reader.next_line().await {
+            sink.lock().expect("lock").push(l);
+        }
+    });
+    let has = |needle: String| {
+        let lines = lines.clone();
+        move || {
+            let found = lines
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|l| l.contains(&needle));
+            async move { found }
+        }
+    };
+    // Watch connects on its own schedule and shows only what happens after:
+    // probes until one shows up prove it is live.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut warmup = Vec::new();
+    'live: loop {
+        warmup.push(f.probe(json!({}), json!({})).await.to_string());
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let seen = lines.lock().expect("lock");
+            if seen.iter().any(|l| warmup.iter().any(|id| l.contains(id))) {
+                break 'live;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watch printed none of {warmup:?}"
+        );
+    }
+    // A scrape of a refused address dies at once; watch --kind probe never
+    // shows it.
+    let (s, v) = f
+        .post(
+            "/v1/jobs",
+            json!({"kind": "scrape", "payload": {"url": "http://127.0.0.1:1/"}, "max_attempts": 1}),
+        )
+        .await;
+    assert_eq!(s, reqwest::StatusCode::ACCEPTED, "{v}");
+    let scrape: uuid::Uuid = v["id"].as_str().expect("id").parse().expect("uuid");
+    f.wait_status(scrape, "dead", 20).await;
+    let probe = f
+        .probe(
+            json!({"fail_attempts": 1}),
+            json!({"backoff": {"base_ms": 100, "max_ms": 100}}),
+        )
+        .await;
+    let line = format!("job.succeeded  {probe} probe");
+    eventually(20, "watch prints the probe's success", has(line)).await;
+    let seen = lines.lock().expect("lock").clone();
+    let of_probe: Vec<&String> = seen
+        .iter()
+        .filter(|l| l.contains(&probe.to_string()))
+        .collect();
+    let types: Vec<&str> = of_probe
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "job.queued",
+            "job.started",
+            "job.retrying",
+            "job.started",
+            "job.succeeded"
+        ],
+        "{seen:#?}"
+    );
+    assert!(of_probe[4].contains("attempt 2 result="), "{}", of_probe[4]);
+    assert!(
+        !seen.iter().any(|l| l.contains(&scrape.to_string())),
+        "--kind probe shows no scrape: {seen:#?}"
+    );
+    child.kill().await.expect("stop watch");
+    f.shutdown().await;
+}
+
+#[derive(Default)]
+struct Hook {
+    up: Mutex<bool>,
+    /// Bodies of verified requests.
+    got: Mutex<Vec<serde_json::Value>>,
+    secret: Mutex<String>,
+}
+
+async fn hook(State(h): State<Arc<Hook>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let secret = h.secret.lock().expect("lock").clone();
+    let Ok(verifier) = standardwebhooks::Webhook::new(&secret) else {
+        return StatusCode::UNAUTHORIZED;
+    };
+    if verifier.verify(&body, &headers).is_err() {
+        return StatusCode::UNAUTHORIZED;
+    }
+    let v = serde_json::from_slice(&body).unwrap_or_default();
+    h.got.lock().expect("lock").push(v);
+    if *h.up.lock().expect("lock") {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_add_list_deliveries_and_retry() {
+    let h = Arc::new(Hook::default());
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(h.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let f = TestFleet::start_with(
+        Flavor::Sqlite,
+        Opts {
+            notify: fast_notify(&addr.to_string()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let target = format!("http://{addr}/hook");
+    let add = cli(
+        &f,
+        &[
+            "webhooks",
+            "add",
+            &target,
+            "--events",
+            "job.succeeded,job.dead",
+        ],
+    )
+    .await;
+    assert!(add.ok, "{}", add.stderr);
+    let hook_id = field(&add.stdout, "id").expect("id line").to_owned();
+    let secret = field(&add.stdout, "secret")
+        .and_then(|s| s.split_whitespace().next())
+        .expect("secret line");
+    assert!(secret.starts_with("whsec_"), "{}", add.stdout);
+    *h.secret.lock().expect("lock") = secret.to_owned();
+
+    let list = cli(&f, &["webhooks", "list"]).await;
+    let row = list
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&hook_id))
+        .unwrap_or_else(|| panic!("{hook_id} listed: {}", list.stdout));
+    assert!(row.contains(&target) && row.contains("active"), "{row}");
+    assert!(
+        row.contains("job.dead") && !row.contains("job.cancelled"),
+        "{row}"
+    );
+    assert!(!list.stdout.contains(secret), "the secret is shown once");
+
+    // The receiver is down through the whole (1s,1s,2s) schedule.
+    let job = f.probe(json!({}), json!({})).await;
+    let failed = || async {
+        let out = cli(&f, &["webhooks", "deliveries", "--failed"]).await;
+        out.stdout
+            .lines()
+            .skip(1)
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    eventually(30, "the delivery is a webhook dead letter", || async {
+        !failed().await.is_empty()
+    })
+    .await;
+    let rows = failed().await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let cols: Vec<&str> = rows[0].split_whitespace().collect();
+    assert_eq!(&cols[1..4], ["job.succeeded", "failed", "4"], "{}", rows[0]);
+    assert_eq!(
+        h.got.lock().expect("lock").len(),
+        4,
+        "1 + 3 retries, all signed"
+    );
+
+    *h.up.lock().expect("lock") = true;
+    let retry = cli(&f, &["webhooks", "retry", cols[0]]).await;
+    assert!(retry.ok, "{}", retry.stderr);
+    eventually(10, "the retried delivery is delivered", || async {
+        let out = cli(&f, &["webhooks", "deliveries"]).await;
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with(cols[0]) && l.contains("delivered"))
+    })
+    .await;
+    assert!(failed().await.is_empty());
+    let got = h.got.lock().expect("lock").clone();
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[4]["type"], "job.succeeded");
+    assert_eq!(got[4]["data"]["job_id"], job.to_string());
+    f.shutdown().await;
+}

@@ -1,9 +1,11 @@
 //! The HTTP API (axum): routes, shared state and the request-body rules
 //! (1 MiB limit, strict JSON). Handlers live in `jobs`, `dlq`, `stream`
-//! (SSE and WebSocket), `webhooks` and `display` (the live page); the
-//! OpenAPI document is assembled in `openapi`; request ids and request
-//! metrics are layered on in `observe`.
+//! (SSE and WebSocket), `webhooks`, `display` (the live page) and `console`
+//! (the operator console and its job-events route); the OpenAPI document is
+//! assembled in `openapi`; request ids and request metrics are layered on
+//! in `observe`.
 
+mod console;
 pub mod demo;
 mod display;
 mod dlq;
@@ -62,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/batch", post(jobs::submit_batch))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(console::job_events))
         .route("/v1/dead-letters", get(dlq::list))
         .route("/v1/dead-letters/{id}", get(dlq::show).delete(dlq::purge))
         .route("/v1/dead-letters/{id}/replay", post(dlq::replay))
@@ -75,6 +78,10 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(display::page))
         .route("/display/app.js", get(display::script))
         .route("/display/style.css", get(display::style))
+        .route("/console", get(console::page))
+        .route("/console/app.js", get(console::script))
+        .route("/console/views.js", get(console::views))
+        .route("/console/style.css", get(console::style))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(observe::api_metrics))

@@ -16,6 +16,7 @@ use utoipa::OpenApi;
         super::jobs::get,
         super::jobs::list,
         super::jobs::cancel,
+        super::console::job_events,
         super::dlq::list,
         super::dlq::show,
         super::dlq::replay,

@@ -58,32 +58,40 @@ async function showResult(ev) {
   renderResult(ev, questions);
 }
 
+// `answers[i].question` and `.choice` are indices into the payload's
+// questions and that question's options (see the analyze kind), never text.
 function renderResult(ev, questions) {
   const res = ev.result;
   const box = el("div", "result");
   box.dataset.job = ev.job_id;
   box.append(el("div", "meta", `${ev.kind} ${ev.job_id.slice(-12)} · ${res.provider || "?"} / ${res.model || "?"}`));
   res.answers.forEach((a, i) => {
-    const q = questions[i] || {};
-    const options = q.options || [a.choice];
+    const qi = Number.isInteger(a.question) ? a.question : i;
+    const q = questions[qi] || {};
+    // Without the payload (job purged, fetch failed) the chosen index is all we know.
+    const options = Array.isArray(q.options) ? q.options : [`option ${a.choice + 1}`];
+    const chosenAt = Array.isArray(q.options) ? a.choice : 0;
     const qd = el("div", "question");
-    qd.append(el("div", "text", a.question || q.text || `Question ${i + 1}`));
-    options.forEach((opt) => {
-      const chosen = opt === a.choice;
+    qd.append(el("div", "text", q.text || `Question ${qi + 1}`));
+    const pct = Math.round(Math.min(Math.max(Number(a.confidence) || 0, 0), 1) * 100);
+    options.forEach((opt, oi) => {
+      const chosen = oi === chosenAt;
       const row = el("div", "option" + (chosen ? " chosen" : ""));
+      if (chosen) row.setAttribute("aria-label", `chosen: ${opt}, ${pct}% confidence`);
       const bar = el("div", "bar");
       const fill = el("span");
       bar.append(fill);
-      const pct = chosen ? Math.round((a.confidence || 0) * 100) : 0;
-      row.append(el("span", "opt", opt), bar, el("span", "pct", chosen ? pct + "%" : ""));
+      row.append(el("span", "opt", (chosen ? "✓ " : "") + opt), bar, el("span", "pct", chosen ? pct + "%" : ""));
       qd.append(row);
       // Set the width after insertion so the CSS transition animates it.
-      requestAnimationFrame(() => requestAnimationFrame(() => { fill.style.width = pct + "%"; }));
+      if (chosen) requestAnimationFrame(() => requestAnimationFrame(() => { fill.style.width = pct + "%"; }));
     });
     if (a.reason) qd.append(el("div", "reason", a.reason));
     box.append(qd);
   });
   const results = $("results");
+  // A replayed job succeeds again: show its latest answers once.
+  for (const old of results.querySelectorAll(".result")) if (old.dataset.job === ev.job_id) old.remove();
   const hint = results.querySelector(".hint");
   if (hint) hint.remove();
   results.prepend(box);

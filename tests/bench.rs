@@ -98,11 +98,7 @@ async fn bench_runs_on_postgres_and_rabbitmq() {
             .await
             .expect("bench thread");
     check_figures(&out, 500);
-    let db_line = figures(
-        &out,
-        "database:",
-        &["database:", "(reads included), "],
-    );
+    let db_line = figures(&out, "database:", &["database:", "(reads included), "]);
     // Every job writes, so both figures are above zero.
     assert!(db_line[0] > 0.0, "commits per 1,000 jobs: {out}");
     assert!(db_line[1] > 100.0, "WAL bytes per job: {out}");

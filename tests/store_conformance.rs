@@ -568,10 +568,8 @@ async fn the_outbox_is_kept_until_a_broker_takes_it_and_lost_jobs_are_resent(kin
     let r = Recorder::default();
     r.fail.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(s.relay_outbox(10, &r).await.is_err());
-    assert_eq!(
-        s.published_waiting().await.expect("waiting").get("probe"),
-        Some(&0)
-    );
+    let waiting = |w: HashMap<String, i64>| w.get("probe").copied().unwrap_or(0);
+    assert_eq!(waiting(s.published_waiting().await.expect("waiting")), 0);
     r.fail.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
         s.relay_outbox(10, &r).await.expect("relay"),
@@ -582,10 +580,18 @@ async fn the_outbox_is_kept_until_a_broker_takes_it_and_lost_jobs_are_resent(kin
     let mut sent: Vec<Uuid> = r.sent.lock().expect("lock").iter().map(|s| s.1).collect();
     sent.sort();
     assert_eq!(sent, ids);
+    assert_eq!(waiting(s.published_waiting().await.expect("waiting")), 2);
+
+    // A job cancelled before it was due leaves its outbox row behind; the
+    // broker is not expected to hold it, and it must not hide a lost one.
+    let mut later = new_job(None);
+    later.run_at = Some(Utc::now() + chrono::Duration::hours(1));
+    s.insert_jobs(&[later.clone()]).await.expect("insert");
     assert_eq!(
-        s.published_waiting().await.expect("waiting").get("probe"),
-        Some(&2)
+        s.cancel(later.id).await.expect("cancel"),
+        CancelOutcome::Cancelled
     );
+    assert_eq!(waiting(s.published_waiting().await.expect("waiting")), 2);
 
     // The broker forgot them: both are put back in the outbox once (the
     // loop waits out SQLite's millisecond clock).

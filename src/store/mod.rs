@@ -196,8 +196,8 @@ pub trait Store: Send + Sync + 'static {
     /// Jobs whose lease ran out (their worker died) get the model's
     /// [`Outcome::LeaseExpired`]; returns how many moved.
     async fn rescue_expired(&self, limit: i64) -> StoreResult<usize>;
-    /// Jobs of `pool` the broker should be holding: queued or retrying,
-    /// minus those whose outbox row is not yet published.
+    /// Per pool, the jobs its broker should be holding: queued or retrying,
+    /// not cancelled, and already published (no outbox row left).
     async fn published_waiting(&self) -> StoreResult<HashMap<String, i64>>;
     /// Up to `limit` jobs of `pool` still waiting `older_than` after they
     /// were last sent, with nothing in the outbox, oldest first: sent again.

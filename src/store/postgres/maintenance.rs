@@ -50,13 +50,14 @@ impl PgStore {
     }
 
     pub(super) async fn waiting_by_pool(&self) -> StoreResult<HashMap<String, i64>> {
+        // Only waiting jobs count, and only those whose outbox row is gone:
+        // a row left by a job cancelled before it was due is not one the
+        // broker should hold, and must not hide a lost message.
         let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
-            "SELECT kind, sum(n)::bigint FROM (
-                SELECT kind, count(*) AS n FROM jobs
-                WHERE status IN {} AND NOT cancel_requested GROUP BY kind
-                UNION ALL
-                SELECT pool, -count(*) FROM outbox GROUP BY pool
-             ) t GROUP BY kind",
+            "SELECT kind, count(*)::bigint FROM jobs j
+             WHERE status IN {} AND NOT j.cancel_requested
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)
+             GROUP BY kind",
             sql_list(&JobStatus::CLAIMABLE)
         ))
         .fetch_all(&self.pool)

@@ -167,6 +167,19 @@ async fn local_model_answers_the_fixture_quizzes_deterministically(flavor: Flavo
             .await
             .expect("count cached answers");
         assert_eq!(rows, total, "every answer cached in the SQLite file");
+    } else {
+        // Production keeps it in Redis, shared by every worker process.
+        let mut r = ::redis::Client::open(support::REDIS)
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{}:analyze:answer:*", f.redis_prefix))
+            .query_async(&mut r)
+            .await
+            .expect("keys");
+        assert_eq!(keys.len() as i64, total, "every answer cached in Redis");
     }
     println!("local model accuracy on the fixtures: {correct}/{total}");
     f.shutdown().await;

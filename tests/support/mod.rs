@@ -169,7 +169,7 @@ impl TestFleet {
             metrics: None,
             demo_pages: false,
         };
-        let kinds = fleet::backend_kinds(&backend);
+        let kinds = kinds_for(flavor, &backend, &prefix).await;
         let running = fleet::start(backend.clone(), kinds, roles)
             .await
             .expect("fleet starts");
@@ -208,7 +208,7 @@ impl TestFleet {
             notifier: false,
             notify: Default::default(),
         };
-        let kinds = fleet::backend_kinds(&self.backend);
+        let kinds = kinds_for(self.flavor, &self.backend, &self.redis_prefix).await;
         fleet::start(self.backend.clone(), kinds, roles)
             .await
             .expect("workers start")
@@ -321,6 +321,24 @@ impl TestFleet {
             delete_amqp(&self.redis_prefix, &["probe", "scrape", "analyze"]).await;
         }
     }
+}
+
+/// The kinds as production shares them: on Postgres the analyze kind keeps
+/// its rate limits and answer cache in Redis (under the fleet's prefix), in
+/// dev mode in the SQLite file.
+pub async fn kinds_for(flavor: Flavor, backend: &Backend, prefix: &str) -> stevedore::kinds::Kinds {
+    if flavor == Flavor::Sqlite {
+        return fleet::backend_kinds(backend);
+    }
+    let client = ::redis::Client::open(REDIS).expect("Redis URL");
+    let conn = ::redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("Redis at 127.0.0.1:6379");
+    let shared = fleet::Shared::Redis {
+        conn,
+        prefix: prefix.to_owned(),
+    };
+    fleet::kinds(&stevedore::config::KindsArgs::default(), shared).expect("kinds")
 }
 
 pub async fn drop_database(url: &str) {

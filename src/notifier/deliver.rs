@@ -251,6 +251,8 @@ impl Deliverer {
             return Ok(c.clone());
         }
         let c = reqwest::Client::builder()
+            // A proxy from the environment would re-resolve the host, past the pin.
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(self.cfg.timeout)
             .resolve(host, addr)

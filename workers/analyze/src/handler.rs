@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::Registry;
-use stevedore_handler::{Handler, JobContext, JobError};
+use stevedore_handler::{FieldError, Handler, JobContext, JobError};
 
-use crate::cache::{cache_key, AnswerCache, CachedAnswer, MemoryAnswerCache};
+use crate::cache::{cache_keys, AnswerCache, CachedAnswer, MemoryAnswerCache};
 use crate::error::ProviderError;
 use crate::local::{LocalProvider, WeightFormat};
 use crate::metrics::Metrics;
@@ -46,6 +46,11 @@ pub struct AnalyzeConfig {
     /// Attempts below this retry an invalid model reply; from this one on it
     /// is permanent.
     pub invalid_reply_attempts: u32,
+    /// Models a payload may ask `openai` for besides the configured default
+    /// (`STEVEDORE_ANALYZE_MODELS`): a free-text model would let a caller
+    /// pick the most expensive one, and dodge the per-model rate limit and
+    /// multiply metric labels by varying the name.
+    pub models: Vec<String>,
 }
 
 impl AnalyzeConfig {
@@ -62,6 +67,7 @@ impl AnalyzeConfig {
                 100_000,
             )),
             invalid_reply_attempts: 3,
+            models: Vec::new(),
         }
     }
 }
@@ -86,6 +92,7 @@ struct Inner {
     limiter: Arc<dyn RateLimiter>,
     cache: Arc<dyn AnswerCache>,
     invalid_reply_attempts: u32,
+    models: Vec<String>,
     metrics: Metrics,
 }
 
@@ -101,6 +108,12 @@ impl AnalyzeHandler {
                 limiter: config.rate_limiter,
                 cache: config.cache,
                 invalid_reply_attempts: config.invalid_reply_attempts.max(1),
+                models: config
+                    .models
+                    .iter()
+                    .map(|m| m.trim().to_owned())
+                    .filter(|m| !m.is_empty())
+                    .collect(),
                 metrics: Metrics::new(registry)?,
             }),
         })
@@ -125,6 +138,25 @@ impl Handler for AnalyzeHandler {
     type Payload = AnalyzePayload;
     type Output = AnalyzeOutput;
 
+    fn check(&self, payload: &AnalyzePayload) -> Result<(), FieldError> {
+        let Some(requested) = payload.model.as_deref() else {
+            return Ok(());
+        };
+        let provider = payload.provider.unwrap_or_else(|| self.default_provider());
+        let allowed = self.inner.allowed_models(provider);
+        if allowed.iter().any(|m| m == requested) {
+            return Ok(());
+        }
+        Err(FieldError::new(
+            "model",
+            format!(
+                "{requested:?} is not a model this deployment offers for {}; allowed: {}",
+                provider.as_str(),
+                allowed.join(", ")
+            ),
+        ))
+    }
+
     async fn run(
         &self,
         ctx: &JobContext,
@@ -139,6 +171,17 @@ impl Handler for AnalyzeHandler {
 }
 
 impl Inner {
+    /// What a payload may name as its model.
+    fn allowed_models(&self, provider: ProviderKind) -> Vec<String> {
+        match (provider, &self.openai) {
+            (ProviderKind::Openai, Some(o)) => std::iter::once(o.default_model().to_owned())
+                .chain(self.models.iter().cloned())
+                .collect(),
+            (ProviderKind::Openai, None) => Vec::new(),
+            (ProviderKind::Local, _) => vec![self.local.model_name().to_owned()],
+        }
+    }
+
     fn model_for(
         &self,
         provider: ProviderKind,
@@ -146,6 +189,17 @@ impl Inner {
     ) -> Result<String, JobError> {
         match provider {
             ProviderKind::Openai => match &self.openai {
+                // Checked at submit too; a job stored before the list
+                // changed must not slip past it.
+                Some(_)
+                    if requested
+                        .is_some_and(|m| !self.allowed_models(provider).iter().any(|a| a == m)) =>
+                {
+                    Err(JobError::permanent(format!(
+                        "model {:?} is not offered by this deployment",
+                        requested.unwrap_or_default()
+                    )))
+                }
                 Some(o) => Ok(requested.unwrap_or(o.default_model()).to_owned()),
                 None => Err(JobError::permanent(
                     "provider \"openai\" requested but no endpoint is configured: set \
@@ -172,10 +226,7 @@ impl Inner {
         model: &str,
         questions: Vec<Question>,
     ) -> Result<AnalyzeOutput, JobError> {
-        let keys: Vec<String> = questions
-            .iter()
-            .map(|q| cache_key(provider, model, q))
-            .collect();
+        let keys = cache_keys(provider, model, &questions);
         let mut answers = self.cached(&keys, &questions).await;
         let cached = answers.iter().filter(|a| a.is_some()).count();
         let missed: Vec<(usize, Question)> = questions

@@ -5,7 +5,8 @@
 //! structured output with a plain-JSON fallback) and `local` (a GGUF model run
 //! in-process with candle, scoring each option by log-likelihood, offline).
 //! Calls to `openai` share a rate limit across processes; answers are cached
-//! per (provider, model, question, options).
+//! under everything that shaped them (see [`cache`]), and a payload's `model`
+//! must be one the deployment offers (checked at submit).
 //!
 //! The core builds one [`AnalyzeHandler`] per process from an
 //! [`AnalyzeConfig`] and registers it under [`AnalyzeHandler::KIND`]
@@ -33,6 +34,7 @@
 //!         )),
 //!         cache: Arc::new(RedisAnswerCache::new(conn, "stevedore:", Duration::from_secs(7 * 86_400))),
 //!         invalid_reply_attempts: 3,
+//!         models: vec!["gpt-4o".into()],
 //!     },
 //!     &registry,
 //! )?;

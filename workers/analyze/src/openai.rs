@@ -105,8 +105,13 @@ enum Outcome {
 }
 
 impl OpenAiProvider {
-    pub fn new(config: OpenAiConfig) -> Result<Self, ProviderError> {
+    pub fn new(mut config: OpenAiConfig) -> Result<Self, ProviderError> {
+        // An empty key is no key: sending `Bearer ` only earns a 401.
+        config.api_key = config.api_key.filter(|k| !k.trim().is_empty());
         let http = reqwest::Client::builder()
+            // The endpoint is configured; an HTTP_PROXY in the worker's
+            // environment must not silently route prompts elsewhere.
+            .no_proxy()
             .timeout(config.timeout)
             .build()
             .map_err(|e| ProviderError::Misconfigured(format!("HTTP client: {e}")))?;

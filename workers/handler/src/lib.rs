@@ -153,6 +153,13 @@ pub trait Handler: Send + Sync + 'static {
     type Payload: Payload;
     type Output: Serialize + Send;
 
+    /// Checks a parsed payload against this handler's configuration at
+    /// submit (a model the deployment allows, say): what the payload type
+    /// alone cannot know. A failure is a 422 naming the field.
+    fn check(&self, _payload: &Self::Payload) -> Result<(), FieldError> {
+        Ok(())
+    }
+
     fn run(
         &self,
         ctx: &JobContext,

@@ -5,9 +5,12 @@
 //!
 //! Rules: only http and https;
 //! loopback, private, link-local, CGNAT, multicast, unspecified, broadcast,
-//! reserved and documentation ranges are refused, IPv4-mapped, IPv4-compatible
-//! and NAT64 forms are judged by their IPv4 address, and cloud metadata
-//! addresses are refused even when allowlisted. `STEVEDORE_ALLOW_HOSTS`
+//! reserved and documentation ranges are refused; IPv4-mapped,
+//! IPv4-compatible, well-known NAT64 and 6to4 forms are judged by the IPv4
+//! address inside; Teredo and the local-use NAT64 prefix are refused outright
+//! (what they reach is decided by a relay or translator we cannot see); and
+//! link-local / cloud metadata addresses (all of `169.254.0.0/16`,
+//! `fd00:ec2::/32`) are refused even when allowlisted. `STEVEDORE_ALLOW_HOSTS`
 //! (`host:port`, comma-separated) lets named local receivers through.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -89,8 +92,8 @@ impl NetGuard {
         Self::with_resolver(allow_hosts, Arc::new(SystemResolver))
     }
 
-    /// An allowlist entry names a `host:port` as written in URLs, or an
-    /// `ip:port` a name may resolve to.
+    /// An allowlist entry names a `host:port` as written in URLs
+    /// (`[::1]:8099` for an IPv6 literal).
     pub fn with_resolver(allow_hosts: &str, resolver: Arc<dyn Resolve>) -> Self {
         let allow = allow_hosts
             .split(',')
@@ -99,30 +102,46 @@ impl NetGuard {
             .collect();
         Self { allow, resolver }
     }
-
-    fn allows_addr(&self, addr: SocketAddr) -> bool {
-        self.allow.contains(&addr.to_string())
-    }
 }
 
+/// The IPv4 address an IPv6 form stands for, where the IPv6 address is
+/// only a wrapper around it (mapped, compatible, NAT64 64:ff9b::/96, 6to4).
 fn mapped_v4(v6: &Ipv6Addr) -> Option<Ipv4Addr> {
     let s = v6.segments();
-    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     let nat64 = s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0];
-    let nat64_local = s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1;
     let mapped = s[0..5] == [0, 0, 0, 0, 0] && s[5] == 0xffff;
     let compat = s[0..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified();
-    (nat64 || nat64_local || mapped || compat).then_some(tail)
+    if s[0] == 0x2002 {
+        // 6to4 carries the relay's IPv4 address in bits 16..48.
+        return Some(v4(s[1], s[2]));
+    }
+    (nat64 || mapped || compat).then(|| v4(s[6], s[7]))
 }
 
-/// Cloud metadata endpoints: refused even when allowlisted.
+/// Prefixes whose destination is chosen by a relay or translator: the
+/// address says nothing we can judge, so they are refused whole.
+fn v6_tunnelled(v6: &Ipv6Addr) -> bool {
+    let s = v6.segments();
+    let teredo = s[0] == 0x2001 && s[1] == 0;
+    // RFC 8215 local-use NAT64: a site's own translator, any IPv4 behind it.
+    let nat64_local = s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1;
+    teredo || nat64_local
+}
+
+/// Link-local and cloud metadata endpoints: refused even when allowlisted.
+/// All of 169.254.0.0/16 (not only .169.254: clouds put DNS, time and
+/// instance services there too), AWS's fd00:ec2::/32, Alibaba's
+/// 100.100.100.200, and any IPv6 form wrapping one of them.
 pub fn is_metadata(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            v4 == Ipv4Addr::new(169, 254, 169, 254) || v4 == Ipv4Addr::new(100, 100, 100, 200)
+            let o = v4.octets();
+            (o[0] == 169 && o[1] == 254) || v4 == Ipv4Addr::new(100, 100, 100, 200)
         }
         IpAddr::V6(v6) => {
-            v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+            let s = v6.segments();
+            (s[0] == 0xfd00 && s[1] == 0x0ec2)
                 || mapped_v4(&v6).is_some_and(|v4| is_metadata(IpAddr::V4(v4)))
         }
     }
@@ -149,6 +168,9 @@ pub fn is_forbidden(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4_forbidden(v4),
         IpAddr::V6(v6) => {
+            if v6_tunnelled(&v6) {
+                return true;
+            }
             if let Some(v4) = mapped_v4(&v6) {
                 return v4_forbidden(v4);
             }
@@ -203,7 +225,6 @@ impl UrlGuard for NetGuard {
         // good one would let a name mixing public and private answers through
         // on a retry that happens to get the other order.
         for a in &addrs {
-            let allowed = allowed || self.allows_addr(*a);
             if is_metadata(a.ip()) || (!allowed && is_forbidden(a.ip())) {
                 return Err(GuardError::Forbidden(host, a.ip()));
             }
@@ -275,15 +296,33 @@ mod tests {
 
     #[tokio::test]
     async fn each_check_judges_the_answer_it_got_and_pins_it() {
-        let g = NetGuard::with_resolver("127.0.0.1:8099", scripted(&["127.0.0.1", "10.0.0.1"]));
+        let g = NetGuard::with_resolver(
+            "rebind.test:8099",
+            scripted(&["127.0.0.1", "169.254.169.254"]),
+        );
         let first = g
             .check("http://rebind.test:8099/")
             .await
-            .expect("allowlisted address");
+            .expect("allowlisted name");
         assert_eq!(first.addr, "127.0.0.1:8099".parse().expect("addr"));
         assert!(matches!(
             g.check("http://rebind.test:8099/").await,
-            Err(GuardError::Forbidden(_, ip)) if ip == "10.0.0.1".parse::<IpAddr>().expect("ip")
+            Err(GuardError::Forbidden(_, ip)) if ip == "169.254.169.254".parse::<IpAddr>().expect("ip")
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_address_entry_does_not_admit_names_resolving_to_it() {
+        let g = NetGuard::with_resolver("127.0.0.1:8099", scripted(&["127.0.0.1"]));
+        assert!(matches!(
+            g.check("http://evil.test:8099/").await,
+            Err(GuardError::Forbidden(..))
+        ));
+        assert!(g.check("http://127.0.0.1:8099/").await.is_ok());
+        // Nor another port of an allowlisted host.
+        assert!(matches!(
+            g.check("http://127.0.0.1:8100/").await,
+            Err(GuardError::Forbidden(..))
         ));
     }
 

@@ -10,10 +10,10 @@ use stevedore_handler::{Handler, JobContext, JobError};
 use stevedore_netguard::{NetGuard, UrlGuard};
 use tokio::sync::Semaphore;
 
-use crate::browser::{BrowserConfig, BrowserError, BrowserPool, Wait};
+use crate::browser::{BrowserConfig, BrowserError, BrowserPool, Hooks, Wait};
 use crate::extract::{extract, Extracted};
 use crate::load::{load, LoadConfig, LoadError};
-use crate::payload::{Render, ScrapeOutput, ScrapePayload};
+use crate::payload::{Render, ScrapeOutput, ScrapePayload, Selectors};
 use crate::proxy::{Dial, TcpDial};
 
 #[derive(Debug, Clone)]
@@ -85,13 +85,19 @@ impl ScrapeHandler {
         )?;
         registry.register(Box::new(pages.clone()))?;
         registry.register(Box::new(load_seconds.clone()))?;
+        let unisolated = prometheus::IntCounter::new(
+            "stevedore_scrape_browser_without_netns_total",
+            "Browsers started without a network namespace of their own (held back by the filtering proxy alone).",
+        )?;
         registry.register(Box::new(restarts.clone()))?;
-        let browser = BrowserPool::new(
-            cfg.browser.clone(),
-            guard.clone(),
-            dial,
-            Arc::new(move || restarts.inc()),
-        );
+        registry.register(Box::new(unisolated.clone()))?;
+        let hooks = Hooks {
+            on_restart: Arc::new(move || restarts.inc()),
+            on_unisolated: Arc::new(move || unisolated.inc()),
+        };
+        let mut browser_cfg = cfg.browser.clone();
+        browser_cfg.max_bytes = cfg.max_bytes;
+        let browser = BrowserPool::new(browser_cfg, guard.clone(), dial, hooks);
         Ok(Self {
             guard,
             browser: Arc::new(browser),
@@ -127,7 +133,8 @@ impl ScrapeHandler {
         let page = load(self.guard.as_ref(), &p.url, &cfg).await;
         self.observe("http", started, &page);
         let page = page.map_err(classify)?;
-        Ok((page.final_url, extract(&page.html, p.selectors.as_ref())?))
+        let found = extract_off_runtime(page.html, p.selectors.clone()).await?;
+        Ok((page.final_url, found))
     }
 
     async fn in_browser(&self, p: &ScrapePayload) -> Result<(String, Extracted), JobError> {
@@ -138,18 +145,20 @@ impl ScrapeHandler {
             .await
             .map_err(|e| classify(LoadError::from(e)))?;
         let started = Instant::now();
-        let selectors = p.selectors.as_ref();
-        // A page over a cap is ready too: waiting longer will not help.
-        let ready = |html: &str| extract(html, selectors).map_or(true, |e| !e.questions.is_empty());
+        let selectors = p.selectors.clone();
         let wait = Wait {
             selector: p.wait_for.as_deref(),
             ms: p.wait_ms,
-            ready: &ready,
+            // A page over a cap is ready too: waiting longer will not help.
+            ready: Arc::new(move |html: &str| {
+                extract(html, selectors.as_ref()).map_or(true, |e| !e.questions.is_empty())
+            }),
         };
         let page = self.browser.render(&p.url, wait).await;
         self.observe("browser", started, &page);
         let page = page.map_err(classify_browser)?;
-        Ok((page.final_url, extract(&page.html, p.selectors.as_ref())?))
+        let found = extract_off_runtime(page.html, p.selectors.clone()).await?;
+        Ok((page.final_url, found))
     }
 
     /// The per-host cap: one site is not hammered by a busy pool.
@@ -163,6 +172,26 @@ impl ScrapeHandler {
             .entry(host)
             .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.per_host.max(1))))
             .clone()
+    }
+}
+
+/// How long extracting one page may take before the job gives up on it.
+const EXTRACT_BUDGET: Duration = Duration::from_secs(10);
+
+/// Extraction is CPU work proportional to the page: on a blocking thread,
+/// so a huge page cannot stall the runtime that sends this worker's
+/// heartbeats, and within a budget.
+async fn extract_off_runtime(
+    html: String,
+    selectors: Option<Selectors>,
+) -> Result<Extracted, JobError> {
+    let job = tokio::task::spawn_blocking(move || extract(&html, selectors.as_ref()));
+    match tokio::time::timeout(EXTRACT_BUDGET, job).await {
+        Ok(Ok(found)) => Ok(found?),
+        Ok(Err(e)) => Err(JobError::permanent(format!("extraction failed: {e}"))),
+        Err(_) => Err(JobError::permanent(format!(
+            "the page took longer than {EXTRACT_BUDGET:?} to extract"
+        ))),
     }
 }
 
@@ -192,7 +221,10 @@ fn classify(e: LoadError) -> JobError {
 fn classify_browser(e: BrowserError) -> JobError {
     let msg = e.to_string();
     match e {
-        BrowserError::Refused(_) => JobError::permanent(msg),
+        // A page over a cap is over it on every attempt.
+        BrowserError::Refused(_) | BrowserError::TooLarge { .. } | BrowserError::TooSlow(_) => {
+            JobError::permanent(msg)
+        }
         // The same status classes as a plain HTTP load.
         BrowserError::Status { status, url } => classify(LoadError::Status {
             status,

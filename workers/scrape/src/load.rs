@@ -10,6 +10,9 @@ use reqwest::redirect::Policy;
 use stevedore_netguard::{GuardError, UrlGuard};
 
 const MAX_REDIRECTS: usize = 5;
+/// A site's Retry-After is a hint, not an order: one asking for a week must
+/// not park a job (and its slot in the queue) for a week.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
@@ -69,6 +72,9 @@ pub async fn load(guard: &dyn UrlGuard, url: &str, cfg: &LoadConfig) -> Result<P
         // resolves the name itself, so a DNS answer that changes between
         // the check and the connect cannot redirect the request inside.
         let client = reqwest::Client::builder()
+            // An HTTP_PROXY in the environment would re-resolve the name
+            // at the proxy, past the pin.
+            .no_proxy()
             .redirect(Policy::none())
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
@@ -106,8 +112,7 @@ pub async fn load(guard: &dyn UrlGuard, url: &str, cfg: &LoadConfig) -> Result<P
                 .headers()
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                .and_then(parse_retry_after);
             return Err(LoadError::Status {
                 status: status.as_u16(),
                 url: current,
@@ -147,6 +152,13 @@ pub async fn load(guard: &dyn UrlGuard, url: &str, cfg: &LoadConfig) -> Result<P
     Err(LoadError::TooManyRedirects)
 }
 
+/// Retry-After in seconds, clamped to [`MAX_RETRY_AFTER`]; anything else
+/// (a date, garbage) leaves the retry to the usual backoff.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let secs = value.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
 /// Decodes with the header's charset, else a `<meta charset>` in the first
 /// KiB, else UTF-8 (invalid bytes replaced).
 pub fn decode(body: &[u8], header_charset: Option<&str>) -> String {
@@ -175,5 +187,17 @@ mod tests {
         let meta = b"<meta charset=\"windows-1252\"><p>\x93q\x94</p>";
         assert!(decode(meta, None).contains("\u{201c}q\u{201d}"));
         assert_eq!(decode("h\u{e9}".as_bytes(), None), "h\u{e9}");
+    }
+
+    #[test]
+    fn retry_after_is_clamped() {
+        assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("604800"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after(&u64::MAX.to_string()),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("soon"), None);
     }
 }

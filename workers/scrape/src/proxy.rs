@@ -35,6 +35,9 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// closed must not hold a task forever.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 const REMEMBERED_REFUSALS: usize = 256;
+/// What a page may upload in one request, as plain HTTP caps what a page
+/// may be: a Content-Length is the page's word, not a promise.
+pub const MAX_REQUEST_BODY: u64 = 5 * 1024 * 1024;
 
 /// Opens the upstream connection. Tests swap it to prove a refused target
 /// is never dialed without sending traffic anywhere but loopback.
@@ -121,16 +124,36 @@ impl Drop for Proxy {
 
 impl Proxy {
     pub async fn start(guard: Arc<dyn UrlGuard>, dial: Arc<dyn Dial>) -> io::Result<Self> {
-        Self::spawn(guard, dial, false).await
+        Self::start_on(loopback()?, guard, dial)
+    }
+
+    /// On a listener of the caller's (one bound inside the browser's
+    /// network namespace, so the browser can reach this proxy and nothing
+    /// else). The listener must be non-blocking.
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        guard: Arc<dyn UrlGuard>,
+        dial: Arc<dyn Dial>,
+    ) -> io::Result<Self> {
+        Self::spawn(listener, guard, dial, false)
     }
 
     /// The browser-wide proxy: refuses everything, logs at debug level.
     pub async fn deny_all() -> io::Result<Self> {
-        Self::spawn(Arc::new(DenyAll), Arc::new(TcpDial), true).await
+        Self::deny_all_on(loopback()?)
     }
 
-    async fn spawn(guard: Arc<dyn UrlGuard>, dial: Arc<dyn Dial>, quiet: bool) -> io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+    pub fn deny_all_on(listener: std::net::TcpListener) -> io::Result<Self> {
+        Self::spawn(listener, Arc::new(DenyAll), Arc::new(TcpDial), true)
+    }
+
+    fn spawn(
+        listener: std::net::TcpListener,
+        guard: Arc<dyn UrlGuard>,
+        dial: Arc<dyn Dial>,
+        quiet: bool,
+    ) -> io::Result<Self> {
+        let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             guard,
@@ -180,6 +203,12 @@ impl Shared {
             reason: reason.to_owned(),
         });
     }
+}
+
+fn loopback() -> io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.set_nonblocking(true)?;
+    Ok(l)
 }
 
 /// Reads until the end of the head; returns the buffer and the head's length.
@@ -300,7 +329,7 @@ async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
         Ok(a) => a,
         Err(e) => return refuse(&mut client, shared, &target, &e.to_string()).await,
     };
-    let mut body_len = 0usize;
+    let mut body_len = 0u64;
     let mut out = format!(
         "{method} {}{} HTTP/1.1\r\n",
         url.path(),
@@ -330,22 +359,28 @@ async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
         }
         push_header(&mut out, h);
     }
-    out.extend_from_slice(b"Connection: close\r\n\r\n");
-    // Only this request's body goes upstream: whatever the client sends
-    // after it is never read, so it cannot reach the checked address.
-    let mut body = buf[head_len..].to_vec();
-    body.truncate(body_len);
-    if body.len() < body_len {
-        let mut rest = vec![0u8; body_len - body.len()];
-        client.read_exact(&mut rest).await?;
-        body.extend_from_slice(&rest);
+    if body_len > MAX_REQUEST_BODY {
+        let why =
+            format!("request body of {body_len} bytes is over the {MAX_REQUEST_BODY}-byte cap");
+        return refuse(&mut client, shared, &target, &why).await;
     }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
     let mut upstream = match shared.dial.dial(allowed.addr).await {
         Ok(u) => u,
         Err(e) => return bad_gateway(&mut client, &e.to_string()).await,
     };
     upstream.write_all(&out).await?;
-    upstream.write_all(&body).await?;
+    // Only this request's body goes upstream, streamed rather than held:
+    // whatever the client sends after it is never read, so it cannot reach
+    // the checked address.
+    let early = &buf[head_len..];
+    let early = &early[..early.len().min(body_len as usize)];
+    upstream.write_all(early).await?;
+    let rest = body_len - early.len() as u64;
+    let sent = tokio::io::copy(&mut (&mut client).take(rest), &mut upstream).await?;
+    if sent < rest {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
 
     let (rbuf, rhead_len) = read_head(&mut upstream).await?;
     let mut rheaders = [httparse::EMPTY_HEADER; 96];

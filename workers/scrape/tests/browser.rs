@@ -188,15 +188,12 @@ impl Resolve for Rebinding {
     }
 }
 
-fn rebinding_handler(port: u16, honest: usize) -> ScrapeHandler {
+fn rebinding_handler(allow: &str, honest: usize) -> ScrapeHandler {
     let resolver = Arc::new(Rebinding {
         lookups: AtomicUsize::new(0),
         honest,
     });
-    let guard = Arc::new(NetGuard::with_resolver(
-        &format!("127.0.0.1:{port}"),
-        resolver,
-    ));
+    let guard = Arc::new(NetGuard::with_resolver(allow, resolver));
     ScrapeHandler::with_guard(
         config(String::new()),
         &prometheus::Registry::new(),
@@ -215,7 +212,7 @@ async fn a_name_that_rebinds_connects_only_where_it_was_checked() {
     let url = format!("http://rebind.test:{port}/rebind");
 
     // HTTP: one lookup, checked and pinned; the next lookup rebinds.
-    let h = rebinding_handler(port, 1);
+    let h = rebinding_handler(&format!("rebind.test:{port}"), 1);
     let (res, _) = scrape(&h, json!({"url": url, "render": "http"})).await;
     assert_eq!(
         res.expect("loaded from the checked address")
@@ -223,13 +220,15 @@ async fn a_name_that_rebinds_connects_only_where_it_was_checked() {
             .len(),
         5
     );
-    let (res, _) = scrape(&h, json!({"url": url, "render": "http"})).await;
-    assert_refused("after rebinding", &res);
+    assert_eq!(canary.reached().await, 0, "pinned to the checked address");
 
-    // Browser: the check before navigating and the proxy's check see the
-    // honest answer; the page's own sub-request then gets the rebound one.
-    let h = rebinding_handler(port, 2);
-    let (res, _) = scrape(&h, json!({"url": url, "render": "browser"})).await;
+    // Browser: an allowlisted address does not admit a name that resolves
+    // to it. Under the old rule (`ip:port` entries matched resolved
+    // addresses) the page's sub-request to rebind.test would have been let
+    // through to 127.0.0.2.
+    let h = rebinding_handler(&format!("127.0.0.1:{port},127.0.0.2:{port}"), 0);
+    let page = format!("http://127.0.0.1:{port}/rebind");
+    let (res, _) = scrape(&h, json!({"url": page, "render": "browser"})).await;
     let refused = h.browser().refusals();
     assert_eq!(
         res.unwrap_or_else(|e| panic!("the page loads ({e:?}); refused: {refused:?}"))
@@ -248,6 +247,9 @@ async fn a_name_that_rebinds_connects_only_where_it_was_checked() {
         0,
         "the rebound address was never dialed"
     );
+    let (res, _) = scrape(&h, json!({"url": url, "render": "http"})).await;
+    assert_refused("a name resolving to an allowlisted address", &res);
+    assert_eq!(canary.reached().await, 0);
     assert_eq!(site_canary.reached().await, 0);
 }
 

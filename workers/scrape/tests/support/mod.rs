@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect};
 use axum::routing::get;
@@ -100,6 +100,63 @@ setTimeout(() => {{ const d = document.createElement("div"); d.id = "done"; docu
     )
 }
 
+/// A quiz page whose script tries every loopback port in `ports` directly
+/// (fetch over http and https, WebSocket, an image, WebRTC over UDP and
+/// TCP), as a page would to reach the worker's Postgres, Redis, RabbitMQ.
+fn services(ports: &[u16]) -> String {
+    let ports = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        r#"<!doctype html><title>Services quiz</title>
+<fieldset><legend>Which service answers?</legend>
+<label><input type="radio" name="q1"> Postgres</label>
+<label><input type="radio" name="q1"> Redis</label></fieldset>
+<script>
+for (const p of [{ports}]) {{
+  const at = "127.0.0.1:" + p;
+  fetch("http://" + at + "/", {{mode: "no-cors"}}).catch(() => {{}});
+  fetch("https://" + at + "/", {{mode: "no-cors"}}).catch(() => {{}});
+  try {{ new WebSocket("ws://" + at + "/"); }} catch (e) {{}}
+  const img = new Image(); img.src = "http://" + at + "/img"; document.body.appendChild(img);
+  const pc = new RTCPeerConnection({{iceServers: [
+    {{urls: "stun:" + at}},
+    {{urls: "turn:" + at + "?transport=tcp", username: "u", credential: "c"}},
+    {{urls: "turn:" + at + "?transport=udp", username: "u", credential: "c"}}]}});
+  pc.createDataChannel("d");
+  pc.createOffer().then(o => pc.setLocalDescription(o));
+}}
+setTimeout(() => {{ const d = document.createElement("div"); d.id = "done"; document.body.appendChild(d); }}, 2000);
+</script>"#
+    )
+}
+
+/// A quiz page that gathers its WebRTC candidates (no ICE server: nothing
+/// is sent) and writes what it found into its title.
+pub const WEBRTC: &str = r#"<!doctype html><title>gathering</title>
+<fieldset><legend>What did WebRTC find?</legend>
+<label><input type="radio" name="q1"> Nothing</label>
+<label><input type="radio" name="q1"> Host candidates</label></fieldset>
+<script>
+const found = {udp: 0, tcp: 0};
+const pc = new RTCPeerConnection({iceServers: []});
+pc.createDataChannel("d");
+const finish = () => {
+  document.title = "udp=" + found.udp + " tcp=" + found.tcp;
+  const d = document.createElement("div"); d.id = "done"; document.body.appendChild(d);
+};
+pc.onicecandidate = (e) => {
+  if (!e.candidate) return finish();
+  const c = e.candidate.candidate.toLowerCase();
+  if (c.includes(" udp ")) found.udp++;
+  if (c.includes(" tcp ")) found.tcp++;
+};
+pc.createOffer().then(o => pc.setLocalDescription(o));
+setTimeout(finish, 3000);
+</script>"#;
+
 #[derive(Clone)]
 struct Site {
     canary: String,
@@ -166,6 +223,27 @@ pub async fn fixtures(canary: &Canary) -> u16 {
         .route(
             "/leaky",
             get(|State(s): State<Site>| async move { Html(leaky(&s.canary, s.udp_port)) }),
+        )
+        .route(
+            "/services",
+            get(|Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                let ports: Vec<u16> = q
+                    .get("ports")
+                    .map(|p| p.split(',').filter_map(|p| p.parse().ok()).collect())
+                    .unwrap_or_default();
+                Html(services(&ports))
+            }),
+        )
+        .route("/webrtc", get(|| async { Html(WEBRTC) }))
+        .route(
+            "/huge-dom",
+            get(|| async {
+                Html(format!(
+                    "{MOODLE}<script>document.body.appendChild(Object.assign(document.createElement('pre'), \
+                     {{textContent: 'x'.repeat({})}}));</script>",
+                    20 * 1024 * 1024
+                ))
+            }),
         )
         .route(
             "/rebind",

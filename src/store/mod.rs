@@ -232,6 +232,15 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// The columns a [`JobState`] is read from, in both dialects.
+pub(crate) const STATE_COLUMNS: &str = "id, status, attempt, attempt_limit, max_attempts, \
+     backoff_base_ms, backoff_max_ms, cancel_requested";
+
+pub(crate) fn parse_status(s: &str) -> anyhow::Result<JobStatus> {
+    use anyhow::Context as _;
+    JobStatus::parse(s).with_context(|| format!("unknown status {s:?} in the database"))
+}
+
 /// `('queued', 'retrying')`: statuses as an SQL list, spelled by the model.
 /// Literal rather than bound, so the planner can match partial indexes.
 pub(crate) fn sql_list(statuses: &[JobStatus]) -> String {

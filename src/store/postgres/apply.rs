@@ -17,10 +17,6 @@ use crate::model::lifecycle::{Enqueue, JobState, Transition};
 use crate::model::{EventType, JobStatus};
 use crate::store::StoreResult;
 
-/// The columns [`row_to_state`] reads.
-pub(super) const STATE_COLUMNS: &str = "id, status, attempt, attempt_limit, max_attempts, \
-     backoff_base_ms, backoff_max_ms, cancel_requested";
-
 pub(super) fn row_to_state(r: &PgRow) -> anyhow::Result<JobState> {
     Ok(JobState {
         id: r.try_get("id")?,

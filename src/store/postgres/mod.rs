@@ -17,10 +17,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use self::apply::{apply_in, insert_in, row_to_state, STATE_COLUMNS};
+use self::apply::{apply_in, insert_in, row_to_state};
 use super::{
-    Claimed, DeadLetterOutcome, Decision, Depths, Held, JobEvent, ListFilter, Publisher, Store,
-    StoreResult,
+    parse_status, Claimed, DeadLetterOutcome, Decision, Depths, Held, JobEvent, ListFilter,
+    Publisher, Store, StoreResult, STATE_COLUMNS,
 };
 use crate::model::job::{Inserted, Job, NewJob};
 use crate::model::lifecycle::{self, Outcome, Transition};
@@ -66,10 +66,6 @@ impl PgStore {
 pub struct DbStats {
     pub commits: i64,
     pub wal_bytes: i64,
-}
-
-fn parse_status(s: &str) -> anyhow::Result<JobStatus> {
-    JobStatus::parse(s).with_context(|| format!("unknown status {s:?} in the database"))
 }
 
 #[async_trait]

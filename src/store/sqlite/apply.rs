@@ -14,11 +14,7 @@ use super::{now_ms, parse_id, parse_status, to_ms};
 use crate::model::job::{AttemptError, Backoff, Inserted, NewJob};
 use crate::model::lifecycle::{Enqueue, JobState, Transition};
 use crate::model::{EventType, JobStatus};
-use crate::store::StoreResult;
-
-/// The columns [`row_to_state`] reads.
-pub(super) const STATE_COLUMNS: &str = "id, status, attempt, attempt_limit, max_attempts, \
-     backoff_base_ms, backoff_max_ms, cancel_requested";
+use crate::store::{StoreResult, STATE_COLUMNS};
 
 pub(super) fn row_to_state(r: &SqliteRow) -> anyhow::Result<JobState> {
     Ok(JobState {

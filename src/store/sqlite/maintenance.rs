@@ -7,11 +7,13 @@ use std::time::Duration;
 use sqlx::SqliteConnection;
 use uuid::Uuid;
 
-use super::apply::{outbox, row_to_state, STATE_COLUMNS};
+use super::apply::{outbox, row_to_state};
 use super::{now_ms, parse_id, SqliteStore};
 use crate::model::lifecycle::JobState;
 use crate::model::JobStatus;
-use crate::store::{ms, sql_list, Publisher, StoreError, StoreResult, PUBLISH_TIMEOUT};
+use crate::store::{
+    ms, sql_list, Publisher, StoreError, StoreResult, PUBLISH_TIMEOUT, STATE_COLUMNS,
+};
 
 impl SqliteStore {
     pub(super) async fn relay(&self, limit: i64, publisher: &dyn Publisher) -> StoreResult<usize> {

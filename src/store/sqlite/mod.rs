@@ -32,12 +32,11 @@ use uuid::Uuid;
 
 use self::apply::{apply_in, insert_in, state_in};
 use super::{
-    Claimed, DeadLetterOutcome, Decision, Depths, Held, JobEvent, ListFilter, Publisher, Store,
-    StoreResult,
+    parse_status, Claimed, DeadLetterOutcome, Decision, Depths, Held, JobEvent, ListFilter,
+    Publisher, Store, StoreResult,
 };
 use crate::model::job::{Inserted, Job, NewJob};
 use crate::model::lifecycle::{self, Outcome, Transition};
-use crate::model::JobStatus;
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -58,10 +57,6 @@ fn to_ms(t: DateTime<Utc>) -> i64 {
 
 fn from_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
     v.and_then(|v| Utc.timestamp_millis_opt(v).single())
-}
-
-fn parse_status(s: &str) -> anyhow::Result<JobStatus> {
-    JobStatus::parse(s).with_context(|| format!("unknown status {s:?} in the database"))
 }
 
 fn parse_id(s: &str) -> anyhow::Result<Uuid> {

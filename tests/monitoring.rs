@@ -204,7 +204,9 @@ async fn fixture_server() -> u16 {
     port
 }
 
-async fn wait_done(http: &reqwest::Client, api: &str, id: &str, want: &str) {
+/// Waits for a job to reach `want`; on a timeout, fails with the job and
+/// the tail of every role's log so a CI failure can be read afterwards.
+async fn wait_done(http: &reqwest::Client, api: &str, id: &str, want: &str, procs: &[Proc]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let job: Value = match http.get(format!("{api}/v1/jobs/{id}")).send().await {
@@ -214,10 +216,24 @@ async fn wait_done(http: &reqwest::Client, api: &str, id: &str, want: &str) {
         if job["status"] == want {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job {id} not {want} within 120 s: {job}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            let logs: String = procs
+                .iter()
+                .map(|p| {
+                    let log = p.log();
+                    // Request traces would drown out the workers' own lines.
+                    let tail: Vec<&str> = log
+                        .lines()
+                        .filter(|l| !l.contains("tower_http"))
+                        .rev()
+                        .take(40)
+                        .collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    format!("--- {} ---\n{}\n", p.name, tail.join("\n"))
+                })
+                .collect();
+            panic!("job {id} not {want} within 120 s: {job}\n{logs}");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -262,6 +278,7 @@ async fn every_metric_the_rules_and_dashboards_name_is_exported() {
             "--log-format",
             "json",
             "api",
+            "--insecure-no-auth",
             "--no-dispatcher",
             "--listen",
             &listen,
@@ -320,10 +337,10 @@ async fn every_metric_the_rules_and_dashboards_name_is_exported() {
         json!({"kind": "analyze", "payload": {"questions": [{"text": "What is 2 + 2?", "options": ["3", "4", "5"]}]}}),
     )
     .await;
-    wait_done(&http, &api, &retried, "succeeded").await;
-    wait_done(&http, &api, &dead, "dead").await;
-    wait_done(&http, &api, &scraped, "succeeded").await;
-    wait_done(&http, &api, &analyzed, "succeeded").await;
+    wait_done(&http, &api, &retried, "succeeded", &procs).await;
+    wait_done(&http, &api, &dead, "dead", &procs).await;
+    wait_done(&http, &api, &scraped, "succeeded", &procs).await;
+    wait_done(&http, &api, &analyzed, "succeeded", &procs).await;
     let r = http
         .get(format!("{api}/v1/jobs/{retried}"))
         .header("x-request-id", "monitoring-rid-7")

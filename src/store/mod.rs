@@ -8,6 +8,7 @@
 //! and attempt it was decided from.
 
 pub mod events;
+pub mod keys;
 pub mod postgres;
 pub mod sqlite;
 
@@ -273,6 +274,19 @@ pub(crate) fn event_columns(last_error: &str) -> String {
 /// How long the outbox relay waits for a broker to take a batch before it
 /// gives the rows back for the next round.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Publishes each pool's job ids, each batch within [`PUBLISH_TIMEOUT`].
+pub(crate) async fn publish_all(
+    publisher: &dyn Publisher,
+    by_pool: HashMap<&str, Vec<Uuid>>,
+) -> StoreResult<()> {
+    for (pool, ids) in by_pool {
+        tokio::time::timeout(PUBLISH_TIMEOUT, publisher.publish(pool, &ids))
+            .await
+            .map_err(|_| StoreError::Other(anyhow::anyhow!("publishing to {pool} timed out")))??;
+    }
+    Ok(())
+}
 
 pub(crate) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)

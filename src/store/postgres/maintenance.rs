@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::PgStore;
 use crate::model::JobStatus;
-use crate::store::{ms, sql_list, Publisher, StoreError, StoreResult, PUBLISH_TIMEOUT};
+use crate::store::{ms, publish_all, sql_list, Publisher, StoreResult};
 
 impl PgStore {
     pub(super) async fn relay(&self, limit: i64, publisher: &dyn Publisher) -> StoreResult<usize> {
@@ -38,12 +38,12 @@ impl PgStore {
         // Publish before commit: if the commit fails the rows come back and
         // are sent twice, which the conditional claim makes harmless; the
         // other order could lose them.
-        for (pool, ids) in by_pool {
-            tokio::time::timeout(PUBLISH_TIMEOUT, publisher.publish(pool, &ids))
-                .await
-                .map_err(|_| {
-                    StoreError::Other(anyhow::anyhow!("publishing to {pool} timed out"))
-                })??;
+        if let Err(e) = publish_all(publisher, by_pool).await {
+            // Give the rows back now: a dropped transaction rolls back only
+            // when its connection is next used, and until then every relay
+            // would skip the still-locked rows.
+            tx.rollback().await?;
+            return Err(e);
         }
         tx.commit().await?;
         Ok(rows.len())

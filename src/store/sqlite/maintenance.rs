@@ -11,9 +11,7 @@ use super::apply::{outbox, row_to_state};
 use super::{now_ms, parse_id, SqliteStore};
 use crate::model::lifecycle::JobState;
 use crate::model::JobStatus;
-use crate::store::{
-    ms, sql_list, Publisher, StoreError, StoreResult, PUBLISH_TIMEOUT, STATE_COLUMNS,
-};
+use crate::store::{ms, publish_all, sql_list, Publisher, StoreResult, STATE_COLUMNS};
 
 impl SqliteStore {
     pub(super) async fn relay(&self, limit: i64, publisher: &dyn Publisher) -> StoreResult<usize> {
@@ -37,13 +35,7 @@ impl SqliteStore {
         // Dev mode runs one relay, so no row lock is needed and no
         // transaction is held while publishing; rows are deleted only after
         // the publish, so a crash in between re-sends, never loses.
-        for (pool, ids) in by_pool {
-            tokio::time::timeout(PUBLISH_TIMEOUT, publisher.publish(pool, &ids))
-                .await
-                .map_err(|_| {
-                    StoreError::Other(anyhow::anyhow!("publishing to {pool} timed out"))
-                })??;
-        }
+        publish_all(publisher, by_pool).await?;
         let mut tx = self.pool.begin().await?;
         for (rowid, _, _) in &rows {
             sqlx::query("DELETE FROM outbox WHERE id = ?")

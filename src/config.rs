@@ -66,6 +66,38 @@ pub enum LogFormat {
     Json,
 }
 
+/// Who the API lets in: API keys (hashed under the auth secret), or no
+/// keys at all when started with `--insecure-no-auth`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct AccessArgs {
+    /// Serve without API keys: anyone who can reach the port may do
+    /// anything. For a trusted network only; a warning is logged at start.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// The secret API keys are hashed under (at least 32 bytes).
+    #[arg(long, env = "STEVEDORE_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+    /// A file holding the auth secret (e.g. a mounted secret).
+    #[arg(long, env = "STEVEDORE_AUTH_SECRET_FILE")]
+    pub auth_secret_file: Option<std::path::PathBuf>,
+    /// Origins besides the API's own that may open the event streams
+    /// (comma-separated, e.g. https://dash.example.com).
+    #[arg(long, env = "STEVEDORE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// When set, `/metrics` needs `Authorization: Bearer <token>`.
+    #[arg(long, env = "STEVEDORE_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+}
+
+impl AccessArgs {
+    pub fn secret(&self) -> anyhow::Result<Option<crate::auth::AuthSecret>> {
+        crate::auth::AuthSecret::from_settings(
+            self.auth_secret.as_deref(),
+            self.auth_secret_file.as_deref(),
+        )
+    }
+}
+
 /// Where jobs and queues live in production.
 #[derive(Debug, Clone, Args)]
 pub struct BackendArgs {
@@ -207,6 +239,9 @@ pub struct ClientArgs {
         global = true
     )]
     pub url: String,
+    /// The API key to send (`Authorization: Bearer`).
+    #[arg(long, env = "STEVEDORE_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,

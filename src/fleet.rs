@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::auth::Access;
 use crate::api::{self, AppState};
 use crate::broker::amqp::{AmqpBroker, AmqpConfig};
 use crate::broker::embedded::EmbeddedBroker;
@@ -23,6 +24,7 @@ use crate::kinds::Kinds;
 use crate::notifier::hub::Hub;
 use crate::notifier::Notifier;
 use crate::store::events::EventStore;
+use crate::store::keys::KeyStore;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -34,6 +36,8 @@ pub struct Backend {
     pub store: Arc<dyn Store>,
     /// The same database, seen through the notifier's queries.
     pub events: Arc<dyn EventStore>,
+    /// The same database's API keys.
+    pub keys: Arc<dyn KeyStore>,
     pub brokers: Brokers,
     /// The embedded store's pool, where the analyze kind keeps its shared
     /// rate limits and answer cache when no Redis runs (`None` on Postgres).
@@ -44,14 +48,19 @@ impl Backend {
     /// Postgres + Redis, migrated.
     pub async fn production(args: &BackendArgs) -> anyhow::Result<Self> {
         let pg = Arc::new(PgStore::connect(&args.database_url, args.db_pool).await?);
-        let store: Arc<dyn Store> = pg.clone();
-        migrate_with_retry(store.as_ref()).await?;
-        Ok(Self {
-            store,
-            events: pg,
-            brokers: connect_brokers(args).await?,
+        migrate_with_retry(pg.as_ref()).await?;
+        Ok(Self::on_postgres(pg, connect_brokers(args).await?))
+    }
+
+    /// A migrated Postgres store and the brokers to use with it.
+    pub fn on_postgres(pg: Arc<PgStore>, brokers: Brokers) -> Self {
+        Self {
+            store: pg.clone(),
+            events: pg.clone(),
+            keys: pg,
+            brokers,
             sqlite: None,
-        })
+        }
     }
 
     /// One SQLite file holding jobs and the embedded queue.
@@ -65,7 +74,8 @@ impl Backend {
         let store = Arc::new(store);
         Ok(Self {
             store: store.clone(),
-            events: store,
+            events: store.clone(),
+            keys: store,
             brokers: Brokers::new(Arc::new(broker)),
             sqlite: Some(pool),
         })
@@ -269,10 +279,10 @@ pub async fn production_kinds(args: &KindsArgs, backend: &BackendArgs) -> anyhow
     )
 }
 
-/// What runs in one process.
+/// What runs in one process. Start from [`Roles::new`] and add roles.
 #[derive(Clone)]
 pub struct Roles {
-    pub api: Option<SocketAddr>,
+    pub api: Option<ApiRole>,
     pub dispatcher: Option<DispatcherConfig>,
     /// (pool, concurrency)
     pub workers: Vec<(String, usize)>,
@@ -282,8 +292,115 @@ pub struct Roles {
     pub timing: TimingArgs,
     /// Serve `/metrics` and `/healthz` here (for roles without the API).
     pub metrics: Option<SocketAddr>,
-    /// Serve the embedded demo quiz pages from the API (dev mode only).
+}
+
+/// The HTTP API role: where it listens and who it lets in.
+#[derive(Clone)]
+pub struct ApiRole {
+    pub listen: SocketAddr,
+    pub access: Access,
+    /// Origins besides the API's own that may open the streams.
+    pub allowed_origins: Vec<String>,
+    pub metrics_token: Option<String>,
+    /// Serve the embedded demo quiz pages (dev mode only).
     pub demo_pages: bool,
+}
+
+impl ApiRole {
+    /// No keys: everyone may do everything (dev mode, tests,
+    /// `--insecure-no-auth`).
+    pub fn open(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            access: Access::Open,
+            allowed_origins: vec![],
+            metrics_token: None,
+            demo_pages: false,
+        }
+    }
+}
+
+/// The API role as `stevedore api` runs it: with keys unless
+/// `--insecure-no-auth`, and then only after saying so. With keys, it
+/// refuses to start without the auth secret or without a live key, since
+/// it could serve no one.
+pub async fn api_role(
+    listen: SocketAddr,
+    args: &crate::config::AccessArgs,
+    backend: &Backend,
+) -> anyhow::Result<ApiRole> {
+    let access = if args.insecure_no_auth {
+        tracing::warn!(
+            %listen,
+            "Serving without API keys (--insecure-no-auth): anyone who can reach this address may submit, read and purge jobs."
+        );
+        Access::Open
+    } else {
+        let secret = args.secret()?.context(
+            "no auth secret: set STEVEDORE_AUTH_SECRET (or STEVEDORE_AUTH_SECRET_FILE), \
+             or start with --insecure-no-auth on a trusted network",
+        )?;
+        anyhow::ensure!(
+            backend.keys.any_live_key().await?,
+            "no API key exists: create one with `stevedore keys create --tenant <name> --scope admin`, \
+             or start with --insecure-no-auth on a trusted network"
+        );
+        Access::keys(backend.keys.clone(), secret)
+    };
+    Ok(ApiRole {
+        listen,
+        access,
+        allowed_origins: args.allowed_origins.clone(),
+        metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
+        demo_pages: false,
+    })
+}
+
+impl Roles {
+    /// No role at all yet.
+    pub fn new(timing: TimingArgs) -> Self {
+        Self {
+            api: None,
+            dispatcher: None,
+            workers: vec![],
+            notifier: false,
+            notify: NotifyArgs::default(),
+            timing,
+            metrics: None,
+        }
+    }
+
+    pub fn with_api(mut self, api: ApiRole) -> Self {
+        self.api = Some(api);
+        self
+    }
+
+    pub fn with_dispatcher(mut self, cfg: DispatcherConfig) -> Self {
+        self.dispatcher = Some(cfg);
+        self
+    }
+
+    pub fn with_workers(mut self, pools: Vec<(String, usize)>) -> Self {
+        self.workers = pools;
+        self
+    }
+
+    /// Runs the notifier here (stream feed and webhook delivery).
+    pub fn with_notifier(mut self) -> Self {
+        self.notifier = true;
+        self
+    }
+
+    /// Webhook and stream settings, for the API and the notifier.
+    pub fn with_notify(mut self, notify: NotifyArgs) -> Self {
+        self.notify = notify;
+        self
+    }
+
+    pub fn with_metrics(mut self, listen: Option<SocketAddr>) -> Self {
+        self.metrics = listen;
+        self
+    }
 }
 
 /// A running set of roles; `stop` drains them and waits.
@@ -366,10 +483,10 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
         tracker.spawn(n.run(stop.clone()));
     }
     let mut addr = None;
-    if let (Some(listen), Some(hub)) = (roles.api, hub) {
-        let listener = TcpListener::bind(listen)
+    if let (Some(api), Some(hub)) = (roles.api, hub) {
+        let listener = TcpListener::bind(api.listen)
             .await
-            .with_context(|| format!("binding {listen}"))?;
+            .with_context(|| format!("binding {}", api.listen))?;
         addr = Some(listener.local_addr()?);
         let state = AppState {
             store: backend.store.clone(),
@@ -380,9 +497,12 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
             hub,
             webhooks: roles.notify.webhook_config()?,
             shutdown: stop.clone(),
+            access: api.access,
+            allowed_origins: api.allowed_origins.into(),
+            metrics_token: api.metrics_token.map(Into::into),
         };
         let mut app = api::router(state);
-        if roles.demo_pages {
+        if api.demo_pages {
             app = app.merge(api::demo::router());
         }
         let s = stop.clone();

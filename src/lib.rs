@@ -12,6 +12,8 @@
 //! - [`dispatcher`]: outbox relay, lease rescue, lost-message repair.
 //! - [`worker`]: claim, run, heartbeat, finish, ack; graceful shutdown.
 //! - [`notifier`]: events to stream clients and signed webhooks.
+//! - [`auth`]: API keys, scopes and tenants (no I/O); `api::auth` checks
+//!   every request against them.
 //! - [`api`]: the HTTP API, its OpenAPI document and the display page.
 //! - [`fleet`]: assembles roles into a process.
 //! - [`cli`]: the operator CLI over the HTTP API, and `bench`.
@@ -19,6 +21,7 @@
 //! - [`config`], [`metrics`].
 
 pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -8,9 +8,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use stevedore::cli::notify::WebhooksCommand;
 use stevedore::cli::{self, DlqCommand};
-use stevedore::config::{BackendArgs, ClientArgs, KindsArgs, LogFormat, NotifyArgs, TimingArgs};
+use stevedore::config::{
+    AccessArgs, BackendArgs, ClientArgs, KindsArgs, LogFormat, NotifyArgs, TimingArgs,
+};
 use stevedore::dispatcher::DispatcherConfig;
-use stevedore::fleet::{self, Backend, Roles};
+use stevedore::fleet::{self, ApiRole, Backend, Roles};
 use stevedore::kinds::Kinds;
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +62,8 @@ enum Command {
         backend: BackendArgs,
         #[command(flatten)]
         notify: NotifyArgs,
+        #[command(flatten)]
+        access: AccessArgs,
     },
     /// Streams events to the API processes' clients and delivers webhooks.
     Notifier {
@@ -138,6 +142,16 @@ enum Command {
         /// Checked here so a missing URL fails once instead of in every child.
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
+        /// Start the API without keys (see `stevedore api --help`).
+        #[arg(long)]
+        insecure_no_auth: bool,
+    },
+    /// Create, list and revoke API keys (in the database at DATABASE_URL).
+    Keys {
+        #[command(subcommand)]
+        command: cli::keys::KeysCommand,
+        #[command(flatten)]
+        args: cli::keys::KeysArgs,
     },
     /// Follow job events as they happen (reconnects and resumes by itself).
     Watch {
@@ -245,6 +259,11 @@ async fn main() -> anyhow::Result<()> {
             timing,
             notify,
         } => {
+            anyhow::ensure!(
+                listen.ip().is_loopback(),
+                "stevedore dev serves without API keys, so it listens on loopback only \
+                 (127.0.0.1 or [::1]); run `stevedore api` with keys to serve a network"
+            );
             let backend = Backend::embedded(&data_dir, &timing).await?;
             if demo {
                 tokio::spawn(cli::demo(format!("http://{listen}")));
@@ -257,16 +276,16 @@ async fn main() -> anyhow::Result<()> {
                 .into_iter()
                 .map(|k| (k.to_owned(), concurrency))
                 .collect();
-            let roles = Roles {
-                api: Some(listen),
-                dispatcher: Some(dispatcher_cfg(&timing)),
-                workers,
-                notifier: true,
-                notify,
-                timing,
-                metrics: None,
+            let api = ApiRole {
                 demo_pages: true,
+                ..ApiRole::open(listen)
             };
+            let roles = Roles::new(timing.clone())
+                .with_api(api)
+                .with_dispatcher(dispatcher_cfg(&timing))
+                .with_workers(workers)
+                .with_notifier()
+                .with_notify(notify);
             // The demo scrapes the quiz pages this process serves itself.
             let mut kinds = kinds;
             kinds.scrape_allow_hosts = format!("{},{listen}", kinds.scrape_allow_hosts);
@@ -279,23 +298,17 @@ async fn main() -> anyhow::Result<()> {
             no_dispatcher,
             backend,
             notify,
+            access,
         } => {
-            let roles = Roles {
-                api: Some(listen),
-                dispatcher: (!no_dispatcher).then(|| dispatcher_cfg(&backend.timing)),
-                workers: vec![],
-                notifier: false,
-                notify,
-                timing: backend.timing.clone(),
-                metrics: None,
-                demo_pages: false,
-            };
-            run_roles(
-                Backend::production(&backend).await?,
-                fleet::production_kinds(&kinds, &backend).await?,
-                roles,
-            )
-            .await
+            let b = Backend::production(&backend).await?;
+            let api = fleet::api_role(listen, &access, &b).await?;
+            let mut roles = Roles::new(backend.timing.clone())
+                .with_api(api)
+                .with_notify(notify);
+            if !no_dispatcher {
+                roles = roles.with_dispatcher(dispatcher_cfg(&backend.timing));
+            }
+            run_roles(b, fleet::production_kinds(&kinds, &backend).await?, roles).await
         }
         Command::Worker {
             kinds,
@@ -304,16 +317,9 @@ async fn main() -> anyhow::Result<()> {
             metrics_listen,
             backend,
         } => {
-            let roles = Roles {
-                api: None,
-                dispatcher: None,
-                workers: vec![(pool, concurrency)],
-                notifier: false,
-                notify: NotifyArgs::default(),
-                timing: backend.timing.clone(),
-                metrics: metrics_listen,
-                demo_pages: false,
-            };
+            let roles = Roles::new(backend.timing.clone())
+                .with_workers(vec![(pool, concurrency)])
+                .with_metrics(metrics_listen);
             run_roles(
                 Backend::production(&backend).await?,
                 fleet::production_kinds(&kinds, &backend).await?,
@@ -326,16 +332,10 @@ async fn main() -> anyhow::Result<()> {
             backend,
             notify,
         } => {
-            let roles = Roles {
-                api: None,
-                dispatcher: None,
-                workers: vec![],
-                notifier: true,
-                notify,
-                timing: backend.timing.clone(),
-                metrics: metrics_listen,
-                demo_pages: false,
-            };
+            let roles = Roles::new(backend.timing.clone())
+                .with_notifier()
+                .with_notify(notify)
+                .with_metrics(metrics_listen);
             run_roles(
                 Backend::production(&backend).await?,
                 Kinds::default(),
@@ -347,16 +347,9 @@ async fn main() -> anyhow::Result<()> {
             metrics_listen,
             backend,
         } => {
-            let roles = Roles {
-                api: None,
-                dispatcher: Some(dispatcher_cfg(&backend.timing)),
-                workers: vec![],
-                notifier: false,
-                notify: NotifyArgs::default(),
-                timing: backend.timing.clone(),
-                metrics: metrics_listen,
-                demo_pages: false,
-            };
+            let roles = Roles::new(backend.timing.clone())
+                .with_dispatcher(dispatcher_cfg(&backend.timing))
+                .with_metrics(metrics_listen);
             run_roles(
                 Backend::production(&backend).await?,
                 Kinds::default(),
@@ -383,9 +376,16 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             grace_secs,
             database_url,
+            insecure_no_auth,
         } => {
             let scale = stevedore::supervisor::parse_scale(&scale)?;
-            let specs = stevedore::supervisor::plan(&listen, &scale, concurrency, &database_url);
+            let specs = stevedore::supervisor::plan(
+                &listen,
+                &scale,
+                concurrency,
+                &database_url,
+                insecure_no_auth,
+            );
             let stop = stop_on_signal();
             stevedore::supervisor::run(specs, stop, std::time::Duration::from_secs(grace_secs))
                 .await;
@@ -393,6 +393,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Watch { kind, jobs, client } => cli::notify::watch(&client, kind, jobs).await,
         Command::Webhooks { command, client } => cli::notify::webhooks(&client, command).await,
+        Command::Keys { command, args } => cli::keys::run(&args, command).await,
         Command::Bench(args) => cli::bench::run(args).await,
         Command::BenchScrape(args) => cli::bench_scrape::run(args).await,
         Command::Doctor(args) => cli::doctor::run(args).await,

@@ -49,17 +49,22 @@ pub fn plan(
     scale: &BTreeMap<String, usize>,
     concurrency: usize,
     database_url: &str,
+    insecure_no_auth: bool,
 ) -> Vec<ChildSpec> {
     let env = vec![("DATABASE_URL".to_owned(), database_url.to_owned())];
+    let mut api = vec![
+        "api".into(),
+        "--no-dispatcher".into(),
+        "--listen".into(),
+        listen.into(),
+    ];
+    if insecure_no_auth {
+        api.push("--insecure-no-auth".into());
+    }
     let mut specs = vec![
         ChildSpec {
             name: "api".into(),
-            args: vec![
-                "api".into(),
-                "--no-dispatcher".into(),
-                "--listen".into(),
-                listen.into(),
-            ],
+            args: api,
             env: env.clone(),
         },
         ChildSpec {
@@ -198,7 +203,7 @@ mod tests {
     #[test]
     fn scale_parses_and_plans_one_process_per_worker() {
         let scale = parse_scale("probe=2, scrape=1,analyze=0").expect("valid");
-        let names: Vec<String> = plan("127.0.0.1:1", &scale, 8, "postgres://x")
+        let names: Vec<String> = plan("127.0.0.1:1", &scale, 8, "postgres://x", false)
             .into_iter()
             .map(|s| s.name)
             .collect();

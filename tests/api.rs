@@ -272,22 +272,13 @@ async fn database_down_is_a_503_not_a_hang() {
     .await
     .expect("redis");
     let store = std::sync::Arc::new(store);
-    let backend = stevedore::fleet::Backend {
-        store: store.clone(),
-        events: store,
-        brokers: stevedore::broker::Brokers::new(std::sync::Arc::new(redis)),
-        sqlite: None,
-    };
-    let roles = stevedore::fleet::Roles {
-        api: Some("127.0.0.1:0".parse().expect("addr")),
-        dispatcher: None,
-        workers: vec![],
-        notifier: false,
-        notify: Default::default(),
-        timing: support::fast_timing(),
-        metrics: None,
-        demo_pages: false,
-    };
+    let backend = stevedore::fleet::Backend::on_postgres(
+        store,
+        stevedore::broker::Brokers::new(std::sync::Arc::new(redis)),
+    );
+    let roles = stevedore::fleet::Roles::new(support::fast_timing()).with_api(
+        stevedore::fleet::ApiRole::open("127.0.0.1:0".parse().expect("addr")),
+    );
     let running = stevedore::fleet::start(backend, stevedore::fleet::default_kinds(), roles)
         .await
         .expect("start");

@@ -79,7 +79,7 @@ async fn fleet(dir: &Path, db_url: &str, prefix: &str, tag: &str) -> Fleet {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let api = Proc::stevedore(
-        &["api", "--listen", &listen],
+        &["api", "--insecure-no-auth", "--listen", &listen],
         &env,
         dir,
         &format!("api-{tag}"),
@@ -230,6 +230,7 @@ async fn restore_drill_brings_back_every_job_and_the_queued_ones_run() {
     let cancelled = submit(&http, &url, probe(json!({}))).await;
     let resp = http
         .post(format!("{url}/v1/jobs/{cancelled}/cancel"))
+        .json(&json!({}))
         .send()
         .await
         .expect("cancel");

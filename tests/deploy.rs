@@ -46,12 +46,13 @@ fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-const SECRET_VARS: [&str; 5] = [
+const SECRET_VARS: [&str; 6] = [
     "POSTGRES_PASSWORD",
     "REDIS_PASSWORD",
     "RABBITMQ_PASSWORD",
     "GRAFANA_ADMIN_PASSWORD",
     "STEVEDORE_WEBHOOK_SECRET",
+    "STEVEDORE_AUTH_SECRET",
 ];
 
 /// Host-port publications in `config` output, in either CLI's spelling.
@@ -81,7 +82,8 @@ fn published(config: &str) -> Vec<String> {
 
 const PROD_SECRETS: &str = "POSTGRES_PASSWORD=pg-test-secret\nREDIS_PASSWORD=redis-test-secret\n\
 RABBITMQ_PASSWORD=amqp-test-secret\nGRAFANA_ADMIN_PASSWORD=grafana-test-secret\n\
-STEVEDORE_WEBHOOK_SECRET=whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0\n";
+STEVEDORE_WEBHOOK_SECRET=whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0\n\
+STEVEDORE_AUTH_SECRET=auth-test-secret-0123456789abcdef0123\n";
 
 #[test]
 fn compose_file_validates_and_workers_scale() {

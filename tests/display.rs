@@ -20,7 +20,7 @@ use chromiumoxide::Page;
 use fake_openai::{FakeOpenAi, Reply};
 use serde_json::{json, Value};
 use stevedore::config::KindsArgs;
-use stevedore::fleet::{self, Roles, Shared};
+use stevedore::fleet::{self, ApiRole, Roles, Shared};
 use support::{fast_dispatcher, fast_notify, fast_timing, Flavor, TestFleet};
 
 /// (question, options, chosen index, confidence): what the model "answers".
@@ -140,16 +140,12 @@ async fn the_display_page_shows_what_analysis_answered_live_and_from_history() {
         Shared::local(&backend),
     )
     .expect("kinds");
-    let roles = Roles {
-        api: Some("127.0.0.1:0".parse().expect("addr")),
-        dispatcher: Some(fast_dispatcher()),
-        workers: vec![("analyze".into(), 1)],
-        notifier: true,
-        notify: fast_notify(""),
-        timing: fast_timing(),
-        metrics: None,
-        demo_pages: false,
-    };
+    let roles = Roles::new(fast_timing())
+        .with_api(ApiRole::open("127.0.0.1:0".parse().expect("addr")))
+        .with_dispatcher(fast_dispatcher())
+        .with_workers(vec![("analyze".into(), 1)])
+        .with_notifier()
+        .with_notify(fast_notify(""));
     let running = fleet::start(backend, kinds, roles).await.expect("fleet");
     let url = format!("http://{}", running.addr.expect("api address"));
 

@@ -61,7 +61,7 @@ impl Drill {
         let api_port = free_port();
         let listen = format!("127.0.0.1:{api_port}");
         let api = Proc::stevedore(
-            &["api", "--listen", &listen],
+            &["api", "--insecure-no-auth", "--listen", &listen],
             &env(&db_url, &redis_url, &prefix),
             dir.path(),
             "api",

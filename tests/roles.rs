@@ -40,13 +40,12 @@ async fn env(redis_url: &str) -> Env {
 async fn role(args: &[&str], env: &[(&str, String)], dir: &Path, name: &str) -> (Proc, u16) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let flag = if args[0] == "api" {
-        "--listen"
-    } else {
-        "--metrics-listen"
-    };
     let mut all = args.to_vec();
-    all.extend([flag, listen.as_str()]);
+    if args[0] == "api" {
+        all.extend(["--insecure-no-auth", "--listen", listen.as_str()]);
+    } else {
+        all.extend(["--metrics-listen", listen.as_str()]);
+    }
     let p = Proc::stevedore(&all, env, dir, name);
     wait_port(port, 60).await;
     (p, port)

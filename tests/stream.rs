@@ -80,15 +80,10 @@ async fn a_notifier_stopped_and_restarted_mid_run_loses_no_event() {
         },
     )
     .await;
-    let notifier = || Roles {
-        api: None,
-        dispatcher: None,
-        workers: vec![],
-        notifier: true,
-        notify: fast_notify(""),
-        timing: fast_timing(),
-        metrics: None,
-        demo_pages: false,
+    let notifier = || {
+        Roles::new(fast_timing())
+            .with_notifier()
+            .with_notify(fast_notify(""))
     };
     let first = fleet::start(f.backend.clone(), fleet::default_kinds(), notifier())
         .await

@@ -59,6 +59,7 @@ async fn up_scales_pools_restarts_crashed_children_and_stops_cleanly() {
     ];
     let args = [
         "up",
+        "--insecure-no-auth",
         "--scale",
         "probe=2",
         "--listen",
@@ -165,7 +166,12 @@ async fn a_role_waits_for_a_database_that_is_not_up_yet() {
             format!("sdt:{}", uuid::Uuid::now_v7().simple()),
         ),
     ];
-    let mut api = Proc::stevedore(&["api", "--listen", &listen], &env, dir.path(), "api");
+    let mut api = Proc::stevedore(
+        &["api", "--insecure-no-auth", "--listen", &listen],
+        &env,
+        dir.path(),
+        "api",
+    );
     support::eventually(
         20,
         "the api logs that it waits for the database",

@@ -2,9 +2,10 @@
 //! (1 MiB limit, strict JSON). Handlers live in `jobs`, `dlq`, `stream`
 //! (SSE and WebSocket), `webhooks`, `display` (the live page) and `console`
 //! (the operator console and its job-events route); the OpenAPI document is
-//! assembled in `openapi`; request ids and request metrics are layered on
-//! in `observe`.
+//! assembled in `openapi`; keys, scopes and the browser rules are checked in
+//! `auth`; request ids and request metrics are layered on in `observe`.
 
+pub mod auth;
 mod console;
 pub mod demo;
 mod display;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -56,6 +58,12 @@ pub struct AppState {
     /// Cancelled at shutdown: ends open streams, which graceful shutdown
     /// would otherwise wait for forever.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// API keys, or open (dev mode, `--insecure-no-auth`).
+    pub access: auth::Access,
+    /// Origins besides the API's own that may open the streams.
+    pub allowed_origins: Arc<[String]>,
+    /// The bearer token `/metrics` asks for, when set.
+    pub metrics_token: Option<Arc<str>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -84,11 +92,19 @@ pub fn router(state: AppState) -> Router {
         .route("/console/style.css", get(console::style))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(observe::api_metrics))
+        .route(
+            "/metrics",
+            get(observe::api_metrics).route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                auth::metrics_token,
+            )),
+        )
         .route("/openapi.json", get(openapi::document))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::gate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT));
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(auth::security_headers));
     observe::layer(routes).with_state(state)
 }
 

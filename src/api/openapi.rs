@@ -2,7 +2,8 @@
 //! the handlers' annotations so it cannot drift from the routes.
 
 use axum::Json;
-use utoipa::OpenApi;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,9 +30,27 @@ use utoipa::OpenApi;
         crate::model::job::Job,
         crate::model::job::SubmitRequest,
         crate::model::JobStatus
-    ))
+    )),
+    modifiers(&BearerKeys),
+    security(("api_key" = []))
 )]
 struct ApiDoc;
+
+/// Every `/v1` route takes `Authorization: Bearer sk_...` (see
+/// `api::auth::required` for the scope each needs).
+struct BearerKeys;
+
+impl Modify for BearerKeys {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        let mut scheme = Http::new(HttpAuthScheme::Bearer);
+        scheme.description = Some(
+            "An API key from `stevedore keys create`; its scope (read, submit, admin) decides the routes it may call."
+                .into(),
+        );
+        components.add_security_scheme("api_key", SecurityScheme::Http(scheme));
+    }
+}
 
 pub async fn document() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())

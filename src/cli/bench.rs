@@ -20,6 +20,9 @@ use super::{call, client};
 pub struct BenchArgs {
     #[arg(long, env = "STEVEDORE_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// The API key to send (`--url` deployments with keys).
+    #[arg(long, env = "STEVEDORE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Start a fleet in this process on this broker and bench it instead of
     /// `--url`: `embedded` (SQLite), or `redis`/`amqp` with Postgres from
     /// `DATABASE_URL` (and `REDIS_URL`/`AMQP_URL`).
@@ -79,16 +82,10 @@ async fn spawn_fleet(
             .context("DATABASE_URL is needed for redis/amqp")?;
         (Backend::production(&env.backend).await?, None)
     };
-    let roles = Roles {
-        api: Some("127.0.0.1:0".parse()?),
-        dispatcher: Some(crate::dispatcher::DispatcherConfig::default()),
-        workers: vec![("probe".into(), concurrency)],
-        notifier: false,
-        notify: Default::default(),
-        timing,
-        metrics: None,
-        demo_pages: false,
-    };
+    let roles = Roles::new(timing)
+        .with_api(fleet::ApiRole::open("127.0.0.1:0".parse()?))
+        .with_dispatcher(crate::dispatcher::DispatcherConfig::default())
+        .with_workers(vec![("probe".into(), concurrency)]);
     let kinds = crate::kinds::Kinds::default().register(crate::kinds::probe::Probe);
     Ok((fleet::start(backend, kinds, roles).await?, dir))
 }
@@ -148,7 +145,7 @@ async fn measure(a: BenchArgs) -> anyhow::Result<usize> {
         a.jobs > 0 && a.batch > 0 && a.concurrency > 0,
         "jobs, batch and concurrency must be positive"
     );
-    let http = client()?;
+    let http = client(a.api_key.as_deref())?;
     let url = a.url.trim_end_matches('/').to_owned();
     let job = json!({"kind": "probe", "payload": {"sleep_ms": a.sleep_ms}});
     let chunks: Vec<usize> = (0..a.jobs)

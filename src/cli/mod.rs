@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_scrape;
 pub mod doctor;
+pub mod keys;
 pub mod notify;
 
 use std::time::Duration;
@@ -32,11 +33,31 @@ pub enum DlqCommand {
     Purge { id: String },
 }
 
-pub(crate) fn client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
+/// The HTTP client of every command: the API key (if any) on every
+/// request, and JSON as the body type the API insists on for POST and
+/// DELETE, bodiless ones included.
+pub(crate) fn client(api_key: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    client_builder(api_key)?
         .timeout(Duration::from_secs(30))
         .build()
         .context("building the HTTP client")
+}
+
+pub(crate) fn client_builder(api_key: Option<&str>) -> anyhow::Result<reqwest::ClientBuilder> {
+    use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(key) = api_key.filter(|k| !k.is_empty()) {
+        let mut v = HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("the API key holds characters a header cannot carry")?;
+        v.set_sensitive(true);
+        headers.insert(AUTHORIZATION, v);
+    }
+    // The API is reached directly: a proxy from the environment would see
+    // the key.
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .no_proxy())
 }
 
 /// Sends a request and returns the JSON body, turning API errors into a
@@ -147,7 +168,7 @@ pub(crate) fn output(c: &ClientArgs, v: &Value, human: impl Fn(&Value)) {
 
 pub async fn submit(c: &ClientArgs, kind: &str, payload: &str, wait: bool) -> anyhow::Result<()> {
     let payload: Value = serde_json::from_str(payload).context("--payload is not valid JSON")?;
-    let http = client()?;
+    let http = client(c.api_key.as_deref())?;
     let body = serde_json::json!({"kind": kind, "payload": payload});
     let accepted = call(http.post(format!("{}/v1/jobs", c.url)).json(&body)).await?;
     let id = s(&accepted, "id");
@@ -175,13 +196,13 @@ pub async fn submit(c: &ClientArgs, kind: &str, payload: &str, wait: bool) -> an
 }
 
 pub async fn status(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
-    let job = call(client()?.get(format!("{}/v1/jobs/{id}", c.url))).await?;
+    let job = call(client(c.api_key.as_deref())?.get(format!("{}/v1/jobs/{id}", c.url))).await?;
     output(c, &job, print_job);
     Ok(())
 }
 
 pub async fn dlq(c: &ClientArgs, cmd: DlqCommand) -> anyhow::Result<()> {
-    let http = client()?;
+    let http = client(c.api_key.as_deref())?;
     let base = format!("{}/v1/dead-letters", c.url);
     match cmd {
         DlqCommand::List { kind, limit } => {
@@ -214,6 +235,7 @@ pub async fn dlq(c: &ClientArgs, cmd: DlqCommand) -> anyhow::Result<()> {
 pub async fn demo(url: String) {
     let c = ClientArgs {
         url: url.clone(),
+        api_key: None,
         json: false,
     };
     // The API binds before this task first polls, but give it a moment.
@@ -243,7 +265,7 @@ pub async fn demo(url: String) {
 }
 
 async fn analyze_demo(url: &str) -> anyhow::Result<()> {
-    let http = client()?;
+    let http = client(None)?;
     let page = format!("{url}/demo/quiz/moodle-multichoice.html");
     eprintln!("demo: scraping {page}, then analyzing its questions");
     let body = serde_json::json!({"kind": "scrape", "payload": {"url": page, "then": {"kind": "analyze"}}});
@@ -286,7 +308,7 @@ async fn analyze_demo(url: &str) -> anyhow::Result<()> {
 }
 
 async fn browser_demo(url: &str) -> anyhow::Result<()> {
-    let http = client()?;
+    let http = client(None)?;
     let page = format!("{url}/demo/quiz/spa-rendered.html");
     let body = serde_json::json!({"kind": "scrape", "payload": {"url": page}});
     let accepted = call(http.post(format!("{url}/v1/jobs")).json(&body)).await?;

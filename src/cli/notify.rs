@@ -42,7 +42,7 @@ pub enum WebhooksCommand {
 }
 
 pub async fn webhooks(c: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Result<()> {
-    let http = super::client()?;
+    let http = super::client(c.api_key.as_deref())?;
     match cmd {
         WebhooksCommand::Add {
             target,
@@ -129,7 +129,7 @@ pub async fn webhooks(c: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Result<()
 /// and reconnects with `Last-Event-ID` when the connection drops.
 pub async fn watch(c: &ClientArgs, kind: Option<String>, jobs: Vec<String>) -> anyhow::Result<()> {
     // No overall timeout: the stream is meant to stay open.
-    let http = reqwest::Client::builder()
+    let http = super::client_builder(c.api_key.as_deref())?
         .connect_timeout(Duration::from_secs(10))
         .build()
         .context("building the HTTP client")?;

@@ -13,7 +13,7 @@ use stevedore::broker::redis::RedisBroker;
 use stevedore::broker::Brokers;
 use stevedore::config::{NotifyArgs, TimingArgs};
 use stevedore::dispatcher::DispatcherConfig;
-use stevedore::fleet::{self, Backend, Roles, Running};
+use stevedore::fleet::{self, ApiRole, Backend, Roles, Running};
 use stevedore::store::postgres::PgStore;
 use stevedore::store::Store;
 use uuid::Uuid;
@@ -80,6 +80,8 @@ pub struct Opts {
     /// Run the notifier in the fleet (tests of its restarts run their own).
     pub notifier: bool,
     pub notify: NotifyArgs,
+    /// The API role: open (no keys) unless a test sets keys.
+    pub api: ApiRole,
 }
 
 impl Default for Opts {
@@ -89,6 +91,7 @@ impl Default for Opts {
             timing: fast_timing(),
             notifier: true,
             notify: fast_notify(""),
+            api: ApiRole::open("127.0.0.1:0".parse().expect("addr")),
         }
     }
 }
@@ -129,12 +132,7 @@ impl TestFleet {
                 let redis = RedisBroker::connect(REDIS, prefix, Duration::from_secs(2))
                     .await
                     .expect("Redis at 127.0.0.1:6379");
-                let backend = Backend {
-                    store: store.clone(),
-                    events: store,
-                    brokers: Brokers::new(Arc::new(redis)),
-                    sqlite: None,
-                };
+                let backend = Backend::on_postgres(store, Brokers::new(Arc::new(redis)));
                 (backend, Some(url))
             }
             Flavor::Amqp => {
@@ -144,12 +142,7 @@ impl TestFleet {
                 let amqp = stevedore::broker::amqp::AmqpBroker::connect(amqp_config(prefix))
                     .await
                     .expect("RabbitMQ at 127.0.0.1:5672");
-                let backend = Backend {
-                    store: store.clone(),
-                    events: store,
-                    brokers: Brokers::new(Arc::new(amqp)),
-                    sqlite: None,
-                };
+                let backend = Backend::on_postgres(store, Brokers::new(Arc::new(amqp)));
                 (backend, Some(url))
             }
         }
@@ -159,16 +152,14 @@ impl TestFleet {
         let dir = tempfile::tempdir().expect("tempdir");
         let prefix = format!("sdt:{}", Uuid::now_v7().simple());
         let (backend, database_url) = Self::backend(flavor, dir.path(), &prefix).await;
-        let roles = Roles {
-            api: Some("127.0.0.1:0".parse().expect("addr")),
-            dispatcher: Some(fast_dispatcher()),
-            workers: opts.workers,
-            notifier: opts.notifier,
-            notify: opts.notify,
-            timing: opts.timing,
-            metrics: None,
-            demo_pages: false,
-        };
+        let mut roles = Roles::new(opts.timing)
+            .with_api(opts.api)
+            .with_dispatcher(fast_dispatcher())
+            .with_workers(opts.workers)
+            .with_notify(opts.notify);
+        if opts.notifier {
+            roles = roles.with_notifier();
+        }
         let kinds = kinds_for(flavor, &backend, &prefix).await;
         let running = fleet::start(backend.clone(), kinds, roles)
             .await
@@ -198,16 +189,7 @@ impl TestFleet {
         concurrency: usize,
         timing: TimingArgs,
     ) -> Running {
-        let roles = Roles {
-            api: None,
-            dispatcher: None,
-            workers: vec![(pool.to_owned(), concurrency)],
-            timing,
-            metrics: None,
-            demo_pages: false,
-            notifier: false,
-            notify: Default::default(),
-        };
+        let roles = Roles::new(timing).with_workers(vec![(pool.to_owned(), concurrency)]);
         let kinds = kinds_for(self.flavor, &self.backend, &self.redis_prefix).await;
         fleet::start(self.backend.clone(), kinds, roles)
             .await
@@ -261,6 +243,7 @@ impl TestFleet {
     pub async fn delete(&self, path: &str) -> StatusCode {
         self.http
             .delete(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
             .send()
             .await
             .expect("request")

@@ -34,10 +34,10 @@ async function api(method, path, body) {
   // Deployments with API keys: the key an operator stored in this browser.
   const key = localStorage.getItem("stevedore.apiKey");
   if (key) opts.headers.authorization = "Bearer " + key;
-  if (body !== undefined) {
-    opts.headers["content-type"] = "application/json";
-    opts.body = JSON.stringify(body);
-  }
+  // The API takes POST and DELETE only as JSON (a cross-site form cannot
+  // send that), bodiless ones included.
+  if (method !== "GET") opts.headers["content-type"] = "application/json";
+  if (body !== undefined) opts.body = JSON.stringify(body);
   const r = await fetch(path, opts);
   const text = await r.text();
   let data = null;

@@ -1,11 +1,12 @@
 //! The Postgres store: production source of truth. `apply.rs` writes the
 //! lifecycle, `claim.rs` claims and extends leases, `jobs.rs` reads jobs, `maintenance.rs` holds the dispatcher's
-//! queries and `events.rs` the notifier's.
+//! queries, `events.rs` the notifier's and `keys.rs` the API keys.
 
 mod apply;
 mod claim;
 pub mod events;
 mod jobs;
+mod keys;
 mod maintenance;
 
 use std::collections::HashMap;

@@ -5,14 +5,15 @@
 //! SQLite costs little because the commit is the expensive part.
 //! `apply.rs` writes the lifecycle, `claim.rs` claims and extends leases,
 //! `jobs.rs` reads, `maintenance.rs` serves the dispatcher, `events.rs` the
-//! notifier, `queue.rs` the embedded broker and `analyze.rs` the analyze
-//! kind's limits and cache.
+//! notifier, `queue.rs` the embedded broker, `keys.rs` the API keys and
+//! `analyze.rs` the analyze kind's limits and cache.
 
 pub mod analyze;
 mod apply;
 mod claim;
 pub mod events;
 mod jobs;
+mod keys;
 mod maintenance;
 pub mod queue;
 

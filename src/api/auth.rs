@@ -1,0 +1,322 @@
+//! The API's gate, in front of every route: who is asking (`Authorization:
+//! Bearer sk_...`, looked up by its keyed hash), whether the route allows
+//! that scope, and the browser rules that hold with or without keys
+//! (JSON-only POST and DELETE, an `Origin` allowlist on the streams, and
+//! security headers on every response).
+//!
+//! Which scope a route needs is [`required`]: one table, so a new route
+//! cannot be left open by forgetting a layer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::AppState;
+use crate::auth::{bearer, AuthSecret, Principal, Scope};
+use crate::store::keys::KeyStore;
+
+/// A looked-up key is trusted this long: a revoked key stops working on
+/// every API process within it.
+const CACHE_TTL: Duration = Duration::from_secs(2);
+/// Past this many cached lookups the cache starts over (bounds memory
+/// against a flood of made-up keys).
+const CACHE_MAX: usize = 10_000;
+
+/// How requests are let in.
+#[derive(Clone)]
+pub enum Access {
+    /// Everyone may do everything in the default tenant: dev mode (loopback
+    /// only) and `--insecure-no-auth`.
+    Open,
+    Keys(Arc<KeyGate>),
+}
+
+impl Access {
+    pub fn keys(store: Arc<dyn KeyStore>, secret: AuthSecret) -> Self {
+        Self::Keys(Arc::new(KeyGate {
+            store,
+            secret,
+            cache: Mutex::default(),
+        }))
+    }
+}
+
+type Cache = HashMap<String, (Option<Principal>, Instant)>;
+
+pub struct KeyGate {
+    store: Arc<dyn KeyStore>,
+    secret: AuthSecret,
+    cache: Mutex<Cache>,
+}
+
+impl KeyGate {
+    async fn principal(&self, key: &str) -> Result<Option<Principal>, super::ApiError> {
+        let hash = self.secret.hash(key);
+        if let Some((p, at)) = self.lock().get(&hash) {
+            if at.elapsed() < CACHE_TTL {
+                return Ok(p.clone());
+            }
+        }
+        let found = self.store.key_by_hash(&hash).await?.map(|k| Principal {
+            key_id: Some(k.id),
+            tenant: k.tenant,
+            scope: k.scope,
+        });
+        let mut cache = self.lock();
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(hash, (found.clone(), Instant::now()));
+        Ok(found)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // A panic while holding the lock leaves a plain map behind.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The scope a route needs, by method and route template; `None` for the
+/// routes anyone may call (health, the pages and their assets, the OpenAPI
+/// document; `/metrics` has its own token).
+pub fn required(method: &Method, route: &str) -> Option<Scope> {
+    if !route.starts_with("/v1/") {
+        return None;
+    }
+    let reading = method == Method::GET || method == Method::HEAD;
+    let admin = route.starts_with("/v1/webhook")
+        || route.starts_with("/v1/keys")
+        || (route.starts_with("/v1/dead-letters") && !reading);
+    Some(if admin {
+        Scope::Admin
+    } else if reading {
+        Scope::Read
+    } else {
+        Scope::Submit
+    })
+}
+
+fn refuse(status: StatusCode, code: &'static str, message: &str) -> Response {
+    let body = serde_json::json!({"error": {"code": code, "message": message}});
+    let mut r = (status, Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+/// Browsers send `Origin` on WebSocket handshakes and cross-site requests;
+/// clients that are not browsers send none and are judged by their key.
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let same = origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| !host.is_empty() && rest == host);
+    same || allowed.iter().any(|a| a == origin)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The gate itself (a route layer, so the matched route is known).
+pub async fn gate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_default();
+    let method = req.method().clone();
+    let Some(scope) = required(&method, &route) else {
+        return next.run(req).await;
+    };
+    // A form on any web page can POST to a local API; it cannot send JSON
+    // without a CORS preflight this API never grants.
+    if (method == Method::POST || method == Method::DELETE) && !is_json(req.headers()) {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send Content-Type: application/json",
+        );
+    }
+    if (route == "/v1/stream" || route == "/v1/events")
+        && !origin_allowed(req.headers(), &s.allowed_origins)
+    {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this page's origin may not open the stream (see STEVEDORE_ALLOWED_ORIGINS)",
+        );
+    }
+    let principal = match &s.access {
+        Access::Open => Principal::open(),
+        Access::Keys(gate) => {
+            let key = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(bearer);
+            let Some(key) = key else {
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "send Authorization: Bearer <API key> (see `stevedore keys create`)",
+                );
+            };
+            match gate.principal(key).await {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    return refuse(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "this API key is not valid or was revoked",
+                    )
+                }
+                Err(e) => return e.into_response(),
+            }
+        }
+    };
+    if principal.scope < scope {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            &format!(
+                "this key's scope is {}; this route needs {scope}",
+                principal.scope
+            ),
+        );
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// `/metrics` with `STEVEDORE_METRICS_TOKEN` set needs that bearer token.
+pub async fn metrics_token(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(want) = &s.metrics_token {
+        let got = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !constant_time_eq(got.as_bytes(), want.as_bytes()) {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <STEVEDORE_METRICS_TOKEN>",
+            );
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Headers every response carries: the pages load only their own scripts
+/// and styles and cannot be framed; nothing is sniffed or leaks a referrer.
+pub async fn security_headers(req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_v1_route_needs_a_scope_and_the_right_one() {
+        use Method as M;
+        assert_eq!(required(&M::GET, "/v1/jobs/{id}"), Some(Scope::Read));
+        assert_eq!(required(&M::GET, "/v1/stream"), Some(Scope::Read));
+        assert_eq!(required(&M::GET, "/v1/dead-letters"), Some(Scope::Read));
+        assert_eq!(required(&M::POST, "/v1/jobs"), Some(Scope::Submit));
+        assert_eq!(
+            required(&M::POST, "/v1/jobs/{id}/cancel"),
+            Some(Scope::Submit)
+        );
+        assert_eq!(
+            required(&M::POST, "/v1/dead-letters/{id}/replay"),
+            Some(Scope::Admin)
+        );
+        assert_eq!(
+            required(&M::DELETE, "/v1/dead-letters/{id}"),
+            Some(Scope::Admin)
+        );
+        assert_eq!(required(&M::GET, "/v1/webhooks"), Some(Scope::Admin));
+        assert_eq!(
+            required(&M::GET, "/v1/webhook-deliveries"),
+            Some(Scope::Admin)
+        );
+        assert_eq!(required(&M::GET, "/healthz"), None);
+        assert_eq!(required(&M::GET, "/"), None);
+    }
+
+    #[test]
+    fn streams_take_their_own_origin_and_listed_ones() {
+        let mut h = HeaderMap::new();
+        assert!(origin_allowed(&h, &[]), "no Origin: not a browser");
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:8080"),
+        );
+        assert!(origin_allowed(&h, &[]));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
+        assert!(!origin_allowed(&h, &[]));
+        assert!(origin_allowed(&h, &["https://evil.example".to_owned()]));
+    }
+
+    #[test]
+    fn json_means_the_media_type_not_a_substring() {
+        let mut h = HeaderMap::new();
+        assert!(!is_json(&h));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert!(is_json(&h));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(!is_json(&h));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; x=application/json"),
+        );
+        assert!(!is_json(&h));
+    }
+}

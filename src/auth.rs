@@ -1,0 +1,257 @@
+//! Who may do what: API keys, their scopes and tenants. A key is `sk_` and
+//! 256 random bits (base64url); it is shown once when created and only its
+//! HMAC-SHA256 under the deployment's auth secret is stored, so a copy of
+//! the database does not hand out working keys and a leaked hash cannot be
+//! replayed against another deployment. No I/O here: the stores keep the
+//! records, `api::auth` checks requests.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use utoipa::ToSchema;
+
+/// What a key may do; each scope includes the ones before it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Get and list jobs, follow the stream, read stats and dead letters.
+    Read,
+    /// Also submit jobs and cancel its tenant's jobs.
+    Submit,
+    /// Also replay and purge dead letters, manage webhooks and keys.
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Submit => "submit",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "read" => Ok(Self::Read),
+            "submit" => Ok(Self::Submit),
+            "admin" => Ok(Self::Admin),
+            other => Err(format!("unknown scope {other:?}: read, submit or admin")),
+        }
+    }
+}
+
+/// The tenant of a deployment that runs without keys (dev mode,
+/// `--insecure-no-auth`), and of jobs submitted before keys existed.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Tenants are names people type: short, and safe in logs and URLs.
+pub fn check_tenant(t: &str) -> Result<(), String> {
+    let ok = !t.is_empty()
+        && t.len() <= 64
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err("a tenant is 1 to 64 letters, digits, '-', '_' or '.'".into())
+    }
+}
+
+/// Who is asking: the key's tenant and scope (`key_id` is `None` when the
+/// deployment runs without keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub key_id: Option<uuid::Uuid>,
+    pub tenant: String,
+    pub scope: Scope,
+}
+
+impl Principal {
+    /// Everything, in the default tenant: dev mode and `--insecure-no-auth`.
+    pub fn open() -> Self {
+        Self {
+            key_id: None,
+            tenant: DEFAULT_TENANT.to_owned(),
+            scope: Scope::Admin,
+        }
+    }
+}
+
+/// The server-side secret keys are hashed under. Its value never appears
+/// in `Debug` output or logs.
+#[derive(Clone)]
+pub struct AuthSecret(Vec<u8>);
+
+impl fmt::Debug for AuthSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuthSecret(..)")
+    }
+}
+
+pub const KEY_PREFIX: &str = "sk_";
+const MIN_SECRET_LEN: usize = 32;
+
+impl AuthSecret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> anyhow::Result<Self> {
+        let bytes = bytes.into();
+        if bytes.len() < MIN_SECRET_LEN {
+            bail!("the auth secret must be at least {MIN_SECRET_LEN} bytes (e.g. `openssl rand -hex 32`)");
+        }
+        Ok(Self(bytes))
+    }
+
+    /// From `STEVEDORE_AUTH_SECRET`, or the file `STEVEDORE_AUTH_SECRET_FILE`
+    /// names (trailing newline ignored). `None` when neither is set.
+    pub fn from_settings(value: Option<&str>, file: Option<&Path>) -> anyhow::Result<Option<Self>> {
+        match (value.filter(|v| !v.is_empty()), file) {
+            (Some(_), Some(_)) => {
+                bail!("set STEVEDORE_AUTH_SECRET or STEVEDORE_AUTH_SECRET_FILE, not both")
+            }
+            (Some(v), None) => Self::new(v.as_bytes().to_vec())
+                .context("STEVEDORE_AUTH_SECRET")
+                .map(Some),
+            (None, Some(path)) => {
+                let raw = std::fs::read(path).with_context(|| {
+                    format!("reading STEVEDORE_AUTH_SECRET_FILE {}", path.display())
+                })?;
+                let trimmed = raw.trim_ascii_end().to_vec();
+                Self::new(trimmed)
+                    .context("STEVEDORE_AUTH_SECRET_FILE")
+                    .map(Some)
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The stored form of a key: hex HMAC-SHA256.
+    pub fn hash(&self, key: &str) -> String {
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(key.as_bytes());
+        hex(&mac.finalize().into_bytes())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// A new key: the text to show once, and what to store.
+pub struct GeneratedKey {
+    pub key: String,
+    pub hash: String,
+    /// The first characters, stored so people can tell keys apart in a list.
+    pub prefix: String,
+}
+
+pub fn generate(secret: &AuthSecret) -> GeneratedKey {
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    let key = format!(
+        "{KEY_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    );
+    GeneratedKey {
+        hash: secret.hash(&key),
+        prefix: key[..KEY_PREFIX.len() + 6].to_owned(),
+        key,
+    }
+}
+
+/// The bearer token of an `Authorization` header value, if it looks like a
+/// key at all (anything else is refused without a lookup).
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && token.starts_with(KEY_PREFIX) && token.len() <= 128)
+        .then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> AuthSecret {
+        AuthSecret::new(vec![7u8; 32]).expect("test setup")
+    }
+
+    #[test]
+    fn keys_are_long_random_and_only_their_hash_is_kept() {
+        let s = secret();
+        let a = generate(&s);
+        let b = generate(&s);
+        assert!(a.key.starts_with("sk_"));
+        // 256 bits in unpadded base64url is 43 characters.
+        assert_eq!(a.key.len(), 3 + 43);
+        assert_ne!(a.key, b.key);
+        assert_eq!(a.hash, s.hash(&a.key));
+        assert!(!a.hash.contains(&a.key[3..]));
+        assert!(a.key.starts_with(&a.prefix));
+        let other = AuthSecret::new(vec![8u8; 32]).expect("test setup");
+        assert_ne!(other.hash(&a.key), a.hash, "the hash depends on the secret");
+    }
+
+    #[test]
+    fn short_secrets_and_both_settings_are_refused() {
+        assert!(AuthSecret::new(b"short".to_vec()).is_err());
+        assert!(AuthSecret::from_settings(Some("x"), Some(Path::new("/nope"))).is_err());
+        assert!(AuthSecret::from_settings(None, None).expect("test setup").is_none());
+        assert!(AuthSecret::from_settings(Some(""), None).expect("test setup").is_none());
+        let dir = tempfile::tempdir().expect("test setup");
+        let f = dir.path().join("secret");
+        std::fs::write(&f, format!("{}\n", "a".repeat(40))).expect("test setup");
+        let s = AuthSecret::from_settings(None, Some(&f)).expect("read").expect("set");
+        assert_eq!(
+            s.hash("k"),
+            AuthSecret::new("a".repeat(40)).expect("test setup").hash("k")
+        );
+    }
+
+    #[test]
+    fn scopes_include_the_ones_before_them() {
+        assert!(Scope::Admin > Scope::Submit && Scope::Submit > Scope::Read);
+        assert_eq!("submit".parse::<Scope>(), Ok(Scope::Submit));
+        assert!("root".parse::<Scope>().is_err());
+    }
+
+    #[test]
+    fn only_bearer_keys_are_looked_up() {
+        assert_eq!(bearer("Bearer sk_abc"), Some("sk_abc"));
+        assert_eq!(bearer("bearer  sk_abc "), Some("sk_abc"));
+        assert_eq!(bearer("Basic sk_abc"), None);
+        assert_eq!(bearer("Bearer abc"), None);
+        assert_eq!(bearer(&format!("Bearer sk_{}", "a".repeat(200))), None);
+    }
+
+    #[test]
+    fn tenants_are_plain_names() {
+        assert!(check_tenant("acme-01.eu").is_ok());
+        assert!(check_tenant("").is_err());
+        assert!(check_tenant("a b").is_err());
+        assert!(check_tenant(&"x".repeat(65)).is_err());
+    }
+}

@@ -1,0 +1,82 @@
+//! API keys on SQLite (dev mode).
+
+use async_trait::async_trait;
+use sqlx::Row as _;
+use uuid::Uuid;
+
+use super::{from_ms, now_ms, SqliteStore};
+use crate::store::keys::{parse_scope, ApiKey, KeyStore, NewKey};
+use crate::store::StoreResult;
+
+const COLUMNS: &str = "id, prefix, tenant, scope, name, created_at, revoked_at";
+
+fn row_to_key(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<ApiKey> {
+    let id: String = r.try_get("id")?;
+    Ok(ApiKey {
+        id: Uuid::parse_str(&id)?,
+        prefix: r.try_get("prefix")?,
+        tenant: r.try_get("tenant")?,
+        scope: parse_scope(r.try_get("scope")?)?,
+        name: r.try_get("name")?,
+        created_at: from_ms(r.try_get("created_at")?)
+            .ok_or_else(|| anyhow::anyhow!("api key {id} has no creation time"))?,
+        revoked_at: from_ms(r.try_get("revoked_at")?),
+    })
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn create_key(&self, k: &NewKey) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, hash, prefix, tenant, scope, name, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(k.id.to_string())
+        .bind(&k.hash)
+        .bind(&k.prefix)
+        .bind(&k.tenant)
+        .bind(k.scope.as_str())
+        .bind(&k.name)
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn list_keys(&self) -> StoreResult<Vec<ApiKey>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM api_keys ORDER BY created_at DESC, id DESC"
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(row_to_key).collect::<anyhow::Result<_>>()?)
+    }
+
+    async fn revoke_key(&self, id: Uuid) -> StoreResult<bool> {
+        let n =
+            sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(now_ms())
+                .bind(id.to_string())
+                .execute(self.pool())
+                .await?
+                .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn key_by_hash(&self, hash: &str) -> StoreResult<Option<ApiKey>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM api_keys WHERE hash = ? AND revoked_at IS NULL"
+        ))
+        .bind(hash)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.as_ref().map(row_to_key).transpose()?)
+    }
+
+    async fn any_live_key(&self) -> StoreResult<bool> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(n > 0)
+    }
+}

@@ -1,0 +1,445 @@
+//! Who may do what, from outside: keys made with `stevedore keys` as the
+//! README types it, two real `stevedore api` processes on Postgres + Redis,
+//! and every answer a client gets: 401 without a key, with a wrong one and
+//! with a revoked one (on both processes within seconds), 403 when a key's
+//! scope is too small, 415 for a non-JSON POST, the stream refused to a
+//! foreign web page, security headers, and no key or secret in the logs.
+//! Also the refusals at start: `stevedore api` without a secret or without
+//! a key, and `stevedore dev` on a non-loopback address.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::procs::{free_port, wait_port, Proc};
+use support::{drop_database, eventually, fresh_pg_database, REDIS};
+use uuid::Uuid;
+
+const SECRET: &str = "test-auth-secret-0123456789abcdef0123456789";
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+async fn stevedore(args: &[&str], env: &[(&str, String)]) -> Out {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_stevedore"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .env("STEVEDORE_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("stevedore {args:?} did not finish within 60s"))
+        .expect("run stevedore");
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `stevedore keys create`; returns (id, key) from its `--json` output and
+/// checks the text form prints the key alone on stdout.
+async fn create_key(env: &[(&str, String)], tenant: &str, scope: &str) -> (String, String) {
+    let out = stevedore(
+        &[
+            "keys", "create", "--tenant", tenant, "--scope", scope, "--json",
+        ],
+        env,
+    )
+    .await;
+    assert!(out.ok, "keys create: {}", out.stderr);
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    let key = v["key"].as_str().expect("key").to_owned();
+    assert!(key.starts_with("sk_") && key.len() >= 46, "{key}");
+    (v["id"].as_str().expect("id").to_owned(), key)
+}
+
+fn base_env(db: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", db.to_owned()),
+        ("REDIS_URL", REDIS.to_owned()),
+        (
+            "STEVEDORE_REDIS_PREFIX",
+            format!("sdt:{}", Uuid::now_v7().simple()),
+        ),
+    ]
+}
+
+async fn call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = http.request(method, url);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.expect("request");
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_scopes_and_revocation_hold_on_every_api_process() {
+    let db = fresh_pg_database().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = base_env(&db);
+    env.push(("STEVEDORE_AUTH_SECRET", SECRET.to_owned()));
+
+    let (read_id, read) = create_key(&env, "acme", "read").await;
+    let (_, submit) = create_key(&env, "acme", "submit").await;
+    let (_, admin) = create_key(&env, "acme", "admin").await;
+    // The text form shows the key once, on stdout, and nothing else there.
+    let out = stevedore(
+        &[
+            "keys", "create", "--tenant", "acme", "--scope", "read", "--name", "ci",
+        ],
+        &env,
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.trim().starts_with("sk_") && out.stdout.trim().lines().count() == 1);
+    assert!(out.stderr.contains("shown once"), "{}", out.stderr);
+
+    let ports = [free_port(), free_port()];
+    let mut env_api = env.clone();
+    env_api.push(("STEVEDORE_LOG", "debug".to_owned()));
+    let apis: Vec<Proc> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let listen = format!("127.0.0.1:{p}");
+            Proc::stevedore(
+                &["api", "--listen", &listen],
+                &env_api,
+                dir.path(),
+                &format!("api-{i}"),
+            )
+        })
+        .collect();
+    for p in ports {
+        wait_port(p, 60).await;
+    }
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let url = &urls[0];
+    let http = reqwest::Client::new();
+    use reqwest::Method as M;
+
+    // No key, a made-up key, a key that is not a bearer token: 401 JSON.
+    let (s, v) = call(&http, M::GET, &format!("{url}/v1/jobs"), None, None).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized")),
+        "{v}"
+    );
+    let fake = format!("sk_{}", "A".repeat(43));
+    let (s, _) = call(&http, M::GET, &format!("{url}/v1/jobs"), Some(&fake), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let r = http
+        .get(format!("{url}/v1/stats"))
+        .header("authorization", format!("Basic {read}"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
+    // Health and the pages need no key.
+    let (s, _) = call(&http, M::GET, &format!("{url}/healthz"), None, None).await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Scopes: read reads, submit submits and cancels, admin administers.
+    let job = json!({"kind": "probe", "payload": {}, "run_at": "2099-01-01T00:00:00Z"});
+    let (s, v) = call(
+        &http,
+        M::POST,
+        &format!("{url}/v1/jobs"),
+        Some(&read),
+        Some(job.clone()),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("submit"),
+        "{v}"
+    );
+    let (s, v) = call(
+        &http,
+        M::POST,
+        &format!("{url}/v1/jobs"),
+        Some(&submit),
+        Some(job),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().expect("id").to_owned();
+    let (s, v) = call(
+        &http,
+        M::GET,
+        &format!("{url}/v1/jobs/{id}"),
+        Some(&read),
+        None,
+    )
+    .await;
+    assert_eq!((s, v["id"].as_str()), (StatusCode::OK, Some(id.as_str())));
+    let (s, _) = call(
+        &http,
+        M::GET,
+        &format!("{url}/v1/webhooks"),
+        Some(&submit),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = call(
+        &http,
+        M::GET,
+        &format!("{url}/v1/webhooks"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = call(
+        &http,
+        M::GET,
+        &format!("{url}/v1/dead-letters"),
+        Some(&read),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "reading dead letters is a read");
+    let replay = format!("{url}/v1/dead-letters/{id}/replay");
+    let (s, _) = call(&http, M::POST, &replay, Some(&submit), Some(json!({}))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "replaying is an admin's");
+    let (s, v) = call(
+        &http,
+        M::POST,
+        &format!("{url}/v1/jobs/{id}/cancel"),
+        Some(&submit),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("cancelled")),
+        "{v}"
+    );
+
+    // A POST that is not JSON is refused before anything else, with a key
+    // or without: a form on another site cannot send JSON.
+    for key in [Some(&submit), None] {
+        let mut req = http
+            .post(format!("{url}/v1/jobs"))
+            .header("content-type", "text/plain")
+            .body(r#"{"kind": "probe", "payload": {}}"#);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let r = req.send().await.expect("request");
+        assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    // The streams: a foreign web page is refused, the API's own page and
+    // clients that are not browsers (no Origin) are let in.
+    for path in ["/v1/events", "/v1/stream"] {
+        let r = http
+            .get(format!("{url}{path}"))
+            .bearer_auth(&read)
+            .header("origin", "https://evil.example")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+    let r = http
+        .get(format!("{url}/v1/events"))
+        .bearer_auth(&read)
+        .header("origin", url.as_str())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    drop(r);
+
+    // Security headers on the page and on the API's answers.
+    for path in ["/", "/v1/stats"] {
+        let r = http
+            .get(format!("{url}{path}"))
+            .bearer_auth(&read)
+            .send()
+            .await
+            .expect("request");
+        let h = r.headers();
+        let csp = h
+            .get("content-security-policy")
+            .and_then(|v| v.to_str().ok());
+        assert!(
+            csp.is_some_and(
+                |c| c.contains("default-src 'self'") && c.contains("frame-ancestors 'none'")
+            ),
+            "{path}: {h:?}"
+        );
+        assert_eq!(
+            h.get("x-content-type-options")
+                .and_then(|v| v.to_str().ok()),
+            Some("nosniff")
+        );
+        assert!(h.get("referrer-policy").is_some());
+    }
+
+    // Revoked with the CLI: refused by both processes within seconds.
+    for u in &urls {
+        let (s, _) = call(&http, M::GET, &format!("{u}/v1/stats"), Some(&read), None).await;
+        assert_eq!(s, StatusCode::OK, "warm the cache first");
+    }
+    let out = stevedore(&["keys", "revoke", &read_id], &env).await;
+    assert!(out.ok, "{}", out.stderr);
+    let out = stevedore(&["keys", "revoke", &read_id], &env).await;
+    assert!(
+        !out.ok && out.stderr.contains("no live key"),
+        "revoking twice: {}",
+        out.stderr
+    );
+    for u in &urls {
+        eventually(10, "revoked key refused", || async {
+            call(&http, M::GET, &format!("{u}/v1/stats"), Some(&read), None)
+                .await
+                .0
+                == StatusCode::UNAUTHORIZED
+        })
+        .await;
+    }
+    let (s, _) = call(
+        &http,
+        M::GET,
+        &format!("{url}/v1/stats"),
+        Some(&submit),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "other keys go on working");
+
+    // The list shows keys apart without showing them.
+    let out = stevedore(&["keys", "list"], &env).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.contains(&read_id) && out.stdout.contains("revoked"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&read[..9]),
+        "prefix shown: {}",
+        out.stdout
+    );
+
+    // Neither a key nor the secret is ever logged, even at debug.
+    let logs: String = apis.iter().map(Proc::log).collect();
+    assert!(logs.contains("/v1/stats"), "the logs were captured: {logs}");
+    for secret in [
+        read.as_str(),
+        submit.as_str(),
+        admin.as_str(),
+        &read[3..],
+        SECRET,
+    ] {
+        assert!(!logs.contains(secret), "a secret is in the logs");
+    }
+    drop(apis);
+    drop_database(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_will_not_serve_without_keys_unless_told_to() {
+    let db = fresh_pg_database().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = base_env(&db);
+    let listen = format!("127.0.0.1:{}", free_port());
+
+    let mut p = Proc::stevedore(&["api", "--listen", &listen], &env, dir.path(), "no-secret");
+    assert!(!p.wait_exit(60).await.success());
+    let log = p.log();
+    assert!(
+        log.contains("STEVEDORE_AUTH_SECRET") && log.contains("--insecure-no-auth"),
+        "{log}"
+    );
+
+    let mut with_secret = env.clone();
+    with_secret.push(("STEVEDORE_AUTH_SECRET", SECRET.to_owned()));
+    let mut p = Proc::stevedore(
+        &["api", "--listen", &listen],
+        &with_secret,
+        dir.path(),
+        "no-key",
+    );
+    assert!(!p.wait_exit(60).await.success());
+    let log = p.log();
+    assert!(
+        log.contains("no API key exists") && log.contains("stevedore keys create"),
+        "{log}"
+    );
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let p = Proc::stevedore(
+        &["api", "--insecure-no-auth", "--listen", &listen],
+        &env,
+        dir.path(),
+        "insecure",
+    );
+    wait_port(port, 60).await;
+    let r = reqwest::Client::new()
+        .get(format!("http://{listen}/v1/stats"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK, "open without keys when told");
+    eventually(10, "the warning is logged", || async {
+        p.log().contains("Serving without API keys")
+    })
+    .await;
+    drop(p);
+
+    // Dev mode has no keys, so it stays on loopback.
+    let out = stevedore(
+        &[
+            "dev",
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            &dir.path().join("dev").display().to_string(),
+        ],
+        &[],
+    )
+    .await;
+    assert!(!out.ok && out.stderr.contains("loopback"), "{}", out.stderr);
+    drop_database(&db).await;
+}

@@ -160,6 +160,43 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// How long a stream ticket opens the stream: enough for a page to open
+/// its WebSocket right after asking, too short to be worth stealing.
+pub const TICKET_SECS: i64 = 30;
+const TICKET_PREFIX: &str = "tk_";
+
+impl AuthSecret {
+    /// A stream ticket for the key with this stored hash, valid until
+    /// `now + TICKET_SECS` (browsers cannot put a header on a WebSocket, so
+    /// the page asks for one with its key and passes it as `?ticket=`).
+    pub fn ticket(&self, key_hash: &str, now: i64) -> String {
+        let body = format!("{key_hash}.{}", now + TICKET_SECS);
+        format!("{TICKET_PREFIX}{body}.{}", self.sign_ticket(&body))
+    }
+
+    /// The key hash a ticket stands for, if it is ours and not expired.
+    pub fn check_ticket(&self, ticket: &str, now: i64) -> Option<String> {
+        let rest = ticket.strip_prefix(TICKET_PREFIX)?;
+        let (body, mac) = rest.rsplit_once('.')?;
+        let (hash, until) = body.split_once('.')?;
+        let until: i64 = until.parse().ok()?;
+        let expected = self.sign_ticket(body);
+        let same = expected.len() == mac.len()
+            && expected
+                .bytes()
+                .zip(mac.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        (same && now <= until).then(|| hash.to_owned())
+    }
+
+    fn sign_ticket(&self, body: &str) -> String {
+        // A separate domain from key hashes: a ticket's MAC can never pass
+        // as a key's hash or the other way round.
+        self.hash(&format!("stream-ticket\n{body}"))
+    }
+}
+
 /// A new key: the text to show once, and what to store.
 pub struct GeneratedKey {
     pub key: String,
@@ -219,15 +256,23 @@ mod tests {
     fn short_secrets_and_both_settings_are_refused() {
         assert!(AuthSecret::new(b"short".to_vec()).is_err());
         assert!(AuthSecret::from_settings(Some("x"), Some(Path::new("/nope"))).is_err());
-        assert!(AuthSecret::from_settings(None, None).expect("test setup").is_none());
-        assert!(AuthSecret::from_settings(Some(""), None).expect("test setup").is_none());
+        assert!(AuthSecret::from_settings(None, None)
+            .expect("test setup")
+            .is_none());
+        assert!(AuthSecret::from_settings(Some(""), None)
+            .expect("test setup")
+            .is_none());
         let dir = tempfile::tempdir().expect("test setup");
         let f = dir.path().join("secret");
         std::fs::write(&f, format!("{}\n", "a".repeat(40))).expect("test setup");
-        let s = AuthSecret::from_settings(None, Some(&f)).expect("read").expect("set");
+        let s = AuthSecret::from_settings(None, Some(&f))
+            .expect("read")
+            .expect("set");
         assert_eq!(
             s.hash("k"),
-            AuthSecret::new("a".repeat(40)).expect("test setup").hash("k")
+            AuthSecret::new("a".repeat(40))
+                .expect("test setup")
+                .hash("k")
         );
     }
 
@@ -245,6 +290,24 @@ mod tests {
         assert_eq!(bearer("Basic sk_abc"), None);
         assert_eq!(bearer("Bearer abc"), None);
         assert_eq!(bearer(&format!("Bearer sk_{}", "a".repeat(200))), None);
+    }
+
+    #[test]
+    fn tickets_open_the_stream_briefly_and_cannot_be_forged() {
+        let s = secret();
+        let t = s.ticket("abc", 1_000);
+        assert_eq!(s.check_ticket(&t, 1_000).as_deref(), Some("abc"));
+        assert_eq!(
+            s.check_ticket(&t, 1_000 + TICKET_SECS).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(s.check_ticket(&t, 1_001 + TICKET_SECS), None, "expired");
+        let longer = t.replace(&format!(".{}.", 1_000 + TICKET_SECS), ".99999999999.");
+        assert_eq!(s.check_ticket(&longer, 1_000), None, "its expiry is signed");
+        let other = AuthSecret::new(vec![9u8; 32]).expect("test setup");
+        assert_eq!(other.check_ticket(&t, 1_000), None, "another deployment's");
+        assert_eq!(s.check_ticket("tk_abc.2000", 1_000), None);
+        assert_eq!(s.check_ticket("sk_whatever", 1_000), None);
     }
 
     #[test]

@@ -289,6 +289,55 @@ async fn keys_scopes_and_revocation_hold_on_every_api_process() {
     assert_eq!(r.status(), StatusCode::OK);
     drop(r);
 
+    // A browser page opens the stream with a ticket its read key bought.
+    let (s, t) = call(
+        &http,
+        M::POST,
+        &format!("{url}/v1/stream-tickets"),
+        Some(&read),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    let ticket = t["ticket"].as_str().expect("ticket").to_owned();
+    assert!(
+        !ticket.contains(&read[3..]),
+        "a ticket does not carry the key"
+    );
+    let r = http
+        .get(format!("{url}/v1/events"))
+        .query(&[("ticket", ticket.as_str())])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK, "ticket opens the stream");
+    drop(r);
+    let r = http
+        .get(format!("{}/v1/events", urls[1]))
+        .query(&[("ticket", ticket.as_str())])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK, "on every API process");
+    drop(r);
+    let forged = ticket.replacen("tk_", "tk_0", 1);
+    for (path, t) in [
+        ("/v1/events", forged.as_str()),
+        ("/v1/jobs", ticket.as_str()),
+    ] {
+        let r = http
+            .get(format!("{url}{path}"))
+            .query(&[("ticket", t)])
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            r.status(),
+            StatusCode::UNAUTHORIZED,
+            "{path}: forged, or not a stream"
+        );
+    }
+
     // Security headers on the page and on the API's answers.
     for path in ["/", "/v1/stats"] {
         let r = http

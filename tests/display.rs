@@ -19,8 +19,11 @@ use chromium::{eval, screenshot, wait_for, Chromium};
 use chromiumoxide::Page;
 use fake_openai::{FakeOpenAi, Reply};
 use serde_json::{json, Value};
+use stevedore::api::auth::Access;
+use stevedore::auth::{generate, AuthSecret, Scope};
 use stevedore::config::KindsArgs;
 use stevedore::fleet::{self, ApiRole, Roles, Shared};
+use stevedore::store::keys::NewKey;
 use support::{fast_dispatcher, fast_notify, fast_timing, Flavor, TestFleet};
 
 /// (question, options, chosen index, confidence): what the model "answers".
@@ -115,8 +118,46 @@ async fn assert_shows_answers(page: &Page, job: &str, when: &str) {
     }
 }
 
+/// Keys for a deployment with keys: (read key for the page, submit key).
+struct Keys {
+    read: String,
+    submit: String,
+}
+
+/// Types the read key into the page's key form, as a person would.
+async fn enter_key(page: &Page, key: &str) {
+    wait_for(
+        page,
+        "document.getElementById('key-form') !== null",
+        20,
+        "the page asks for a key",
+    )
+    .await;
+    let state: String = eval(page, "document.getElementById('conn').innerText").await;
+    assert_ne!(state, "live", "no stream without a key");
+    let _: bool = eval(
+        page,
+        &format!(
+            "(() => {{ document.getElementById('key-input').value = {key:?}; \
+             document.getElementById('key-form').requestSubmit(); return true; }})()"
+        ),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_display_page_shows_what_analysis_answered_live_and_from_history() {
+    shows_answers(false).await;
+}
+
+/// With API keys the page asks for a read key once per tab, opens the
+/// stream with a ticket, and shows the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_keys_the_display_asks_for_a_key_and_shows_the_answers() {
+    shows_answers(true).await;
+}
+
+async fn shows_answers(with_keys: bool) {
     let answers: Vec<Value> = QUIZ
         .iter()
         .enumerate()
@@ -140,8 +181,35 @@ async fn the_display_page_shows_what_analysis_answered_live_and_from_history() {
         Shared::local(&backend),
     )
     .expect("kinds");
+    let mut api = ApiRole::open("127.0.0.1:0".parse().expect("addr"));
+    let mut keys = None;
+    if with_keys {
+        let secret = AuthSecret::new(vec![42u8; 32]).expect("secret");
+        let mut made = Vec::new();
+        for scope in [Scope::Read, Scope::Submit] {
+            let g = generate(&secret);
+            backend
+                .keys
+                .create_key(&NewKey {
+                    id: uuid::Uuid::now_v7(),
+                    hash: g.hash,
+                    prefix: g.prefix,
+                    tenant: "display".into(),
+                    scope,
+                    name: None,
+                })
+                .await
+                .expect("key");
+            made.push(g.key);
+        }
+        keys = Some(Keys {
+            read: made[0].clone(),
+            submit: made[1].clone(),
+        });
+        api.access = Access::keys(backend.keys.clone(), secret);
+    }
     let roles = Roles::new(fast_timing())
-        .with_api(ApiRole::open("127.0.0.1:0".parse().expect("addr")))
+        .with_api(api)
         .with_dispatcher(fast_dispatcher())
         .with_workers(vec![("analyze".into(), 1)])
         .with_notifier()
@@ -151,6 +219,9 @@ async fn the_display_page_shows_what_analysis_answered_live_and_from_history() {
 
     let browser = Chromium::launch(1280, 900).await;
     let live = browser.open(&format!("{url}/")).await;
+    if let Some(k) = &keys {
+        enter_key(&live, &k.read).await;
+    }
     wait_for(
         &live,
         "document.getElementById('conn').innerText === 'live'",
@@ -163,12 +234,13 @@ async fn the_display_page_shows_what_analysis_answered_live_and_from_history() {
         .iter()
         .map(|(text, options, ..)| json!({"text": text, "options": options}))
         .collect();
-    let r = reqwest::Client::new()
+    let mut req = reqwest::Client::new()
         .post(format!("{url}/v1/jobs"))
-        .json(&json!({"kind": "analyze", "payload": {"questions": questions}}))
-        .send()
-        .await
-        .expect("submit");
+        .json(&json!({"kind": "analyze", "payload": {"questions": questions}}));
+    if let Some(k) = &keys {
+        req = req.bearer_auth(&k.submit);
+    }
+    let r = req.send().await.expect("submit");
     assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
     let job: Value = r.json().await.expect("json");
     let id = job["id"].as_str().expect("id").to_owned();
@@ -185,8 +257,13 @@ async fn the_display_page_shows_what_analysis_answered_live_and_from_history() {
     assert_eq!(model.requests(), 1, "one model call answered the job");
 
     let history = browser.open(&format!("{url}/")).await;
+    if let Some(k) = &keys {
+        enter_key(&history, &k.read).await;
+    }
     assert_shows_answers(&history, &id, "from history").await;
-    screenshot(&history, "display.png").await;
+    if !with_keys {
+        screenshot(&history, "display.png").await;
+    }
 
     browser.close().await;
     running.shutdown().await;

@@ -57,7 +57,21 @@ pub struct KeyGate {
 
 impl KeyGate {
     async fn principal(&self, key: &str) -> Result<Option<Principal>, super::ApiError> {
-        let hash = self.secret.hash(key);
+        self.by_hash(self.secret.hash(key)).await
+    }
+
+    /// The live key behind a stream ticket.
+    async fn by_ticket(&self, ticket: &str) -> Result<Option<Principal>, super::ApiError> {
+        match self
+            .secret
+            .check_ticket(ticket, chrono::Utc::now().timestamp())
+        {
+            Some(hash) => self.by_hash(hash).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn by_hash(&self, hash: String) -> Result<Option<Principal>, super::ApiError> {
         if let Some((p, at)) = self.lock().get(&hash) {
             if at.elapsed() < CACHE_TTL {
                 return Ok(p.clone());
@@ -89,7 +103,8 @@ pub fn required(method: &Method, route: &str) -> Option<Scope> {
     if !route.starts_with("/v1/") {
         return None;
     }
-    let reading = method == Method::GET || method == Method::HEAD;
+    // Asking for a stream ticket is how a read key opens the stream.
+    let reading = method == Method::GET || method == Method::HEAD || route == "/v1/stream-tickets";
     let admin = route.starts_with("/v1/webhook")
         || route.starts_with("/v1/keys")
         || (route.starts_with("/v1/dead-letters") && !reading);
@@ -136,6 +151,19 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// A stream route: the one place a `?ticket=` stands in for the key.
+fn is_stream(route: &str) -> bool {
+    route == "/v1/stream" || route == "/v1/events"
+}
+
+fn ticket_param(req: &Request) -> Option<String> {
+    let q = req.uri().query()?;
+    let url = reqwest::Url::parse(&format!("http://q/?{q}")).ok()?;
+    url.query_pairs()
+        .find(|(k, _)| k == "ticket")
+        .map(|(_, v)| v.into_owned())
+}
+
 /// The gate itself (a route layer, so the matched route is known).
 pub async fn gate(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
     let route = req
@@ -156,9 +184,7 @@ pub async fn gate(State(s): State<AppState>, mut req: Request, next: Next) -> Re
             "send Content-Type: application/json",
         );
     }
-    if (route == "/v1/stream" || route == "/v1/events")
-        && !origin_allowed(req.headers(), &s.allowed_origins)
-    {
+    if is_stream(&route) && !origin_allowed(req.headers(), &s.allowed_origins) {
         return refuse(
             StatusCode::FORBIDDEN,
             "origin_not_allowed",
@@ -173,20 +199,24 @@ pub async fn gate(State(s): State<AppState>, mut req: Request, next: Next) -> Re
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(bearer);
-            let Some(key) = key else {
-                return refuse(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "send Authorization: Bearer <API key> (see `stevedore keys create`)",
-                );
+            let found = match (key, is_stream(&route).then(|| ticket_param(&req)).flatten()) {
+                (Some(key), _) => gate.principal(key).await,
+                (None, Some(ticket)) => gate.by_ticket(&ticket).await,
+                (None, None) => {
+                    return refuse(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "send Authorization: Bearer <API key> (see `stevedore keys create`)",
+                    )
+                }
             };
-            match gate.principal(key).await {
+            match found {
                 Ok(Some(p)) => p,
                 Ok(None) => {
                     return refuse(
                         StatusCode::UNAUTHORIZED,
                         "unauthorized",
-                        "this API key is not valid or was revoked",
+                        "this API key (or stream ticket) is not valid, expired or was revoked",
                     )
                 }
                 Err(e) => return e.into_response(),
@@ -205,6 +235,41 @@ pub async fn gate(State(s): State<AppState>, mut req: Request, next: Next) -> Re
     }
     req.extensions_mut().insert(principal);
     next.run(req).await
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct StreamTicket {
+    /// Pass as `?ticket=` to `/v1/stream` or `/v1/events`; `null` when the
+    /// API runs without keys (the streams then need none).
+    pub ticket: Option<String>,
+    pub expires_in: i64,
+}
+
+/// A short-lived ticket that opens the event stream for the asking key
+/// (browsers cannot send `Authorization` on a WebSocket).
+#[utoipa::path(post, path = "/v1/stream-tickets", security(("api_key" = [])), responses(
+    (status = 200, body = StreamTicket),
+    (status = 401, body = super::error::ErrorBody),
+    (status = 415, body = super::error::ErrorBody)))]
+pub async fn stream_ticket(State(s): State<AppState>, req: Request) -> Json<StreamTicket> {
+    let key = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer);
+    match (&s.access, key) {
+        (Access::Keys(gate), Some(key)) => Json(StreamTicket {
+            ticket: Some(
+                gate.secret
+                    .ticket(&gate.secret.hash(key), chrono::Utc::now().timestamp()),
+            ),
+            expires_in: crate::auth::TICKET_SECS,
+        }),
+        _ => Json(StreamTicket {
+            ticket: None,
+            expires_in: 0,
+        }),
+    }
 }
 
 /// `/metrics` with `STEVEDORE_METRICS_TOKEN` set needs that bearer token.
@@ -280,6 +345,7 @@ mod tests {
             required(&M::GET, "/v1/webhook-deliveries"),
             Some(Scope::Admin)
         );
+        assert_eq!(required(&M::POST, "/v1/stream-tickets"), Some(Scope::Read));
         assert_eq!(required(&M::GET, "/healthz"), None);
         assert_eq!(required(&M::GET, "/"), None);
     }

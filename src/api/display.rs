@@ -10,6 +10,9 @@ use axum::response::IntoResponse;
 const INDEX: &str = include_str!("display/index.html");
 const SCRIPT: &str = include_str!("display/app.js");
 const STYLE: &str = include_str!("display/style.css");
+/// Shared by the display and the console: asks for an API key when the API
+/// has keys, and trades it for stream tickets.
+const KEY_SCRIPT: &str = include_str!("key.js");
 
 pub async fn page() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX)
@@ -19,6 +22,13 @@ pub async fn script() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
         SCRIPT,
+    )
+}
+
+pub async fn key_script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        KEY_SCRIPT,
     )
 }
 

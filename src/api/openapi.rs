@@ -23,6 +23,7 @@ use utoipa::{Modify, OpenApi};
         super::dlq::replay,
         super::dlq::purge,
         super::jobs::stats,
+        super::auth::stream_ticket,
         super::healthz,
         super::readyz
     ),

@@ -42,6 +42,9 @@ pub struct StreamQuery {
     since: Option<i64>,
     /// Without `since`: start with up to this many (≤ 1000) recent events.
     recent: Option<i64>,
+    /// A ticket from `POST /v1/stream-tickets`, for browsers, which cannot
+    /// send `Authorization` on a WebSocket.
+    ticket: Option<String>,
 }
 
 /// Where a client starts: after an event id, or this many ids back.
@@ -57,7 +60,7 @@ fn parse_query(raw: Option<String>, headers: &HeaderMap) -> Result<(EventFilter,
         .map_err(|e| ApiError::BadParam(FieldError::new("query", e.to_string())))?;
     let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
     for (k, _) in &pairs {
-        if !["kind", "job", "types", "since", "recent"].contains(&k.as_str()) {
+        if !["kind", "job", "types", "since", "recent", "ticket"].contains(&k.as_str()) {
             return Err(ApiError::BadParam(FieldError::new(
                 k.clone(),
                 "unknown parameter",

@@ -31,14 +31,12 @@ function el(tag, attrs, ...children) {
 
 async function api(method, path, body) {
   const opts = { method, headers: {} };
-  // Deployments with API keys: the key an operator stored in this browser.
-  const key = localStorage.getItem("stevedore.apiKey");
-  if (key) opts.headers.authorization = "Bearer " + key;
   // The API takes POST and DELETE only as JSON (a cross-site form cannot
   // send that), bodiless ones included.
   if (method !== "GET") opts.headers["content-type"] = "application/json";
   if (body !== undefined) opts.body = JSON.stringify(body);
-  const r = await fetch(path, opts);
+  // Deployments with API keys: asks for one on the first 401.
+  const r = await StevedoreKey.fetch(path, opts);
   const text = await r.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
@@ -120,11 +118,16 @@ function onEvent(ev) {
   if (current && current.onEvent) current.onEvent(ev);
 }
 
-function connect() {
+async function connect() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   // First the recent history (throughput needs it), then resume where we were.
   const q = live.lastId === null ? "?recent=1000" : "?since=" + live.lastId;
-  const ws = new WebSocket(`${proto}//${location.host}/v1/stream${q}`);
+  let path = "/v1/stream" + q;
+  try {
+    await StevedoreKey.ready();
+    path = await StevedoreKey.streamUrl(path);
+  } catch (_) { /* reconnect below */ }
+  const ws = new WebSocket(`${proto}//${location.host}${path}`);
   ws.onopen = () => { live.backoff = 500; setConn(true, "live"); };
   ws.onmessage = (m) => {
     try { onEvent(JSON.parse(m.data)); } catch (e) { console.error(e); }

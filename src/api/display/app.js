@@ -49,7 +49,7 @@ function isAnalysis(result) {
 async function showResult(ev) {
   let questions = [];
   try {
-    const r = await fetch("/v1/jobs/" + ev.job_id);
+    const r = await StevedoreKey.fetch("/v1/jobs/" + ev.job_id);
     if (r.ok) {
       const job = await r.json();
       questions = (job.payload && job.payload.questions) || [];
@@ -104,11 +104,16 @@ function onEvent(ev) {
   if (ev.type === "job.succeeded" && isAnalysis(ev.result)) showResult(ev);
 }
 
-function connect() {
+async function connect() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
   // First load: the recent history; later: resume exactly where we were.
   const since = lastId === null ? "?recent=300" : "?since=" + lastId;
-  const ws = new WebSocket(`${proto}//${location.host}/v1/stream${since}`);
+  let path = "/v1/stream" + since;
+  try {
+    await StevedoreKey.ready();
+    path = await StevedoreKey.streamUrl(path);
+  } catch (_) { /* reconnect below */ }
+  const ws = new WebSocket(`${proto}//${location.host}${path}`);
   ws.onopen = () => { backoff = 500; setConn(true, "live"); };
   ws.onmessage = (m) => {
     try { onEvent(JSON.parse(m.data)); } catch (e) { console.error(e); }
@@ -122,7 +127,7 @@ function connect() {
 
 async function refreshStats() {
   try {
-    const r = await fetch("/v1/stats");
+    const r = await StevedoreKey.fetch("/v1/stats");
     if (!r.ok) return;
     const s = await r.json();
     $("dead").textContent = s.dead_letters;

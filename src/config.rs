@@ -190,6 +190,10 @@ pub struct KindsArgs {
     pub openai_api_key: Option<String>,
     #[arg(long, env = "STEVEDORE_ANALYZE_MODEL", default_value = "gpt-4o-mini")]
     pub analyze_model: String,
+    /// Other models a job may name in `payload.model` (comma-separated);
+    /// any other name is refused at submit (422, field `payload.model`).
+    #[arg(long, env = "STEVEDORE_ANALYZE_MODELS", value_delimiter = ',')]
+    pub analyze_models: Vec<String>,
     /// The GGUF file of the local provider (scripts/fetch-model.sh gets it).
     #[arg(long, env = "STEVEDORE_LOCAL_MODEL", default_value = stevedore_analyze::DEFAULT_LOCAL_MODEL)]
     pub local_model: std::path::PathBuf,
@@ -218,6 +222,7 @@ impl Default for KindsArgs {
             openai_base_url: None,
             openai_api_key: None,
             analyze_model: "gpt-4o-mini".into(),
+            analyze_models: vec![],
             local_model: stevedore_analyze::DEFAULT_LOCAL_MODEL.into(),
             analyze_rpm: 500,
             analyze_tpm: 200_000,

@@ -189,6 +189,12 @@ fn analyze(args: &KindsArgs, shared: Shared) -> anyhow::Result<stevedore_analyze
             timeout: Duration::from_secs(120),
         });
     let mut cfg = AnalyzeConfig::in_process(openai, &args.local_model);
+    cfg.models = args
+        .analyze_models
+        .iter()
+        .map(|m| m.trim().to_owned())
+        .filter(|m| !m.is_empty())
+        .collect();
     let limits = RateLimits::per_minute(args.analyze_rpm, args.analyze_tpm);
     let ttl = Duration::from_secs(args.answer_cache_ttl_secs);
     match shared {

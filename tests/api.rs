@@ -78,6 +78,18 @@ async fn bad_input_gets_a_clear_4xx(flavor: Flavor) {
         Some("payload.bogus"),
     )
     .await;
+    // A model the deployment does not offer (it could cost the operator
+    // money) is refused at submit, not at run.
+    assert_error(
+        &f,
+        json!({"kind": "analyze", "payload": {
+            "questions": [{"text": "Which?", "options": ["a", "b"]}],
+            "model": "gpt-4-32k"}}),
+        unprocessable,
+        "invalid_job",
+        Some("payload.model"),
+    )
+    .await;
     assert_error(
         &f,
         json!({"kind": "probe", "payload": {"failure": "sometimes"}}),

@@ -426,6 +426,148 @@ async fn keys_scopes_and_revocation_hold_on_every_api_process() {
     drop_database(&db).await;
 }
 
+/// Reads an SSE stream for `secs` and returns what arrived.
+async fn sse_text(http: &reqwest::Client, url: &str, key: &str, secs: u64) -> String {
+    let mut r = http.get(url).bearer_auth(key).send().await.expect("stream");
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, r.chunk()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_sees_none_of_another_tenants_jobs_events_or_webhooks() {
+    let db = fresh_pg_database().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = base_env(&db);
+    env.push(("STEVEDORE_AUTH_SECRET", SECRET.to_owned()));
+    let (_, a) = create_key(&env, "tenant-a", "admin").await;
+    let (_, b) = create_key(&env, "tenant-b", "admin").await;
+    // Registering a loopback receiver needs it allowed; nothing is sent.
+    env.push(("STEVEDORE_ALLOW_HOSTS", "127.0.0.1:9".to_owned()));
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let api = Proc::stevedore(
+        &["api", "--listen", &format!("127.0.0.1:{port}")],
+        &env,
+        dir.path(),
+        "api",
+    );
+    // The streams follow the notifier's cursor.
+    let notifier = Proc::stevedore(&["notifier"], &env, dir.path(), "notifier");
+    wait_port(port, 60).await;
+    let http = reqwest::Client::new();
+    use reqwest::Method as M;
+
+    let later = json!({"kind": "probe", "payload": {}, "run_at": "2099-01-01T00:00:00Z", "idempotency_key": "k-1"});
+    let (s, v) = call(
+        &http,
+        M::POST,
+        &format!("{url}/v1/jobs"),
+        Some(&a),
+        Some(later.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().expect("id").to_owned();
+    // The same idempotency key is B's own: a new job, not A's.
+    let (s, v) = call(
+        &http,
+        M::POST,
+        &format!("{url}/v1/jobs"),
+        Some(&b),
+        Some(later),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_ne!(v["id"].as_str(), Some(id.as_str()));
+    let b_job = v["id"].as_str().expect("id").to_owned();
+
+    // Every route answers B as if A's job did not exist.
+    for (method, path, body) in [
+        (M::GET, format!("/v1/jobs/{id}"), None),
+        (M::GET, format!("/v1/jobs/{id}/events"), None),
+        (M::POST, format!("/v1/jobs/{id}/cancel"), Some(json!({}))),
+        (M::GET, format!("/v1/dead-letters/{id}"), None),
+        (
+            M::POST,
+            format!("/v1/dead-letters/{id}/replay"),
+            Some(json!({})),
+        ),
+        (M::DELETE, format!("/v1/dead-letters/{id}"), None),
+    ] {
+        let mut req = http
+            .request(method.clone(), format!("{url}{path}"))
+            .bearer_auth(&b);
+        req = match body {
+            Some(b) => req.json(&b),
+            None => req.header("content-type", "application/json"),
+        };
+        let r = req.send().await.expect("request");
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{method} {path}");
+    }
+    let (s, v) = call(
+        &http,
+        M::GET,
+        &format!("{url}/v1/jobs/{id}"),
+        Some(&a),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["tenant"].as_str()),
+        (StatusCode::OK, Some("tenant-a")),
+        "{v}"
+    );
+    let (_, page) = call(&http, M::GET, &format!("{url}/v1/jobs"), Some(&b), None).await;
+    let listed: Vec<&str> = page["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter_map(|j| j["id"].as_str())
+        .collect();
+    assert_eq!(listed, vec![b_job.as_str()], "B lists only its own job");
+    let (_, stats) = call(&http, M::GET, &format!("{url}/v1/stats"), Some(&b), None).await;
+    assert_eq!(stats["counts"]["queued"], 1, "{stats}");
+
+    // Webhooks: B neither sees nor removes A's.
+    let (s, hook) = call(
+        &http,
+        M::POST,
+        &format!("{url}/v1/webhooks"),
+        Some(&a),
+        Some(json!({"url": "http://127.0.0.1:9/hook"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{hook}");
+    let hook_id = hook["id"].as_str().expect("id").to_owned();
+    let (_, list) = call(&http, M::GET, &format!("{url}/v1/webhooks"), Some(&b), None).await;
+    assert_eq!(list["webhooks"].as_array().map(Vec::len), Some(0), "{list}");
+    let (s, _) = call(
+        &http,
+        M::DELETE,
+        &format!("{url}/v1/webhooks/{hook_id}"),
+        Some(&b),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, list) = call(&http, M::GET, &format!("{url}/v1/webhooks"), Some(&a), None).await;
+    assert_eq!(list["webhooks"].as_array().map(Vec::len), Some(1), "{list}");
+
+    // Streams: each tenant's history holds its own job only.
+    let a_seen = sse_text(&http, &format!("{url}/v1/events?recent=100"), &a, 2).await;
+    let b_seen = sse_text(&http, &format!("{url}/v1/events?recent=100"), &b, 2).await;
+    assert!(a_seen.contains(&id) && !a_seen.contains(&b_job), "{a_seen}");
+    assert!(b_seen.contains(&b_job) && !b_seen.contains(&id), "{b_seen}");
+    drop(notifier);
+    drop(api);
+    drop_database(&db).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_will_not_serve_without_keys_unless_told_to() {
     let db = fresh_pg_database().await;

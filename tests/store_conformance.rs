@@ -117,6 +117,7 @@ fn new_job(key: Option<&str>) -> NewJob {
         idempotency_key: key.map(str::to_owned),
         parent_id: None,
         webhook: None,
+        tenant: "default".into(),
     }
 }
 
@@ -203,7 +204,11 @@ async fn inserts_with_idempotency_and_reads_back(kind: Kind) {
         .expect("list");
     let ids: Vec<Uuid> = page.iter().map(|j| j.id).collect();
     assert_eq!(ids, vec![other.id, first.id], "newest first");
-    let counts = db.store.counts(None, Some("probe")).await.expect("counts");
+    let counts = db
+        .store
+        .counts(None, Some("probe"), None)
+        .await
+        .expect("counts");
     assert_eq!(counts.get("queued"), Some(&2));
     db.close().await;
 }
@@ -227,7 +232,7 @@ async fn empty_batches_write_nothing(kind: Kind) {
     );
     assert!(db
         .store
-        .counts(None, None)
+        .counts(None, None, None)
         .await
         .expect("counts")
         .is_empty());
@@ -621,6 +626,94 @@ async fn the_outbox_is_kept_until_a_broker_takes_it_and_lost_jobs_are_resent(kin
     db.close().await;
 }
 
+async fn tenants_keep_their_jobs_and_children_follow_their_parent(kind: Kind) {
+    let db = Db::open(kind).await;
+    let s = &db.store;
+    let mine = NewJob {
+        tenant: "acme".into(),
+        ..new_job(None)
+    };
+    let theirs = NewJob {
+        tenant: "other".into(),
+        ..new_job(None)
+    };
+    s.insert_jobs(&[mine.clone(), theirs.clone()])
+        .await
+        .expect("insert");
+    let only = |t: &str| ListFilter {
+        limit: 10,
+        tenant: Some(t.into()),
+        ..ListFilter::default()
+    };
+    let ids = |jobs: Vec<stevedore::model::job::Job>| jobs.iter().map(|j| j.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.list_jobs(&only("acme")).await.expect("list")),
+        vec![mine.id]
+    );
+    assert_eq!(
+        ids(s.list_jobs(&only("other")).await.expect("list")),
+        vec![theirs.id]
+    );
+    let counts = s.counts(None, None, Some("acme")).await.expect("counts");
+    assert_eq!(counts.get("queued"), Some(&1));
+    let job = s.get_job(mine.id).await.expect("get").expect("found");
+    assert_eq!(job.tenant, "acme");
+
+    // A child belongs to its parent's tenant whatever it says itself.
+    let c = db.claim_one(mine.id).await;
+    let kid = NewJob {
+        parent_id: Some(mine.id),
+        tenant: "other".into(),
+        ..new_job(None)
+    };
+    let done = ended(
+        &c,
+        Outcome::Succeeded {
+            result: json!({}),
+            children: vec![kid.clone()],
+        },
+    );
+    assert_eq!(s.apply(&[done]).await.expect("apply"), vec![mine.id]);
+    let kid = s.get_job(kid.id).await.expect("get").expect("found");
+    assert_eq!(kid.tenant, "acme");
+    db.close().await;
+}
+
+/// Postgres only: dev mode (SQLite) serves one tenant, so its idempotency
+/// keys stay unique across the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_belongs_to_its_tenant() {
+    let db = Db::open(Kind::Postgres).await;
+    let a = NewJob {
+        tenant: "a".into(),
+        ..new_job(Some("order-1"))
+    };
+    let b = NewJob {
+        tenant: "b".into(),
+        ..new_job(Some("order-1"))
+    };
+    let again = NewJob {
+        tenant: "a".into(),
+        ..new_job(Some("order-1"))
+    };
+    let first = db
+        .store
+        .insert_jobs(std::slice::from_ref(&a))
+        .await
+        .expect("insert");
+    let second = db
+        .store
+        .insert_jobs(&[b.clone(), again])
+        .await
+        .expect("insert");
+    assert!(first[0].created);
+    assert!(second[0].created, "b's key is its own: {second:?}");
+    assert_eq!(second[0].id, b.id);
+    assert!(!second[1].created, "a's key again returns a's job");
+    assert_eq!(second[1].id, a.id);
+    db.close().await;
+}
+
 macro_rules! both_stores {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -645,4 +738,5 @@ both_stores!(
     cancel_replay_and_purge_follow_the_rules,
     expired_leases_retry_die_on_the_last_attempt_or_honour_a_cancel,
     the_outbox_is_kept_until_a_broker_takes_it_and_lost_jobs_are_resent,
+    tenants_keep_their_jobs_and_children_follow_their_parent,
 );

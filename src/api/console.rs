@@ -7,7 +7,7 @@
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -58,10 +58,11 @@ pub struct JobEvents {
     (status = 200, body = JobEvents), (status = 404, body = super::error::ErrorBody)))]
 pub async fn job_events(
     State(s): State<AppState>,
+    Extension(who): Extension<crate::auth::Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<JobEvents>, ApiError> {
     let id = parse_id(&id)?;
-    if s.store.get_job(id).await?.is_none() {
+    if super::own_job(&s, &who, id).await?.is_none() {
         return Err(ApiError::NotFound("job"));
     }
     let events = s

@@ -5,6 +5,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -12,7 +13,8 @@ use uuid::Uuid;
 
 use super::jobs::{filter_from, page, JobPage, ListQuery};
 use super::query;
-use super::{parse_id, ApiError, AppState};
+use super::{own_job, parse_id, ApiError, AppState};
+use crate::auth::Principal;
 use crate::model::job::Job;
 use crate::model::JobStatus;
 use crate::store::DeadLetterOutcome;
@@ -29,15 +31,19 @@ pub struct DeadQuery {
 #[utoipa::path(get, path = "/v1/dead-letters", params(DeadQuery), responses((status = 200, body = JobPage)))]
 pub async fn list(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     q: Result<Query<DeadQuery>, QueryRejection>,
 ) -> Result<Json<JobPage>, ApiError> {
     let q = query(q)?;
-    let mut f = filter_from(ListQuery {
-        status: None,
-        kind: q.kind,
-        limit: q.limit,
-        cursor: q.cursor,
-    })?;
+    let mut f = filter_from(
+        ListQuery {
+            status: None,
+            kind: q.kind,
+            limit: q.limit,
+            cursor: q.cursor,
+        },
+        &who,
+    )?;
     f.status = Some(JobStatus::Dead);
     let jobs = s.store.list_jobs(&f).await?;
     Ok(Json(page(jobs, f.limit)))
@@ -48,10 +54,11 @@ pub async fn list(
     (status = 200, body = Job), (status = 404, body = super::error::ErrorBody)))]
 pub async fn show(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Job>, ApiError> {
     let id = parse_id(&id)?;
-    match s.store.get_job(id).await? {
+    match own_job(&s, &who, id).await? {
         Some(j) if j.status == JobStatus::Dead => Ok(Json(j)),
         _ => Err(ApiError::NotFound("dead letter")),
     }
@@ -74,9 +81,13 @@ fn outcome(o: DeadLetterOutcome) -> Result<(), ApiError> {
     (status = 409, description = "Not dead", body = super::error::ErrorBody)))]
 pub async fn replay(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    if own_job(&s, &who, id).await?.is_none() {
+        return Err(ApiError::NotFound("dead letter"));
+    }
     outcome(s.store.replay(id).await?)?;
     if let Some(w) = &s.wake {
         w.notify_one();
@@ -90,9 +101,13 @@ pub async fn replay(
     (status = 409, description = "Not dead", body = super::error::ErrorBody)))]
 pub async fn purge(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    if own_job(&s, &who, id).await?.is_none() {
+        return Err(ApiError::NotFound("dead letter"));
+    }
     outcome(s.store.purge(id).await?)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

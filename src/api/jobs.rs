@@ -4,6 +4,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -11,7 +12,8 @@ use stevedore_handler::FieldError;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{parse_body, parse_id, query, ApiError, AppState};
+use super::{own_job, parse_body, parse_id, query, ApiError, AppState};
+use crate::auth::Principal;
 use crate::model::job::{Inserted, Job, NewJob, SubmitRequest};
 use crate::model::JobStatus;
 use crate::store::{CancelOutcome, ListFilter};
@@ -82,10 +84,12 @@ async fn insert(s: &AppState, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, ApiErr
     (status = 422, description = "Invalid job; `field` names the path", body = super::error::ErrorBody)))]
 pub async fn submit(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: SubmitRequest = parse_body(body)?;
-    let job = NewJob::parse(req, &s.kinds).map_err(ApiError::Invalid)?;
+    let mut job = NewJob::parse(req, &s.kinds).map_err(ApiError::Invalid)?;
+    job.tenant = who.tenant;
     super::webhooks::check_job_webhook(&s, &job)
         .await
         .map_err(ApiError::Invalid)?;
@@ -107,6 +111,7 @@ pub async fn submit(
     (status = 422, description = "A job is invalid; `field` is e.g. `jobs[3].payload.sleep_ms`", body = super::error::ErrorBody)))]
 pub async fn submit_batch(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: BatchRequest = parse_body(body)?;
@@ -121,9 +126,14 @@ pub async fn submit_batch(
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            NewJob::parse(r, &s.kinds).map_err(|e| {
-                ApiError::Invalid(FieldError::new(format!("jobs[{i}].{}", e.field), e.message))
-            })
+            NewJob::parse(r, &s.kinds)
+                .map(|j| NewJob {
+                    tenant: who.tenant.clone(),
+                    ..j
+                })
+                .map_err(|e| {
+                    ApiError::Invalid(FieldError::new(format!("jobs[{i}].{}", e.field), e.message))
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     for (i, job) in jobs.iter().enumerate() {
@@ -143,10 +153,13 @@ pub async fn submit_batch(
 /// One job, with its result, errors and children.
 #[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = Uuid, Path)), responses(
     (status = 200, body = Job), (status = 404, body = super::error::ErrorBody)))]
-pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+pub async fn get(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
     let id = parse_id(&id)?;
-    s.store
-        .get_job(id)
+    own_job(&s, &who, id)
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound("job"))
@@ -170,7 +183,7 @@ pub struct JobPage {
     pub next_cursor: Option<Uuid>,
 }
 
-pub(crate) fn filter_from(q: ListQuery) -> Result<ListFilter, ApiError> {
+pub(crate) fn filter_from(q: ListQuery, who: &Principal) -> Result<ListFilter, ApiError> {
     let status = q
         .status
         .map(|s| {
@@ -194,6 +207,7 @@ pub(crate) fn filter_from(q: ListQuery) -> Result<ListFilter, ApiError> {
         kind: q.kind,
         limit,
         before: q.cursor,
+        tenant: Some(who.tenant.clone()),
     })
 }
 
@@ -210,9 +224,10 @@ pub(crate) fn page(jobs: Vec<Job>, limit: i64) -> JobPage {
 #[utoipa::path(get, path = "/v1/jobs", params(ListQuery), responses((status = 200, body = JobPage)))]
 pub async fn list(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<JobPage>, ApiError> {
-    let f = filter_from(query(q)?)?;
+    let f = filter_from(query(q)?, &who)?;
     let jobs = s.store.list_jobs(&f).await?;
     Ok(Json(page(jobs, f.limit)))
 }
@@ -226,9 +241,13 @@ pub async fn list(
     (status = 409, description = "Already finished", body = super::error::ErrorBody)))]
 pub async fn cancel(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    if own_job(&s, &who, id).await?.is_none() {
+        return Err(ApiError::NotFound("job"));
+    }
     match s.store.cancel(id).await? {
         CancelOutcome::Cancelled => Ok((
             StatusCode::OK,
@@ -261,10 +280,14 @@ pub struct StatsQuery {
 #[utoipa::path(get, path = "/v1/stats", params(StatsQuery), responses((status = 200, description = "`{\"counts\": {status: n}, \"pools\": {pool: {status: n}}, \"dead_letters\": n}`; `pools` counts queued, retrying and running jobs")))]
 pub async fn stats(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     q: Result<Query<StatsQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let q = query(q)?;
-    let counts = s.store.counts(q.since, q.kind.as_deref()).await?;
+    let counts = s
+        .store
+        .counts(q.since, q.kind.as_deref(), Some(&who.tenant))
+        .await?;
     let depths = s.store.depths().await?;
     let mut pools: std::collections::BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
         s.kinds

@@ -154,6 +154,19 @@ pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiErro
         .map_err(|e| ApiError::BadParam(FieldError::new("query", e.body_text())))
 }
 
+/// The job, if it exists and belongs to the asker's tenant: another
+/// tenant's id answers exactly like one that does not exist (404, not 403).
+pub(crate) async fn own_job(
+    s: &AppState,
+    who: &crate::auth::Principal,
+    id: Uuid,
+) -> Result<Option<crate::model::job::Job>, ApiError> {
+    Ok(s.store
+        .get_job(id)
+        .await?
+        .filter(|j| j.tenant == who.tenant))
+}
+
 pub(crate) fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::BadParam(FieldError::new("id", "not a UUID")))
 }

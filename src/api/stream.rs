@@ -14,11 +14,13 @@ use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures::stream::Stream;
 use futures::{SinkExt, StreamExt};
 use stevedore_handler::FieldError;
 
 use super::{ApiError, AppState};
+use crate::auth::Principal;
 use crate::model::event::{Event, EventFilter};
 use crate::notifier::hub::{ClientGauge, Subscription, SLOW_CLIENT};
 use crate::store::events::EventStore;
@@ -198,10 +200,12 @@ fn slow_message(last: i64) -> String {
               (status = 400, description = "Bad filter", body = super::error::ErrorBody)))]
 pub async fn sse(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let (filter, start) = parse_query(raw, &headers)?;
+    let (mut filter, start) = parse_query(raw, &headers)?;
+    filter.tenant = Some(who.tenant);
     let feed = Feed::new(&s, filter, start)?;
     let gauge = ClientGauge::new("sse");
     let stream = futures::stream::unfold(Some((feed, gauge)), |state| async move {
@@ -236,11 +240,13 @@ pub async fn sse(
     (status = 400, description = "Bad filter", body = super::error::ErrorBody)))]
 pub async fn ws(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let (filter, start) = parse_query(raw, &headers)?;
+    let (mut filter, start) = parse_query(raw, &headers)?;
+    filter.tenant = Some(who.tenant);
     let feed = Feed::new(&s, filter, start)?;
     Ok(upgrade
         .on_upgrade(move |socket| serve_ws(socket, feed))

@@ -6,13 +6,14 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use stevedore_handler::FieldError;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{parse_body, parse_id, query, ApiError, AppState};
+use crate::auth::Principal;
 use crate::model::job::NewJob;
 use crate::model::secret::Secret;
 use crate::model::EventType;
@@ -80,6 +81,7 @@ pub(crate) async fn check_job_webhook(s: &AppState, job: &NewJob) -> Result<(), 
     (status = 422, description = "Invalid or refused URL, unknown event type", body = super::error::ErrorBody)))]
 pub async fn create(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: CreateWebhook = parse_body(body)?;
@@ -104,7 +106,13 @@ pub async fn create(
     let secret = Secret::generate();
     let w = s
         .events
-        .create_webhook(&req.url, &secret, &events, req.kinds.as_deref())
+        .create_webhook(
+            &who.tenant,
+            &req.url,
+            &secret,
+            &events,
+            req.kinds.as_deref(),
+        )
         .await?;
     let body = CreatedWebhook {
         id: w.id,
@@ -118,10 +126,13 @@ pub async fn create(
 
 /// Registered webhooks (without their secrets).
 #[utoipa::path(get, path = "/v1/webhooks", responses((status = 200, body = WebhookList)))]
-pub async fn list(State(s): State<AppState>) -> Result<Json<WebhookList>, ApiError> {
-    Ok(Json(WebhookList {
-        webhooks: s.events.list_webhooks().await?,
-    }))
+pub async fn list(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+) -> Result<Json<WebhookList>, ApiError> {
+    let mut webhooks = s.events.list_webhooks().await?;
+    webhooks.retain(|w| w.tenant == who.tenant);
+    Ok(Json(WebhookList { webhooks }))
 }
 
 /// Remove a webhook and its deliveries.
@@ -129,9 +140,17 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<WebhookList>, ApiErr
     (status = 204, description = "Removed"), (status = 404, body = super::error::ErrorBody)))]
 pub async fn remove(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if s.events.delete_webhook(parse_id(&id)?).await? {
+    let id = parse_id(&id)?;
+    let owned = s
+        .events
+        .list_webhooks()
+        .await?
+        .iter()
+        .any(|w| w.id == id && w.tenant == who.tenant);
+    if owned && s.events.delete_webhook(id).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::NotFound("webhook"))
@@ -152,6 +171,7 @@ pub struct DeliveryQuery {
     (status = 200, body = DeliveryList)))]
 pub async fn deliveries(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     q: Result<Query<DeliveryQuery>, QueryRejection>,
 ) -> Result<Json<DeliveryList>, ApiError> {
     let q = query(q)?;
@@ -170,7 +190,10 @@ pub async fn deliveries(
             "must be between 1 and 500",
         )));
     }
-    let deliveries = s.events.list_deliveries(q.status.as_deref(), limit).await?;
+    let deliveries = s
+        .events
+        .list_deliveries(q.status.as_deref(), limit, Some(&who.tenant))
+        .await?;
     Ok(Json(DeliveryList { deliveries }))
 }
 
@@ -180,10 +203,11 @@ pub async fn deliveries(
     (status = 409, description = "Not failed", body = super::error::ErrorBody)))]
 pub async fn retry(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    match s.events.retry_delivery(id).await? {
+    match s.events.retry_delivery(id, Some(&who.tenant)).await? {
         RetryOutcome::Queued => Ok((
             StatusCode::ACCEPTED,
             Json(serde_json::json!({"id": id, "status": "pending"})),

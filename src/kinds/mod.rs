@@ -22,8 +22,9 @@ pub trait DynHandler: Send + Sync {
 }
 
 impl<H: Handler> DynHandler for H {
+    /// The payload's shape, then what the handler's configuration allows.
     fn validate(&self, payload: &serde_json::Value) -> Result<(), FieldError> {
-        parse_payload::<H::Payload>(payload).map(drop)
+        Handler::check(self, &parse_payload::<H::Payload>(payload)?)
     }
 
     fn run<'a>(

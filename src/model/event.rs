@@ -37,6 +37,10 @@ pub struct Event {
     /// The job's own webhook, for the notifier; never shown.
     #[serde(skip)]
     pub webhook: Option<JobWebhook>,
+    /// The job's tenant (`None` once the job was purged): streams and
+    /// webhooks carry only their own tenant's events.
+    #[serde(skip)]
+    pub tenant: Option<String>,
 }
 
 impl Event {
@@ -68,11 +72,16 @@ pub struct EventFilter {
     /// Job ids; an event matches its own job or a child of one of these.
     pub jobs: Vec<Uuid>,
     pub types: Vec<String>,
+    /// Set from the client's key, never from the query.
+    pub tenant: Option<String>,
 }
 
 impl EventFilter {
     pub fn matches(&self, e: &Event) -> bool {
-        self.kind.as_ref().is_none_or(|k| *k == e.kind)
+        self.tenant
+            .as_ref()
+            .is_none_or(|t| e.tenant.as_ref() == Some(t))
+            && self.kind.as_ref().is_none_or(|k| *k == e.kind)
             && (self.jobs.is_empty()
                 || self.jobs.contains(&e.job_id)
                 || e.parent_id.is_some_and(|p| self.jobs.contains(&p)))
@@ -127,7 +136,24 @@ mod tests {
             result: None,
             error: None,
             webhook: None,
+            tenant: Some("a".into()),
         }
+    }
+
+    #[test]
+    fn a_tenant_sees_only_its_own_events() {
+        let mine = EventFilter {
+            tenant: Some("a".into()),
+            ..EventFilter::default()
+        };
+        let theirs = EventFilter {
+            tenant: Some("b".into()),
+            ..EventFilter::default()
+        };
+        let e = ev("probe", "job.succeeded", None);
+        assert!(mine.matches(&e) && !theirs.matches(&e));
+        let purged = Event { tenant: None, ..e };
+        assert!(!mine.matches(&purged));
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     pub parent_id: Option<Uuid>,
     pub webhook: Option<JobWebhook>,
+    /// Whose job it is: the submitting key's tenant. A child takes its
+    /// parent's tenant from the database, whatever this says.
+    pub tenant: String,
 }
 
 impl NewJob {
@@ -167,6 +170,7 @@ impl NewJob {
             idempotency_key: req.idempotency_key,
             parent_id: None,
             webhook: req.webhook,
+            tenant: crate::auth::DEFAULT_TENANT.to_owned(),
         })
     }
 
@@ -227,6 +231,8 @@ pub struct Job {
     pub timeout_secs: i32,
     pub run_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
+    /// The tenant the job belongs to.
+    pub tenant: String,
     #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
     pub errors: Vec<AttemptError>,

@@ -93,6 +93,7 @@ fn success_keeps_the_result_and_its_children() {
         idempotency_key: None,
         parent_id: Some(Uuid::nil()),
         webhook: None,
+        tenant: "default".into(),
     };
     let t = next(
         &state(JobStatus::Running, 1, 3),

@@ -186,7 +186,8 @@ pub fn deliveries_for(events: &[Event], hooks: &[Webhook]) -> Vec<NewDelivery> {
         };
         for h in hooks {
             let kind_ok = h.kinds.as_ref().is_none_or(|k| k.contains(&e.kind));
-            if kind_ok && h.events.contains(&e.event_type) {
+            let tenant_ok = e.tenant.as_ref() == Some(&h.tenant);
+            if tenant_ok && kind_ok && h.events.contains(&e.event_type) {
                 push(Some(h.id), &h.url);
             }
         }
@@ -229,5 +230,52 @@ async fn housekeeping(store: Arc<dyn EventStore>, retention: Duration, stop: Can
             }
         }
         n += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(tenant: &str) -> Webhook {
+        Webhook {
+            id: Uuid::now_v7(),
+            url: format!("http://127.0.0.1:1/{tenant}"),
+            events: vec!["job.succeeded".into()],
+            kinds: None,
+            tenant: tenant.into(),
+            disabled_at: None,
+            disabled_reason: None,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    fn event(tenant: Option<&str>) -> Event {
+        Event {
+            id: 7,
+            event_type: "job.succeeded".into(),
+            job_id: Uuid::now_v7(),
+            kind: "probe".into(),
+            status: "succeeded".into(),
+            attempt: 1,
+            parent_id: None,
+            at: chrono::Utc::now(),
+            result: None,
+            error: None,
+            webhook: None,
+            tenant: tenant.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_webhook_gets_only_its_own_tenants_events() {
+        let (a, b) = (hook("a"), hook("b"));
+        let out = deliveries_for(&[event(Some("a"))], &[a.clone(), b]);
+        let to: Vec<Option<Uuid>> = out.iter().map(|d| d.webhook_id).collect();
+        assert_eq!(to, vec![Some(a.id)]);
+        assert!(
+            deliveries_for(&[event(None)], &[a]).is_empty(),
+            "a purged job's event goes nowhere"
+        );
     }
 }

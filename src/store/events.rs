@@ -63,6 +63,9 @@ pub struct Webhook {
     pub url: String,
     pub events: Vec<String>,
     pub kinds: Option<Vec<String>>,
+    /// Only this tenant's job events are delivered to it.
+    #[serde(skip)]
+    pub tenant: String,
     /// Set when a receiver answered 410 Gone.
     pub disabled_at: Option<DateTime<Utc>>,
     pub disabled_reason: Option<String>,
@@ -152,6 +155,7 @@ pub trait EventStore: Send + Sync + 'static {
 
     async fn create_webhook(
         &self,
+        tenant: &str,
         url: &str,
         secret: &str,
         events: &[String],
@@ -173,13 +177,16 @@ pub trait EventStore: Send + Sync + 'static {
     /// Gives a claimed delivery back untouched.
     async fn release_delivery(&self, id: Uuid) -> StoreResult<()>;
     async fn record_attempt(&self, id: Uuid, rec: &AttemptRecord) -> StoreResult<()>;
+    /// Deliveries newest first; with `tenant`, only those of its jobs' events.
     async fn list_deliveries(
         &self,
         status: Option<&str>,
         limit: i64,
+        tenant: Option<&str>,
     ) -> StoreResult<Vec<DeliveryView>>;
-    /// A failed delivery goes back to pending with a fresh schedule.
-    async fn retry_delivery(&self, id: Uuid) -> StoreResult<RetryOutcome>;
+    /// A failed delivery goes back to pending with a fresh schedule; with
+    /// `tenant`, another tenant's delivery is not found.
+    async fn retry_delivery(&self, id: Uuid, tenant: Option<&str>) -> StoreResult<RetryOutcome>;
 
     /// Deletes handled events and delivered deliveries older than `age`.
     async fn prune(&self, age: Duration) -> StoreResult<u64>;

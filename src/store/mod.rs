@@ -137,6 +137,8 @@ pub struct ListFilter {
     pub limit: i64,
     /// Only jobs with an id below this one (ids are UUIDv7, so newest first).
     pub before: Option<Uuid>,
+    /// Only this tenant's jobs.
+    pub tenant: Option<String>,
 }
 
 /// One recorded transition.
@@ -205,12 +207,13 @@ pub trait Store: Send + Sync + 'static {
     async fn repair_lost(&self, pool: &str, older_than: Duration, limit: i64)
         -> StoreResult<usize>;
     async fn depths(&self) -> StoreResult<Depths>;
-    /// Jobs by status, optionally only ids from `since` on (UUIDv7 order)
-    /// and of one kind.
+    /// Jobs by status, optionally only ids from `since` on (UUIDv7 order),
+    /// of one kind and of one tenant.
     async fn counts(
         &self,
         since: Option<Uuid>,
         kind: Option<&str>,
+        tenant: Option<&str>,
     ) -> StoreResult<HashMap<String, i64>>;
     /// Event rows of one job, oldest first.
     async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>>;
@@ -265,7 +268,7 @@ pub(crate) fn event_columns(last_error: &str) -> String {
         "e.id, e.type, e.job_id, e.kind, e.status, e.attempt, e.parent_id, e.at,
          CASE WHEN e.type = '{}' THEN j.result END AS result,
          CASE WHEN e.type IN ({}) THEN {last_error} END AS error,
-         j.webhook",
+         j.webhook, j.tenant",
         EventType::Succeeded.as_str(),
         carrying.join(", ")
     )

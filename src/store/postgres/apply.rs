@@ -53,6 +53,7 @@ pub(super) async fn insert_in(
     let run_at: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|j| j.run_at).collect();
     let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.idempotency_key.as_deref()).collect();
     let parents: Vec<Option<Uuid>> = jobs.iter().map(|j| j.parent_id).collect();
+    let tenants: Vec<&str> = jobs.iter().map(|j| j.tenant.as_str()).collect();
     let hooks: Vec<Option<serde_json::Value>> = jobs
         .iter()
         .map(|j| j.webhook.as_ref().map(serde_json::to_value).transpose())
@@ -62,15 +63,18 @@ pub(super) async fn insert_in(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int[], $5::int[],
                                  $6::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::uuid[],
-                                 $11::jsonb[])
+                                 $11::jsonb[], $14::text[])
               AS t(id, kind, payload, max_attempts, timeout_secs, base_ms, max_ms, run_at, idem, parent_id,
-                   webhook)
+                   webhook, tenant)
          ), ins AS (
             INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
-                              backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id, webhook)
-            SELECT id, kind, payload, $12, max_attempts, max_attempts, base_ms, max_ms,
-                   timeout_secs, run_at, run_at, idem, parent_id, webhook FROM input
-            ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                              backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
+                              webhook, tenant)
+            SELECT i.id, i.kind, i.payload, $12, i.max_attempts, i.max_attempts, i.base_ms, i.max_ms,
+                   i.timeout_secs, i.run_at, i.run_at, i.idem, i.parent_id, i.webhook,
+                   coalesce(p.tenant, i.tenant)
+            FROM input i LEFT JOIN jobs p ON p.id = i.parent_id
+            ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING id, kind, status, attempt, next_run_at, parent_id
          ), ob AS (
             INSERT INTO outbox (job_id, pool, available_at)
@@ -94,27 +98,37 @@ pub(super) async fn insert_in(
     .bind(&hooks)
     .bind(JobStatus::Queued.as_str())
     .bind(EventType::Queued.as_str())
+    .bind(&tenants)
     .fetch_all(&mut *conn)
     .await?;
 
     let created: HashSet<Uuid> = created.into_iter().collect();
-    let missing_keys: Vec<&str> = jobs
+    let (missing_tenants, missing_keys): (Vec<&str>, Vec<&str>) = jobs
         .iter()
         .filter(|j| !created.contains(&j.id))
-        .filter_map(|j| j.idempotency_key.as_deref())
-        .collect();
+        .filter_map(|j| Some((j.tenant.as_str(), j.idempotency_key.as_deref()?)))
+        .unzip();
     // Conflicting keys: ON CONFLICT waited for the other transaction, so the
     // first job is committed and visible to this next statement.
-    let existing: HashMap<String, (Uuid, String)> = if missing_keys.is_empty() {
+    let existing: HashMap<(String, String), (Uuid, String)> = if missing_keys.is_empty() {
         HashMap::new()
     } else {
-        sqlx::query("SELECT idempotency_key, id, status FROM jobs WHERE idempotency_key = ANY($1)")
-            .bind(&missing_keys)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?))))
-            .collect::<Result<_, sqlx::Error>>()?
+        sqlx::query(
+            "SELECT tenant, idempotency_key, id, status FROM jobs
+             WHERE (tenant, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        )
+        .bind(&missing_tenants)
+        .bind(&missing_keys)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| {
+            Ok((
+                (r.try_get(0)?, r.try_get(1)?),
+                (r.try_get(2)?, r.try_get(3)?),
+            ))
+        })
+        .collect::<Result<_, sqlx::Error>>()?
     };
     jobs.iter()
         .map(|j| {
@@ -125,9 +139,12 @@ pub(super) async fn insert_in(
                     created: true,
                 });
             }
-            let key = j.idempotency_key.as_deref().unwrap_or_default();
+            let key = (
+                j.tenant.clone(),
+                j.idempotency_key.clone().unwrap_or_default(),
+            );
             let (id, status) = existing
-                .get(key)
+                .get(&key)
                 .context("job neither inserted nor found by idempotency key")?;
             Ok(Inserted {
                 id: *id,

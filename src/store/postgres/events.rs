@@ -42,6 +42,7 @@ fn row_to_event(r: &PgRow) -> anyhow::Result<Event> {
             .map(serde_json::from_value)
             .transpose()
             .context("stored job webhook")?,
+        tenant: r.try_get("tenant")?,
     })
 }
 
@@ -51,6 +52,7 @@ fn row_to_webhook(r: &PgRow) -> Result<Webhook, sqlx::Error> {
         url: r.try_get("url")?,
         events: r.try_get("events")?,
         kinds: r.try_get("kinds")?,
+        tenant: r.try_get("tenant")?,
         disabled_at: r.try_get("disabled_at")?,
         disabled_reason: r.try_get("disabled_reason")?,
         created_at: r.try_get("created_at")?,
@@ -181,20 +183,22 @@ impl EventStore for PgStore {
 
     async fn create_webhook(
         &self,
+        tenant: &str,
         url: &str,
         secret: &str,
         events: &[String],
         kinds: Option<&[String]>,
     ) -> StoreResult<Webhook> {
         let row = sqlx::query(
-            "INSERT INTO webhooks (id, url, secret, events, kinds) VALUES ($1, $2, $3, $4, $5)
-             RETURNING *",
+            "INSERT INTO webhooks (id, url, secret, events, kinds, tenant)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
         )
         .bind(Uuid::now_v7())
         .bind(url)
         .bind(secret)
         .bind(events)
         .bind(kinds)
+        .bind(tenant)
         .fetch_one(self.pool())
         .await?;
         Ok(row_to_webhook(&row)?)
@@ -327,24 +331,35 @@ impl EventStore for PgStore {
         &self,
         status: Option<&str>,
         limit: i64,
+        tenant: Option<&str>,
     ) -> StoreResult<Vec<DeliveryView>> {
         let rows = sqlx::query(
-            "SELECT * FROM webhook_deliveries WHERE ($1::text IS NULL OR status = $1)
+            "SELECT * FROM webhook_deliveries d WHERE ($1::text IS NULL OR status = $1)
+               AND ($3::text IS NULL OR EXISTS
+                    (SELECT 1 FROM jobs j WHERE j.id = d.job_id AND j.tenant = $3))
              ORDER BY id DESC LIMIT $2",
         )
         .bind(status)
         .bind(limit)
+        .bind(tenant)
         .fetch_all(self.pool())
         .await?;
         Ok(rows.iter().map(row_to_delivery).collect::<Result<_, _>>()?)
     }
 
-    async fn retry_delivery(&self, id: Uuid) -> StoreResult<RetryOutcome> {
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE id = $1")
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?;
+    async fn retry_delivery(&self, id: Uuid, tenant: Option<&str>) -> StoreResult<RetryOutcome> {
+        let status: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM webhook_deliveries d WHERE id = $1
+               AND ($2::text IS NULL OR EXISTS
+                    (SELECT 1 FROM jobs j WHERE j.id = d.job_id AND j.tenant = $2))",
+        )
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(self.pool())
+        .await?;
+        if status.is_none() {
+            return Ok(RetryOutcome::NotFound);
+        }
         let n = sqlx::query(
             "UPDATE webhook_deliveries SET status = 'pending', attempts = 0,
                next_attempt_at = now(), finished_at = NULL, updated_at = now()

@@ -29,6 +29,7 @@ fn row_to_job(r: &PgRow) -> anyhow::Result<Job> {
         timeout_secs: r.try_get("timeout_secs")?,
         run_at: r.try_get("run_at")?,
         idempotency_key: r.try_get("idempotency_key")?,
+        tenant: r.try_get("tenant")?,
         result: r.try_get("result")?,
         errors: serde_json::from_value(errors).context("errors column")?,
         parent_id: r.try_get("parent_id")?,
@@ -73,13 +74,14 @@ impl PgStore {
         let rows = sqlx::query(
             "SELECT * FROM jobs
              WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR kind = $2)
-               AND ($3::uuid IS NULL OR id < $3)
+               AND ($3::uuid IS NULL OR id < $3) AND ($5::text IS NULL OR tenant = $5)
              ORDER BY id DESC LIMIT $4",
         )
         .bind(f.status.map(JobStatus::as_str))
         .bind(f.kind.as_deref())
         .bind(f.before)
         .bind(f.limit)
+        .bind(f.tenant.as_deref())
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(row_to_job).collect::<anyhow::Result<_>>()?)
@@ -124,13 +126,16 @@ impl PgStore {
         &self,
         since: Option<Uuid>,
         kind: Option<&str>,
+        tenant: Option<&str>,
     ) -> StoreResult<HashMap<String, i64>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT status, count(*) FROM jobs
-             WHERE ($1::uuid IS NULL OR id >= $1) AND ($2::text IS NULL OR kind = $2) GROUP BY status",
+             WHERE ($1::uuid IS NULL OR id >= $1) AND ($2::text IS NULL OR kind = $2)
+               AND ($3::text IS NULL OR tenant = $3) GROUP BY status",
         )
         .bind(since)
         .bind(kind)
+        .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().collect())

@@ -201,8 +201,9 @@ impl Store for PgStore {
         &self,
         since: Option<Uuid>,
         kind: Option<&str>,
+        tenant: Option<&str>,
     ) -> StoreResult<HashMap<String, i64>> {
-        self.status_counts(since, kind).await
+        self.status_counts(since, kind, tenant).await
     }
 
     async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>> {

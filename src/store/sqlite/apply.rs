@@ -108,8 +108,9 @@ pub(super) async fn insert_in(
         sqlx::query(
             "INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
                backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
-               created_at, updated_at, webhook)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               created_at, updated_at, webhook, tenant)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                     coalesce((SELECT tenant FROM jobs WHERE id = ?17), ?18))",
         )
         .bind(&id)
         .bind(&j.kind)
@@ -133,6 +134,8 @@ pub(super) async fn insert_in(
                 .transpose()
                 .context("encoding the job's webhook")?,
         )
+        .bind(j.parent_id.map(|p| p.to_string()))
+        .bind(&j.tenant)
         .execute(&mut *conn)
         .await?;
         outbox(conn, &id, &j.kind, run_at.unwrap_or(now)).await?;

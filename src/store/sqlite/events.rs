@@ -54,6 +54,7 @@ fn row_to_event(r: &SqliteRow) -> anyhow::Result<Event> {
         result: json("result")?,
         error: json("error")?,
         webhook: webhook.as_deref().map(serde_json::from_str).transpose()?,
+        tenant: r.try_get("tenant")?,
     })
 }
 
@@ -65,6 +66,7 @@ fn row_to_webhook(r: &SqliteRow) -> anyhow::Result<Webhook> {
         url: r.try_get("url")?,
         events: serde_json::from_str(&events)?,
         kinds: kinds.as_deref().map(serde_json::from_str).transpose()?,
+        tenant: r.try_get("tenant")?,
         disabled_at: t(r.try_get("disabled_at")?),
         disabled_reason: r.try_get("disabled_reason")?,
         created_at: t(r.try_get("created_at")?).unwrap_or_default(),
@@ -170,14 +172,15 @@ impl EventStore for SqliteStore {
 
     async fn create_webhook(
         &self,
+        tenant: &str,
         url: &str,
         secret: &str,
         events: &[String],
         kinds: Option<&[String]>,
     ) -> StoreResult<Webhook> {
         let row = sqlx::query(
-            "INSERT INTO webhooks (id, url, secret, events, kinds, created_at)
-             VALUES (?, ?, ?, ?, ?, ?) RETURNING *",
+            "INSERT INTO webhooks (id, url, secret, events, kinds, created_at, tenant)
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(Uuid::now_v7().to_string())
         .bind(url)
@@ -190,6 +193,7 @@ impl EventStore for SqliteStore {
                 .context("kinds")?,
         )
         .bind(now_ms())
+        .bind(tenant)
         .fetch_one(self.pool())
         .await?;
         Ok(row_to_webhook(&row)?)
@@ -334,13 +338,17 @@ impl EventStore for SqliteStore {
         &self,
         status: Option<&str>,
         limit: i64,
+        tenant: Option<&str>,
     ) -> StoreResult<Vec<DeliveryView>> {
         let rows = sqlx::query(
-            "SELECT * FROM webhook_deliveries WHERE (?1 IS NULL OR status = ?1)
+            "SELECT * FROM webhook_deliveries d WHERE (?1 IS NULL OR status = ?1)
+               AND (?3 IS NULL OR EXISTS
+                    (SELECT 1 FROM jobs j WHERE j.id = d.job_id AND j.tenant = ?3))
              ORDER BY id DESC LIMIT ?2",
         )
         .bind(status)
         .bind(limit)
+        .bind(tenant)
         .fetch_all(self.pool())
         .await?;
         Ok(rows
@@ -349,13 +357,20 @@ impl EventStore for SqliteStore {
             .collect::<anyhow::Result<_>>()?)
     }
 
-    async fn retry_delivery(&self, id: Uuid) -> StoreResult<RetryOutcome> {
+    async fn retry_delivery(&self, id: Uuid, tenant: Option<&str>) -> StoreResult<RetryOutcome> {
         let sid = id.to_string();
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM webhook_deliveries WHERE id = ?")
-                .bind(&sid)
-                .fetch_optional(self.pool())
-                .await?;
+        let status: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM webhook_deliveries d WHERE id = ?1
+               AND (?2 IS NULL OR EXISTS
+                    (SELECT 1 FROM jobs j WHERE j.id = d.job_id AND j.tenant = ?2))",
+        )
+        .bind(&sid)
+        .bind(tenant)
+        .fetch_optional(self.pool())
+        .await?;
+        if status.is_none() {
+            return Ok(RetryOutcome::NotFound);
+        }
         let n = sqlx::query(
             "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?,
                finished_at = NULL, updated_at = ? WHERE id = ? AND status = 'failed'",

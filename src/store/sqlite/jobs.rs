@@ -30,6 +30,7 @@ fn row_to_job(r: &SqliteRow) -> anyhow::Result<Job> {
         timeout_secs: r.try_get("timeout_secs")?,
         run_at: from_ms(r.try_get("run_at")?),
         idempotency_key: r.try_get("idempotency_key")?,
+        tenant: r.try_get("tenant")?,
         result: result.as_deref().map(serde_json::from_str).transpose()?,
         errors: serde_json::from_str(&errors)?,
         parent_id: parent.as_deref().map(parse_id).transpose()?,
@@ -74,12 +75,14 @@ impl SqliteStore {
     pub(super) async fn jobs(&self, f: &ListFilter) -> StoreResult<Vec<Job>> {
         let rows = sqlx::query(
             "SELECT * FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR kind = ?2)
-               AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?4",
+               AND (?3 IS NULL OR id < ?3) AND (?5 IS NULL OR tenant = ?5)
+             ORDER BY id DESC LIMIT ?4",
         )
         .bind(f.status.map(JobStatus::as_str))
         .bind(f.kind.as_deref())
         .bind(f.before.map(|b| b.to_string()))
         .bind(f.limit)
+        .bind(f.tenant.as_deref())
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(row_to_job).collect::<anyhow::Result<_>>()?)
@@ -124,13 +127,15 @@ impl SqliteStore {
         &self,
         since: Option<Uuid>,
         kind: Option<&str>,
+        tenant: Option<&str>,
     ) -> StoreResult<HashMap<String, i64>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT status, count(*) FROM jobs WHERE (?1 IS NULL OR id >= ?1) AND (?2 IS NULL OR kind = ?2)
-             GROUP BY status",
+               AND (?3 IS NULL OR tenant = ?3) GROUP BY status",
         )
         .bind(since.map(|s| s.to_string()))
         .bind(kind)
+        .bind(tenant)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().collect())

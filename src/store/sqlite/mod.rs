@@ -200,8 +200,9 @@ impl Store for SqliteStore {
         &self,
         since: Option<Uuid>,
         kind: Option<&str>,
+        tenant: Option<&str>,
     ) -> StoreResult<HashMap<String, i64>> {
-        self.status_counts(since, kind).await
+        self.status_counts(since, kind, tenant).await
     }
 
     async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>> {

@@ -68,7 +68,7 @@ pub enum LogFormat {
 
 /// Who the API lets in: API keys (hashed under the auth secret), or no
 /// keys at all when started with `--insecure-no-auth`.
-#[derive(Debug, Clone, Default, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct AccessArgs {
     /// Serve without API keys: anyone who can reach the port may do
     /// anything. For a trusted network only; a warning is logged at start.
@@ -87,6 +87,14 @@ pub struct AccessArgs {
     /// When set, `/metrics` needs `Authorization: Bearer <token>`.
     #[arg(long, env = "STEVEDORE_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// A request (streams aside) still running after this many seconds is
+    /// answered 503.
+    #[arg(long, env = "STEVEDORE_API_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub api_timeout_secs: f64,
+    /// Requests in flight (streams aside) past which new ones get 503 with
+    /// Retry-After at once.
+    #[arg(long, env = "STEVEDORE_API_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub api_max_in_flight: usize,
 }
 
 impl AccessArgs {

@@ -308,6 +308,7 @@ pub struct ApiRole {
     /// Origins besides the API's own that may open the streams.
     pub allowed_origins: Vec<String>,
     pub metrics_token: Option<String>,
+    pub limits: crate::api::limits::Limits,
     /// Serve the embedded demo quiz pages (dev mode only).
     pub demo_pages: bool,
 }
@@ -321,6 +322,7 @@ impl ApiRole {
             access: Access::Open,
             allowed_origins: vec![],
             metrics_token: None,
+            limits: Default::default(),
             demo_pages: false,
         }
     }
@@ -358,6 +360,10 @@ pub async fn api_role(
         access,
         allowed_origins: args.allowed_origins.clone(),
         metrics_token: args.metrics_token.clone().filter(|t| !t.is_empty()),
+        limits: crate::api::limits::Limits::new(
+            Duration::from_secs_f64(args.api_timeout_secs.max(0.001)),
+            args.api_max_in_flight,
+        ),
         demo_pages: false,
     })
 }
@@ -506,6 +512,7 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
             access: api.access,
             allowed_origins: api.allowed_origins.into(),
             metrics_token: api.metrics_token.map(Into::into),
+            limits: api.limits,
         };
         let mut app = api::router(state);
         if api.demo_pages {

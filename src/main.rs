@@ -63,7 +63,7 @@ enum Command {
         #[command(flatten)]
         notify: NotifyArgs,
         #[command(flatten)]
-        access: AccessArgs,
+        access: Box<AccessArgs>,
     },
     /// Streams events to the API processes' clients and delivers webhooks.
     Notifier {

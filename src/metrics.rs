@@ -97,6 +97,13 @@ pub static BROKER_ACK_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("static metric definition"))
 });
+pub static API_SHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    reg(IntCounter::new(
+        "stevedore_api_shed_total",
+        "API requests turned away with 503 because too many were in flight.",
+    )
+    .expect("static metric definition"))
+});
 pub static POISON: LazyLock<IntCounter> = LazyLock::new(|| {
     reg(IntCounter::new(
         "stevedore_poison_messages_total",
@@ -217,6 +224,7 @@ pub fn init() {
     LazyLock::force(&BROKER_PUBLISH);
     LazyLock::force(&BROKER_ACK_ERRORS);
     LazyLock::force(&POISON);
+    LazyLock::force(&API_SHED);
     LazyLock::force(&REPAIRED);
     LazyLock::force(&EVENTS);
     LazyLock::force(&STREAM_CLIENTS);

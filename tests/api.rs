@@ -313,5 +313,66 @@ async fn database_down_is_a_503_not_a_hang() {
         .await
         .expect("answer");
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let v: serde_json::Value = r.json().await.expect("json");
+    // Which dependency, never the driver's error text (host, port, user).
+    assert_eq!(v["database"], "unreachable", "{v}");
+    assert!(!v.to_string().contains("127.0.0.1:1"), "{v}");
     running.shutdown().await;
+}
+
+/// Past the in-flight cap requests are turned away at once with 503 and
+/// Retry-After, and a request past its deadline is answered 503 too; the
+/// jobs of the requests that were let in are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_with_503_and_retry_after() {
+    use stevedore::api::limits::Limits;
+    let shed = |max: usize, secs: f64| support::Opts {
+        workers: vec![],
+        api: stevedore::fleet::ApiRole {
+            limits: Limits::new(std::time::Duration::from_secs_f64(secs), max),
+            ..stevedore::fleet::ApiRole::open("127.0.0.1:0".parse().expect("addr"))
+        },
+        ..Default::default()
+    };
+    let batch: Vec<serde_json::Value> = (0..1000)
+        .map(|_| json!({"kind": "probe", "payload": {}}))
+        .collect();
+    let body = json!({"jobs": batch});
+
+    let f = TestFleet::start_with(Flavor::Postgres, shed(1, 30.0)).await;
+    let answers =
+        futures::future::join_all((0..12).map(|_| f.post("/v1/jobs/batch", body.clone()))).await;
+    let accepted = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::ACCEPTED)
+        .count();
+    let refused: Vec<&serde_json::Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::SERVICE_UNAVAILABLE)
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(accepted + refused.len(), 12, "{answers:?}");
+    assert!(accepted >= 1 && !refused.is_empty(), "accepted {accepted}");
+    assert!(
+        refused.iter().all(|v| v["error"]["code"] == "overloaded"),
+        "{refused:?}"
+    );
+    let (_, stats) = f.get("/v1/stats").await;
+    assert_eq!(stats["counts"]["queued"], accepted * 1000, "{stats}");
+    let r = reqwest::Client::new()
+        .get(format!("{}/healthz", f.url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(r.status(), StatusCode::OK, "the cap frees up again");
+    f.shutdown().await;
+
+    let f = TestFleet::start_with(Flavor::Postgres, shed(64, 0.001)).await;
+    let (s, v) = f.post("/v1/jobs/batch", body).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("timeout")),
+        "{v}"
+    );
+    f.shutdown().await;
 }

@@ -12,6 +12,7 @@ mod display;
 mod dlq;
 pub mod error;
 mod jobs;
+pub mod limits;
 mod observe;
 mod openapi;
 mod stream;
@@ -64,6 +65,8 @@ pub struct AppState {
     pub allowed_origins: Arc<[String]>,
     /// The bearer token `/metrics` asks for, when set.
     pub metrics_token: Option<Arc<str>>,
+    /// Request deadline and in-flight cap.
+    pub limits: limits::Limits,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -103,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/openapi.json", get(openapi::document))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::gate))
+        .route_layer(middleware::from_fn_with_state(state.clone(), limits::limit))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -180,9 +184,14 @@ async fn healthz() -> impl IntoResponse {
     (status = 200, description = "Database and every broker in use are reachable"),
     (status = 503, description = "A dependency is down")))]
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    // Say which dependency is down, not the driver's error text (which can
+    // carry host names and credentials' shape); the log has the detail.
     let db = match s.store.ping().await {
         Ok(()) => "ok".to_owned(),
-        Err(e) => e.to_string(),
+        Err(e) => {
+            tracing::warn!(error = %e, "Readiness: database unreachable.");
+            "unreachable".to_owned()
+        }
     };
     let mut ready = db == "ok";
     let mut brokers = serde_json::Map::new();
@@ -191,7 +200,8 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
             Ok(()) => "ok".to_owned(),
             Err(e) => {
                 ready = false;
-                e.to_string()
+                tracing::warn!(broker = b.name(), error = %e, "Readiness: broker unreachable.");
+                "unreachable".to_owned()
             }
         };
         brokers.insert(b.name().to_owned(), state.into());

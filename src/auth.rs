@@ -76,6 +76,44 @@ pub fn check_tenant(t: &str) -> Result<(), String> {
     }
 }
 
+/// A key's request rate: at most `limit` requests per `window_secs`,
+/// written `100/s`, `6000/m` or `10000/h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Rate {
+    pub limit: u32,
+    pub window_secs: u32,
+}
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a rate like 100/s, 6000/m or 10000/h");
+        let (n, unit) = s.split_once('/').ok_or_else(bad)?;
+        let limit: u32 = n.trim().parse().map_err(|_| bad())?;
+        let window_secs = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return Err(bad()),
+        };
+        if limit == 0 {
+            return Err(bad());
+        }
+        Ok(Self { limit, window_secs })
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.window_secs {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.limit)
+    }
+}
+
 /// Who is asking: the key's tenant and scope (`key_id` is `None` when the
 /// deployment runs without keys).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +121,8 @@ pub struct Principal {
     pub key_id: Option<uuid::Uuid>,
     pub tenant: String,
     pub scope: Scope,
+    /// The key's request rate, if it has one.
+    pub rate: Option<Rate>,
 }
 
 impl Principal {
@@ -92,6 +132,7 @@ impl Principal {
             key_id: None,
             tenant: DEFAULT_TENANT.to_owned(),
             scope: Scope::Admin,
+            rate: None,
         }
     }
 }
@@ -308,6 +349,31 @@ mod tests {
         assert_eq!(other.check_ticket(&t, 1_000), None, "another deployment's");
         assert_eq!(s.check_ticket("tk_abc.2000", 1_000), None);
         assert_eq!(s.check_ticket("sk_whatever", 1_000), None);
+    }
+
+    #[test]
+    fn rates_read_as_people_write_them() {
+        assert_eq!(
+            "100/s".parse(),
+            Ok(Rate {
+                limit: 100,
+                window_secs: 1
+            })
+        );
+        assert_eq!(
+            "6000/m".parse(),
+            Ok(Rate {
+                limit: 6000,
+                window_secs: 60
+            })
+        );
+        assert_eq!(
+            "5/h".parse::<Rate>().map(|r| r.to_string()),
+            Ok("5/h".into())
+        );
+        for bad in ["0/s", "100", "100/d", "x/s"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -336,6 +336,7 @@ pub async fn api_role(
     listen: SocketAddr,
     args: &crate::config::AccessArgs,
     backend: &Backend,
+    backend_args: &BackendArgs,
 ) -> anyhow::Result<ApiRole> {
     let access = if args.insecure_no_auth {
         tracing::warn!(
@@ -353,7 +354,12 @@ pub async fn api_role(
             "no API key exists: create one with `stevedore keys create --tenant <name> --scope admin`, \
              or start with --insecure-no-auth on a trusted network"
         );
-        Access::keys(backend.keys.clone(), secret)
+        let client = redis::Client::open(backend_args.redis_url.as_str()).context("REDIS_URL")?;
+        let conn = redis::aio::ConnectionManager::new(client)
+            .await
+            .context("connecting to Redis for the API keys' request rates")?;
+        let rates = crate::api::limits::KeyRates::new(conn, &backend_args.redis_prefix);
+        Access::with_rates(backend.keys.clone(), secret, Some(rates))
     };
     Ok(ApiRole {
         listen,

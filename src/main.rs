@@ -301,7 +301,7 @@ async fn main() -> anyhow::Result<()> {
             access,
         } => {
             let b = Backend::production(&backend).await?;
-            let api = fleet::api_role(listen, &access, &b).await?;
+            let api = fleet::api_role(listen, &access, &b, &backend).await?;
             let mut roles = Roles::new(backend.timing.clone())
                 .with_api(api)
                 .with_notify(notify);

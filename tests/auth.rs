@@ -364,6 +364,60 @@ async fn keys_scopes_and_revocation_hold_on_every_api_process() {
         assert!(h.get("referrer-policy").is_some());
     }
 
+    // A key with a rate: 5 requests an hour across both processes, then
+    // 429 with Retry-After and the RateLimit headers.
+    let out = stevedore(
+        &[
+            "keys", "create", "--tenant", "acme", "--scope", "read", "--rate", "5/h", "--json",
+        ],
+        &env,
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    let slow = v["key"].as_str().expect("key").to_owned();
+    let mut answers = Vec::new();
+    for i in 0..8 {
+        let r = http
+            .get(format!("{}/v1/stats", urls[i % 2]))
+            .bearer_auth(&slow)
+            .send()
+            .await
+            .expect("request");
+        let h = |n: &str| {
+            r.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        answers.push((
+            r.status(),
+            h("retry-after"),
+            h("ratelimit-policy"),
+            h("ratelimit"),
+        ));
+    }
+    let ok = answers.iter().filter(|a| a.0 == StatusCode::OK).count();
+    assert_eq!(ok, 5, "shared by both processes: {answers:?}");
+    for a in &answers {
+        assert_eq!(a.2.as_deref(), Some("5;w=3600"), "{a:?}");
+        if a.0 == StatusCode::TOO_MANY_REQUESTS {
+            assert!(
+                a.1.as_deref()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .is_some_and(|s| (1..=3600).contains(&s)),
+                "{a:?}"
+            );
+            assert!(
+                a.3.as_deref().is_some_and(|s| s.contains("remaining=0")),
+                "{a:?}"
+            );
+        }
+    }
+    assert_eq!(answers[7].0, StatusCode::TOO_MANY_REQUESTS);
+    let (s, _) = call(&http, M::GET, &format!("{url}/v1/stats"), Some(&read), None).await;
+    assert_eq!(s, StatusCode::OK, "other keys are not limited by it");
+
     // Revoked with the CLI: refused by both processes within seconds.
     for u in &urls {
         let (s, _) = call(&http, M::GET, &format!("{u}/v1/stats"), Some(&read), None).await;

@@ -197,6 +197,7 @@ async fn shows_answers(with_keys: bool) {
                     tenant: "display".into(),
                     scope,
                     name: None,
+                    rate: None,
                 })
                 .await
                 .expect("key");

@@ -39,10 +39,20 @@ pub enum Access {
 
 impl Access {
     pub fn keys(store: Arc<dyn KeyStore>, secret: AuthSecret) -> Self {
+        Self::with_rates(store, secret, None)
+    }
+
+    /// Keys whose request rates are counted in Redis (`stevedore api`).
+    pub fn with_rates(
+        store: Arc<dyn KeyStore>,
+        secret: AuthSecret,
+        rates: Option<super::limits::KeyRates>,
+    ) -> Self {
         Self::Keys(Arc::new(KeyGate {
             store,
             secret,
             cache: Mutex::default(),
+            rates,
         }))
     }
 }
@@ -53,6 +63,7 @@ pub struct KeyGate {
     store: Arc<dyn KeyStore>,
     secret: AuthSecret,
     cache: Mutex<Cache>,
+    rates: Option<super::limits::KeyRates>,
 }
 
 impl KeyGate {
@@ -81,6 +92,7 @@ impl KeyGate {
             key_id: Some(k.id),
             tenant: k.tenant,
             scope: k.scope,
+            rate: k.rate,
         });
         let mut cache = self.lock();
         if cache.len() >= CACHE_MAX {
@@ -233,8 +245,42 @@ pub async fn gate(State(s): State<AppState>, mut req: Request, next: Next) -> Re
             ),
         );
     }
+    let gate = match &s.access {
+        Access::Keys(g) => Some(g.clone()),
+        Access::Open => None,
+    };
+    let limited = match (&gate, principal.key_id, principal.rate) {
+        (Some(g), Some(id), Some(rate)) => match &g.rates {
+            Some(rates) => match rates.hit(id, rate).await {
+                Ok(check) => Some((rate, check)),
+                // Counting needs Redis; rather than refuse every keyed
+                // request while it is away, the limit lapses and says so.
+                Err(e) => {
+                    tracing::warn!(error = %e, "Rate limit not counted: Redis unreachable.");
+                    None
+                }
+            },
+            None => None,
+        },
+        _ => None,
+    };
+    if let Some((rate, check)) = &limited {
+        if !check.allowed {
+            let mut r = refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &format!("this key may make {rate} requests; retry after the Retry-After seconds"),
+            );
+            super::limits::rate_headers(&mut r, *rate, check);
+            return r;
+        }
+    }
     req.extensions_mut().insert(principal);
-    next.run(req).await
+    let mut r = next.run(req).await;
+    if let Some((rate, check)) = &limited {
+        super::limits::rate_headers(&mut r, *rate, check);
+    }
+    r
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]

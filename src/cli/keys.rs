@@ -37,6 +37,10 @@ pub enum KeysCommand {
         /// A name to tell the key apart later.
         #[arg(long)]
         name: Option<String>,
+        /// Requests this key may make, shared by every API process: 100/s,
+        /// 6000/m or 10000/h (429 with Retry-After past it).
+        #[arg(long)]
+        rate: Option<crate::auth::Rate>,
     },
     /// Every key (never the key itself), newest first.
     List,
@@ -53,6 +57,7 @@ pub async fn run(args: &KeysArgs, cmd: KeysCommand) -> anyhow::Result<()> {
             tenant,
             scope,
             name,
+            rate,
         } => {
             check_tenant(&tenant).map_err(|m| anyhow::anyhow!("--tenant: {m}"))?;
             let secret = args.access.secret()?.context(
@@ -68,6 +73,7 @@ pub async fn run(args: &KeysArgs, cmd: KeysCommand) -> anyhow::Result<()> {
                 tenant: tenant.clone(),
                 scope,
                 name,
+                rate,
             })
             .await?;
             if args.json {

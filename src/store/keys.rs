@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::StoreResult;
-use crate::auth::Scope;
+use crate::auth::{Rate, Scope};
 
 /// A key as listed: never the key itself, nor its hash.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
@@ -21,6 +21,7 @@ pub struct ApiKey {
     pub tenant: String,
     pub scope: Scope,
     pub name: Option<String>,
+    pub rate: Option<Rate>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -33,6 +34,7 @@ pub struct NewKey {
     pub tenant: String,
     pub scope: Scope,
     pub name: Option<String>,
+    pub rate: Option<Rate>,
 }
 
 #[async_trait]
@@ -50,4 +52,12 @@ pub trait KeyStore: Send + Sync + 'static {
 
 pub(crate) fn parse_scope(s: &str) -> anyhow::Result<Scope> {
     s.parse::<Scope>().map_err(anyhow::Error::msg)
+}
+
+/// The two rate columns as one value (both set, or none).
+pub(crate) fn rate(limit: Option<i32>, window: Option<i32>) -> Option<Rate> {
+    Some(Rate {
+        limit: u32::try_from(limit?).ok()?,
+        window_secs: u32::try_from(window?).ok()?,
+    })
 }

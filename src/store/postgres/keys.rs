@@ -5,10 +5,11 @@ use sqlx::Row as _;
 use uuid::Uuid;
 
 use super::PgStore;
-use crate::store::keys::{parse_scope, ApiKey, KeyStore, NewKey};
+use crate::store::keys::{parse_scope, rate, ApiKey, KeyStore, NewKey};
 use crate::store::StoreResult;
 
-const COLUMNS: &str = "id, prefix, tenant, scope, name, created_at, revoked_at";
+const COLUMNS: &str =
+    "id, prefix, tenant, scope, name, rate_limit, rate_window_secs, created_at, revoked_at";
 
 fn row_to_key(r: &sqlx::postgres::PgRow) -> anyhow::Result<ApiKey> {
     Ok(ApiKey {
@@ -17,6 +18,7 @@ fn row_to_key(r: &sqlx::postgres::PgRow) -> anyhow::Result<ApiKey> {
         tenant: r.try_get("tenant")?,
         scope: parse_scope(r.try_get("scope")?)?,
         name: r.try_get("name")?,
+        rate: rate(r.try_get("rate_limit")?, r.try_get("rate_window_secs")?),
         created_at: r.try_get("created_at")?,
         revoked_at: r.try_get("revoked_at")?,
     })
@@ -26,8 +28,8 @@ fn row_to_key(r: &sqlx::postgres::PgRow) -> anyhow::Result<ApiKey> {
 impl KeyStore for PgStore {
     async fn create_key(&self, k: &NewKey) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, hash, prefix, tenant, scope, name)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO api_keys (id, hash, prefix, tenant, scope, name, rate_limit, rate_window_secs)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(k.id)
         .bind(&k.hash)
@@ -35,6 +37,8 @@ impl KeyStore for PgStore {
         .bind(&k.tenant)
         .bind(k.scope.as_str())
         .bind(&k.name)
+        .bind(k.rate.map(|r| i32::try_from(r.limit).unwrap_or(i32::MAX)))
+        .bind(k.rate.map(|r| i32::try_from(r.window_secs).unwrap_or(i32::MAX)))
         .execute(self.pool())
         .await?;
         Ok(())

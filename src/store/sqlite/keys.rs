@@ -5,10 +5,11 @@ use sqlx::Row as _;
 use uuid::Uuid;
 
 use super::{from_ms, now_ms, SqliteStore};
-use crate::store::keys::{parse_scope, ApiKey, KeyStore, NewKey};
+use crate::store::keys::{parse_scope, rate, ApiKey, KeyStore, NewKey};
 use crate::store::StoreResult;
 
-const COLUMNS: &str = "id, prefix, tenant, scope, name, created_at, revoked_at";
+const COLUMNS: &str =
+    "id, prefix, tenant, scope, name, rate_limit, rate_window_secs, created_at, revoked_at";
 
 fn row_to_key(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<ApiKey> {
     let id: String = r.try_get("id")?;
@@ -18,6 +19,7 @@ fn row_to_key(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<ApiKey> {
         tenant: r.try_get("tenant")?,
         scope: parse_scope(r.try_get("scope")?)?,
         name: r.try_get("name")?,
+        rate: rate(r.try_get("rate_limit")?, r.try_get("rate_window_secs")?),
         created_at: from_ms(r.try_get("created_at")?)
             .ok_or_else(|| anyhow::anyhow!("api key {id} has no creation time"))?,
         revoked_at: from_ms(r.try_get("revoked_at")?),
@@ -28,8 +30,9 @@ fn row_to_key(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<ApiKey> {
 impl KeyStore for SqliteStore {
     async fn create_key(&self, k: &NewKey) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, hash, prefix, tenant, scope, name, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, hash, prefix, tenant, scope, name, created_at,
+               rate_limit, rate_window_secs)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(k.id.to_string())
         .bind(&k.hash)
@@ -38,6 +41,11 @@ impl KeyStore for SqliteStore {
         .bind(k.scope.as_str())
         .bind(&k.name)
         .bind(now_ms())
+        .bind(k.rate.map(|r| i32::try_from(r.limit).unwrap_or(i32::MAX)))
+        .bind(
+            k.rate
+                .map(|r| i32::try_from(r.window_secs).unwrap_or(i32::MAX)),
+        )
         .execute(self.pool())
         .await?;
         Ok(())

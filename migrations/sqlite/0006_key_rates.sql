@@ -1,0 +1,2 @@
+ALTER TABLE api_keys ADD COLUMN rate_limit INTEGER;
+ALTER TABLE api_keys ADD COLUMN rate_window_secs INTEGER;

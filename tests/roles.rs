@@ -133,9 +133,7 @@ async fn a_pool_runs_on_its_own_broker() {
     assert_eq!(ready["brokers"]["amqp"], "ok", "{ready}");
 
     // The probe queue is on RabbitMQ; Redis never got a probe stream.
-    let props = lapin::ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio);
+    let props = lapin::ConnectionProperties::default();
     let conn = lapin::Connection::connect(support::AMQP, props)
         .await
         .expect("RabbitMQ");
@@ -145,10 +143,10 @@ async fn a_pool_runs_on_its_own_broker() {
         passive: true,
         ..Default::default()
     };
-    ch.queue_declare(&queue, passive, Default::default())
+    ch.queue_declare(queue.as_str().into(), passive, Default::default())
         .await
         .unwrap_or_else(|err| panic!("queue {queue} exists on RabbitMQ: {err}"));
-    let _ = conn.close(200, "checked").await;
+    let _ = conn.close(200, "checked".into()).await;
     let mut r = redis::Client::open(support::REDIS)
         .expect("client")
         .get_multiplexed_async_connection()

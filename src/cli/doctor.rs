@@ -275,12 +275,10 @@ async fn redis(r: &mut Report, url: &str, timeout: Duration) {
 
 async fn amqp(r: &mut Report, url: &str, timeout: Duration) {
     let shown = redact(url);
-    let props = lapin::ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio);
+    let props = lapin::ConnectionProperties::default();
     match tokio::time::timeout(timeout, lapin::Connection::connect(url, props)).await {
         Ok(Ok(c)) => {
-            let _ = c.close(200, "doctor done").await;
+            let _ = c.close(200, "doctor done".into()).await;
             r.ok("amqp", &format!("connected to {shown}"));
         }
         Ok(Err(e)) => r.fail(

@@ -222,7 +222,7 @@ async fn housekeeping(store: Arc<dyn EventStore>, retention: Duration, stop: Can
             }
             Err(e) => tracing::warn!(error = %e, "Reading notifier lag failed."),
         }
-        if n % 12 == 0 {
+        if n.is_multiple_of(12) {
             match store.prune(retention).await {
                 Ok(0) => {}
                 Ok(rows) => tracing::info!(rows, "Pruned old events and deliveries."),

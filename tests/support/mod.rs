@@ -365,9 +365,7 @@ pub fn amqp_config(prefix: &str) -> stevedore::broker::amqp::AmqpConfig {
 pub async fn delete_amqp(prefix: &str, pools: &[&str]) {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let prefix = prefix.replace(':', ".");
-    let props = lapin::ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio);
+    let props = lapin::ConnectionProperties::default();
     let Ok(conn) = lapin::Connection::connect(AMQP, props).await else {
         return;
     };
@@ -377,14 +375,19 @@ pub async fn delete_amqp(prefix: &str, pools: &[&str]) {
                 format!("{prefix}.{pool}"),
                 format!("{prefix}.{pool}.poison"),
             ] {
-                let _ = ch.queue_delete(&q, QueueDeleteOptions::default()).await;
+                let _ = ch
+                    .queue_delete(q.into(), QueueDeleteOptions::default())
+                    .await;
             }
         }
         let _ = ch
-            .exchange_delete(&format!("{prefix}.dlx"), ExchangeDeleteOptions::default())
+            .exchange_delete(
+                format!("{prefix}.dlx").into(),
+                ExchangeDeleteOptions::default(),
+            )
             .await;
     }
-    let _ = conn.close(200, "test done").await;
+    let _ = conn.close(200, "test done".into()).await;
 }
 
 /// Generates one test per broker (Redis, RabbitMQ, the embedded queue).

@@ -3,7 +3,11 @@
 //! mode runs the real handler (guard, proxy, browser, extraction) without
 //! the queue, so the figures are the loader's own: plain HTTP, the warm
 //! browser pool (one browser, a fresh context per page), and a fresh
-//! browser per page (what a pool saves).
+//! browser per page (what a pool saves). Each mode runs at every
+//! concurrency asked for (`--concurrency 1,4`), and the warm pool's runs
+//! print the mean time per phase of a job (context, page, navigation,
+//! settle, extraction, close), read off the handler's own
+//! `stevedore_scrape_browser_phase_seconds` histogram.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,9 +25,9 @@ pub struct BenchScrapeArgs {
     /// Pages per mode.
     #[arg(long, default_value_t = 200)]
     pub pages: usize,
-    /// Pages loaded at once.
-    #[arg(long, default_value_t = 4)]
-    pub concurrency: usize,
+    /// Pages loaded at once; a list runs each in turn (`1,4`).
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    pub concurrency: Vec<usize>,
     /// Which loaders to run.
     #[arg(
         long,
@@ -38,16 +42,69 @@ pub struct BenchScrapeArgs {
     pub chrome: std::path::PathBuf,
 }
 
-fn handler(args: &BenchScrapeArgs, allow: &str) -> anyhow::Result<ScrapeHandler> {
+fn handler(
+    args: &BenchScrapeArgs,
+    allow: &str,
+    concurrency: usize,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<ScrapeHandler> {
     let mut cfg = ScrapeConfig {
         allow_hosts: allow.to_owned(),
         // One host on purpose; the politeness cap would measure itself.
-        per_host: args.concurrency.max(1),
+        per_host: concurrency,
         ..ScrapeConfig::default()
     };
     cfg.browser.chrome = args.chrome.clone();
-    cfg.browser.max_pages = args.concurrency.max(1);
-    Ok(ScrapeHandler::new(cfg, &prometheus::Registry::new())?)
+    cfg.browser.max_pages = concurrency;
+    Ok(ScrapeHandler::new(cfg, registry)?)
+}
+
+const PHASES: &[&str] = &[
+    "context",
+    "page",
+    "navigation",
+    "settle",
+    "extraction",
+    "close",
+];
+
+/// Each phase's sample count and total seconds so far.
+fn phases(registry: &prometheus::Registry) -> Vec<(String, u64, f64)> {
+    let mut out = Vec::new();
+    for family in registry.gather() {
+        if family.name() != "stevedore_scrape_browser_phase_seconds" {
+            continue;
+        }
+        for m in family.get_metric() {
+            let phase = m
+                .get_label()
+                .iter()
+                .find(|l| l.name() == "phase")
+                .map(|l| l.value().to_owned())
+                .unwrap_or_default();
+            let h = m.get_histogram();
+            out.push((phase, h.get_sample_count(), h.get_sample_sum()));
+        }
+    }
+    out
+}
+
+/// Mean milliseconds per phase between two readings (the warm-up's share
+/// taken off).
+fn report_phases(before: &[(String, u64, f64)], after: &[(String, u64, f64)]) {
+    let line: Vec<String> = PHASES
+        .iter()
+        .filter_map(|p| {
+            let (_, n1, s1) = after.iter().find(|(name, ..)| name == p)?;
+            let (n0, s0) = before
+                .iter()
+                .find(|(name, ..)| name == p)
+                .map_or((0, 0.0), |(_, n, s)| (*n, *s));
+            let n = n1.saturating_sub(n0);
+            (n > 0).then(|| format!("{p} {:.1}", (s1 - s0) / n as f64 * 1000.0))
+        })
+        .collect();
+    println!("  mean ms per phase: {}", line.join("  "));
 }
 
 async fn one(h: &ScrapeHandler, url: &str, render: Render) -> anyhow::Result<Duration> {
@@ -56,6 +113,7 @@ async fn one(h: &ScrapeHandler, url: &str, render: Render) -> anyhow::Result<Dur
         render,
         wait_for: None,
         wait_ms: None,
+        full_render: false,
         selectors: None,
         then: None,
     };
@@ -90,41 +148,58 @@ pub async fn run(args: BenchScrapeArgs) -> anyhow::Result<()> {
     let url = format!("http://{addr}/demo/quiz/moodle-multichoice.html");
     let allow = addr.to_string();
     for mode in &args.modes {
-        let render = match mode.as_str() {
-            "http" => Render::Http,
-            "browser" | "fresh-browser" => Render::Browser,
-            other => bail!("unknown mode {other:?} (http, browser, fresh-browser)"),
-        };
-        let fresh = mode == "fresh-browser";
-        let pages = if fresh { args.fresh_pages } else { args.pages };
-        let shared = Arc::new(handler(&args, &allow)?);
-        // Warm up: the first browser start is not what a warm pool costs.
-        one(&shared, &url, render)
-            .await
-            .with_context(|| format!("warm-up of {mode}"))?;
-        let started = Instant::now();
-        let lat: Vec<anyhow::Result<Duration>> = stream::iter(0..pages)
-            .map(|_| {
-                let shared = shared.clone();
-                let (args, allow, url) = (&args, &allow, &url);
-                async move {
-                    if fresh {
-                        let own = handler(args, allow)?;
-                        one(&own, url, render).await
-                    } else {
-                        one(&shared, url, render).await
-                    }
+        for &concurrency in &args.concurrency {
+            run_mode(&args, mode, concurrency.max(1), &url, &allow).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn run_mode(
+    args: &BenchScrapeArgs,
+    mode: &str,
+    concurrency: usize,
+    url: &str,
+    allow: &str,
+) -> anyhow::Result<()> {
+    let render = match mode {
+        "http" => Render::Http,
+        "browser" | "fresh-browser" => Render::Browser,
+        other => bail!("unknown mode {other:?} (http, browser, fresh-browser)"),
+    };
+    let fresh = mode == "fresh-browser";
+    let pages = if fresh { args.fresh_pages } else { args.pages };
+    let registry = prometheus::Registry::new();
+    let shared = Arc::new(handler(args, allow, concurrency, &registry)?);
+    // Warm up: the first browser start is not what a warm pool costs.
+    one(&shared, url, render)
+        .await
+        .with_context(|| format!("warm-up of {mode}"))?;
+    let before = phases(&registry);
+    let started = Instant::now();
+    let lat: Vec<anyhow::Result<Duration>> = stream::iter(0..pages)
+        .map(|_| {
+            let shared = shared.clone();
+            async move {
+                if fresh {
+                    let own = handler(args, allow, concurrency, &prometheus::Registry::new())?;
+                    one(&own, url, render).await
+                } else {
+                    one(&shared, url, render).await
                 }
-            })
-            .buffer_unordered(args.concurrency.max(1))
-            .collect()
-            .await;
-        let wall = started.elapsed();
-        let lat = lat
-            .into_iter()
-            .map(|r| r.map(|d| d.as_secs_f64()))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        report(mode, pages, args.concurrency, wall, lat);
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let wall = started.elapsed();
+    let lat = lat
+        .into_iter()
+        .map(|r| r.map(|d| d.as_secs_f64()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    report(mode, pages, concurrency, wall, lat);
+    if mode == "browser" {
+        report_phases(&before, &phases(&registry));
     }
     Ok(())
 }

@@ -43,6 +43,7 @@ impl Default for ScrapeConfig {
 struct Metrics {
     pages: IntCounterVec,
     load_seconds: HistogramVec,
+    phase_seconds: HistogramVec,
 }
 
 #[derive(Clone)]
@@ -83,17 +84,32 @@ impl ScrapeHandler {
             "stevedore_scrape_browser_restarts_total",
             "Browsers started again after a crash or after serving their share of pages.",
         )?;
+        let phase_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "stevedore_scrape_browser_phase_seconds",
+                "Time per phase of a browser job: context, page, navigation, settle, extraction, close.",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 2.0, 15)?),
+            &["phase"],
+        )?;
         registry.register(Box::new(pages.clone()))?;
         registry.register(Box::new(load_seconds.clone()))?;
+        registry.register(Box::new(phase_seconds.clone()))?;
         let unisolated = prometheus::IntCounter::new(
             "stevedore_scrape_browser_without_netns_total",
             "Browsers started without a network namespace of their own (held back by the filtering proxy alone).",
         )?;
         registry.register(Box::new(restarts.clone()))?;
         registry.register(Box::new(unisolated.clone()))?;
+        let phases = phase_seconds.clone();
         let hooks = Hooks {
             on_restart: Arc::new(move || restarts.inc()),
             on_unisolated: Arc::new(move || unisolated.inc()),
+            on_phase: Arc::new(move |phase, took| {
+                phases
+                    .with_label_values(&[phase])
+                    .observe(took.as_secs_f64())
+            }),
         };
         let mut browser_cfg = cfg.browser.clone();
         browser_cfg.max_bytes = cfg.max_bytes;
@@ -106,6 +122,7 @@ impl ScrapeHandler {
             metrics: Arc::new(Metrics {
                 pages,
                 load_seconds,
+                phase_seconds,
             }),
         })
     }
@@ -146,18 +163,36 @@ impl ScrapeHandler {
             .map_err(|e| classify(LoadError::from(e)))?;
         let started = Instant::now();
         let selectors = p.selectors.clone();
+        // The readiness check extracts the page already; what it found on
+        // the HTML the browser hands back is not extracted twice.
+        let last: Arc<Mutex<Option<(u64, Extracted)>>> = Arc::default();
+        let seen = last.clone();
         let wait = Wait {
             selector: p.wait_for.as_deref(),
             ms: p.wait_ms,
             // A page over a cap is ready too: waiting longer will not help.
             ready: Arc::new(move |html: &str| {
-                extract(html, selectors.as_ref()).map_or(true, |e| !e.questions.is_empty())
+                let found = extract(html, selectors.as_ref());
+                let ready = found.as_ref().map_or(true, |e| !e.questions.is_empty());
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) =
+                    found.ok().map(|e| (fingerprint(html), e));
+                ready
             }),
+            full_render: p.full_render,
         };
         let page = self.browser.render(&p.url, wait).await;
         self.observe("browser", started, &page);
         let page = page.map_err(classify_browser)?;
-        let found = extract_off_runtime(page.html, p.selectors.clone()).await?;
+        let t = Instant::now();
+        let known = last.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let found = match known {
+            Some((print, found)) if print == fingerprint(&page.html) => found,
+            _ => extract_off_runtime(page.html, p.selectors.clone()).await?,
+        };
+        self.metrics
+            .phase_seconds
+            .with_label_values(&["extraction"])
+            .observe(t.elapsed().as_secs_f64());
         Ok((page.final_url, found))
     }
 
@@ -173,6 +208,14 @@ impl ScrapeHandler {
             .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.per_host.max(1))))
             .clone()
     }
+}
+
+/// Which HTML an extraction was made from.
+fn fingerprint(html: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    html.hash(&mut h);
+    h.finish()
 }
 
 /// How long extracting one page may take before the job gives up on it.

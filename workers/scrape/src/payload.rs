@@ -33,6 +33,11 @@ pub struct ScrapePayload {
     pub render: Render,
     pub wait_for: Option<String>,
     pub wait_ms: Option<u64>,
+    /// In the browser, also load images, media, fonts and stylesheets
+    /// (for a page whose script needs them to build its quiz); by default
+    /// they are refused, as extraction reads only the DOM.
+    #[serde(default)]
+    pub full_render: bool,
     pub selectors: Option<Selectors>,
     /// A job to submit with the extracted questions when the scrape
     /// succeeds, e.g. `{"kind": "analyze"}` (other fields are passed on).

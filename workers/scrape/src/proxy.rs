@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -100,8 +101,22 @@ impl Refusals {
     }
 }
 
+/// What the proxy answered for one plain-HTTP URL: how a page's main
+/// document's status is known without the browser reporting it.
+#[derive(Debug, Clone)]
+struct Answer {
+    url: String,
+    status: u16,
+    location: Option<String>,
+}
+
+const REMEMBERED_ANSWERS: usize = 256;
+
 struct Shared {
     guard: Arc<dyn UrlGuard>,
+    /// Turn away what extraction never reads (see [`not_needed`]).
+    skip_resources: AtomicBool,
+    answers: Mutex<VecDeque<Answer>>,
     /// The browser-wide deny-all proxy refuses Chromium's own chatter all
     /// day; only a page's refusals are worth an info line.
     quiet: bool,
@@ -157,6 +172,8 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             guard,
+            skip_resources: AtomicBool::new(false),
+            answers: Mutex::default(),
             quiet,
             dial,
             log: Refusals::default(),
@@ -185,6 +202,35 @@ impl Proxy {
         self.addr
     }
 
+    /// From now on, answer plain-HTTP requests for images, media, fonts
+    /// and stylesheets with a 403 of this proxy's own, never dialing: a
+    /// job that does not render in full never needs them. (The browser
+    /// refuses them too, https included; this closes the moment before
+    /// it starts to.)
+    pub fn skip_resources(&self) {
+        self.shared.skip_resources.store(true, Ordering::SeqCst);
+    }
+
+    /// The status this proxy last answered for `url` over plain HTTP,
+    /// redirects followed: the main document's status when `url` is the
+    /// page's. None for https (tunnelled, unseen) or a URL never fetched.
+    pub fn status_of(&self, url: &str) -> Option<u16> {
+        let answers = self
+            .shared
+            .answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut url = stevedore_netguard::Url::parse(url).ok()?;
+        for _ in 0..20 {
+            let a = answers.iter().rev().find(|a| a.url == url.as_str())?;
+            match (&a.location, a.status) {
+                (Some(loc), 300..=399) => url = url.join(loc).ok()?,
+                _ => return Some(a.status),
+            }
+        }
+        None
+    }
+
     /// What this proxy refused, oldest first (the last few hundred).
     pub fn refusals(&self) -> Vec<Refusal> {
         self.shared.log.all()
@@ -192,6 +238,14 @@ impl Proxy {
 }
 
 impl Shared {
+    fn answered(&self, a: Answer) {
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        if answers.len() == REMEMBERED_ANSWERS {
+            answers.pop_front();
+        }
+        answers.push_back(a);
+    }
+
     fn record(&self, target: &str, reason: &str) {
         if self.quiet {
             tracing::debug!(target, reason, "proxy refused the browser's own connection");
@@ -249,6 +303,25 @@ fn hop_by_hop(name: &str) -> bool {
     ]
     .iter()
     .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// A request for something only a full render needs, by what Chromium
+/// says it is for (`Sec-Fetch-Dest`, sent to trustworthy origins) or, where
+/// it does not say, what it accepts (images and stylesheets).
+fn not_needed(headers: &[httparse::Header]) -> bool {
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+    };
+    if let Some(dest) = value("sec-fetch-dest") {
+        return matches!(
+            dest.trim(),
+            "image" | "font" | "style" | "audio" | "video" | "track"
+        );
+    }
+    value("accept").is_some_and(|a| a.starts_with("image/") || a.starts_with("text/css"))
 }
 
 fn push_header(out: &mut Vec<u8>, h: &httparse::Header) {
@@ -325,6 +398,11 @@ async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
         Ok(u) if u.scheme() == "http" => u,
         _ => return refuse(&mut client, shared, &target, "not an absolute http URL").await,
     };
+    if shared.skip_resources.load(Ordering::SeqCst) && not_needed(req.headers) {
+        let resp = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        client.write_all(resp).await?;
+        return client.shutdown().await;
+    }
     let allowed = match shared.guard.check(url.as_str()).await {
         Ok(a) => a,
         Err(e) => return refuse(&mut client, shared, &target, &e.to_string()).await,
@@ -387,12 +465,18 @@ async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
     let mut resp = httparse::Response::new(&mut rheaders);
     resp.parse(&rbuf[..rhead_len])
         .map_err(|e| bad(&e.to_string()))?;
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\n",
-        resp.code.ok_or_else(|| bad("no status"))?,
-        resp.reason.unwrap_or("")
-    )
-    .into_bytes();
+    let code = resp.code.ok_or_else(|| bad("no status"))?;
+    shared.answered(Answer {
+        url: url.to_string(),
+        status: code,
+        location: resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("location"))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::to_owned),
+    });
+    let mut head = format!("HTTP/1.1 {} {}\r\n", code, resp.reason.unwrap_or("")).into_bytes();
     for h in resp.headers.iter().filter(|h| !hop_by_hop(h.name)) {
         push_header(&mut head, h);
     }

@@ -123,7 +123,8 @@ async fn a_page_cannot_reach_the_canary_by_any_sub_request() {
     let h = handler(port);
     let (res, _) = scrape(
         &h,
-        json!({"url": format!("http://127.0.0.1:{port}/leaky"), "render": "browser", "wait_for": "#done"}),
+        // A full render, so the image requests reach the proxy too.
+        json!({"url": format!("http://127.0.0.1:{port}/leaky"), "render": "browser", "wait_for": "#done", "full_render": true}),
     )
     .await;
     let out = res.expect("the page itself loads");
@@ -228,7 +229,12 @@ async fn a_name_that_rebinds_connects_only_where_it_was_checked() {
     // through to 127.0.0.2.
     let h = rebinding_handler(&format!("127.0.0.1:{port},127.0.0.2:{port}"), 0);
     let page = format!("http://127.0.0.1:{port}/rebind");
-    let (res, _) = scrape(&h, json!({"url": page, "render": "browser"})).await;
+    // A full render, so the page's image request reaches the proxy.
+    let (res, _) = scrape(
+        &h,
+        json!({"url": page, "render": "browser", "full_render": true}),
+    )
+    .await;
     let refused = h.browser().refusals();
     assert_eq!(
         res.unwrap_or_else(|e| panic!("the page loads ({e:?}); refused: {refused:?}"))

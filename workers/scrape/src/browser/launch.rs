@@ -4,18 +4,15 @@
 //! namespace (its DevTools port is on that namespace's loopback).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chromiumoxide::browser::Browser;
-use chromiumoxide::error::CdpError;
-use chromiumoxide::handler::HandlerConfig;
-use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+use super::cdp::{Cdp, Driver};
 use super::isolate::Isolation;
 use super::netns::{self, Netns};
 use super::{BrowserConfig, BrowserError};
@@ -71,25 +68,23 @@ pub(super) const BYPASS_NOTHING: &str = "<-loopback>";
 
 /// One running browser with its proxy, namespace and profile directory.
 pub(super) struct Live {
-    pub browser: Browser,
-    pub events: JoinHandle<()>,
+    pub cdp: Cdp,
+    driver: Driver,
     /// Where the browser's own traffic goes to be refused.
     _background: Proxy,
     pub netns: Option<Netns>,
     pub child: tokio::process::Child,
     pub pid: Option<u32>,
     pub served: AtomicU64,
-    /// Set before the event task drops the CDP handler, which is what fails
-    /// the pending commands: a job that sees its command fail then sees the
-    /// flag (the task's own `is_finished` may still lag behind).
-    dead: Arc<AtomicBool>,
     side_tasks: Vec<JoinHandle<()>>,
     pub profile: tempfile::TempDir,
 }
 
 impl Live {
     pub fn is_dead(&self) -> bool {
-        self.dead.load(Ordering::SeqCst) || self.events.is_finished()
+        // The connection marks itself dead before it fails the pending
+        // commands: a job that sees its command fail then sees this.
+        self.cdp.is_dead() || self.driver.reader.is_finished()
     }
 
     /// A loopback listener where this browser can reach it.
@@ -100,7 +95,6 @@ impl Live {
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.events.abort();
         for t in &self.side_tasks {
             t.abort();
         }
@@ -153,44 +147,15 @@ pub(super) async fn launch(cfg: &BrowserConfig, iso: &Isolation) -> Result<Live,
         }
         None => ws,
     };
-    let config = HandlerConfig {
-        ignore_https_errors: false,
-        // No device-metrics emulation per page: extraction reads the DOM,
-        // and skipping it took ~10% off a warm job here.
-        viewport: None,
-        request_timeout: cfg.timeout,
-        ..HandlerConfig::default()
-    };
-    let (browser, mut handler) = Browser::connect_with_config(ws, config)
-        .await
-        .map_err(|e| fail(&e))?;
-    let dead = Arc::new(AtomicBool::new(false));
-    let flag = dead.clone();
-    // The handler must be polled for the browser's whole life. Its schema
-    // is older than Chromium's, so odd messages are logged, not fatal; a
-    // broken socket means the browser is gone.
-    let events = tokio::spawn(async move {
-        while let Some(event) = handler.next().await {
-            match event {
-                Ok(()) => {}
-                Err(CdpError::Ws(e)) => {
-                    tracing::warn!(error = %e, "lost the browser's devtools socket");
-                    break;
-                }
-                Err(e) => tracing::debug!(error = %e, "browser event"),
-            }
-        }
-        flag.store(true, Ordering::SeqCst);
-    });
+    let (cdp, driver) = Cdp::connect(&ws).await.map_err(|e| fail(&e))?;
     Ok(Live {
-        browser,
-        events,
+        cdp,
+        driver,
         _background: background,
         netns,
         child,
         pid,
         served: AtomicU64::new(0),
-        dead,
         side_tasks,
         profile,
     })
@@ -258,7 +223,10 @@ async fn forward_devtools(ns: &Netns, ws: &str) -> std::io::Result<(String, Join
 /// Closes the browser and reaps it.
 pub(super) async fn close(live: &mut Live) {
     if !live.is_dead() {
-        let _ = live.browser.close().await;
+        let _ = live
+            .cdp
+            .call(None, "Browser.close", serde_json::json!({}))
+            .await;
     }
     if tokio::time::timeout(Duration::from_secs(5), live.child.wait())
         .await

@@ -13,8 +13,10 @@
 //! Beyond the proxy, [`isolate`] decides how Chromium is contained (its own
 //! network namespace holding only the proxies, an unprivileged user, its
 //! sandbox, a scrubbed environment, a parent-death signal); [`launch`]
-//! starts it; [`page`] runs one job's visit under the HTML size cap.
+//! starts it; [`cdp`] speaks the DevTools protocol to it; [`page`] runs
+//! one job's visit under the HTML size cap.
 
+mod cdp;
 mod isolate;
 mod launch;
 pub mod netns;
@@ -101,10 +103,15 @@ pub enum BrowserError {
 /// each start without a network namespace of its own.
 pub type Hook = Arc<dyn Fn() + Send + Sync>;
 
+/// Told how long a phase of a job's visit took: `context`, `page`,
+/// `navigation`, `settle`, `close`.
+pub type PhaseHook = Arc<dyn Fn(&'static str, Duration) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct Hooks {
     pub on_restart: Hook,
     pub on_unisolated: Hook,
+    pub on_phase: PhaseHook,
 }
 
 pub struct BrowserPool {
@@ -202,10 +209,21 @@ impl BrowserPool {
             .listener()
             .and_then(|l| Proxy::start_on(l, self.guard.clone(), self.dial.clone()))
             .map_err(|e| BrowserError::Other(format!("starting the job's proxy: {e}")))?;
+        if !wait.full_render {
+            proxy.skip_resources();
+        }
         let budget = self.cfg.timeout;
         let outcome = tokio::time::timeout(
             budget,
-            visit(&live.browser, url, &wait, &self.cfg, proxy.addr()),
+            visit(
+                &live.cdp,
+                url,
+                &wait,
+                &self.cfg,
+                proxy.addr(),
+                &|u: &str| proxy.status_of(u),
+                self.hooks.on_phase.as_ref(),
+            ),
         )
         .await;
         let refusals = proxy.refusals();
@@ -233,10 +251,10 @@ impl BrowserPool {
             Ok(Err(Failed::TooLarge(size, cap))) => Err(BrowserError::TooLarge { size, cap }),
             Ok(Err(Failed::Slow(d))) => Err(BrowserError::TooSlow(d)),
             Ok(Err(Failed::Cdp(e))) if live.is_dead() => Err(BrowserError::Crashed(e.to_string())),
-            // A refused https hop shows only as a failed tunnel; the proxy
-            // knows whether it refused or could not connect.
-            Ok(Err(Failed::Cdp(e))) if e.to_string().contains("ERR_TUNNEL_CONNECTION_FAILED") => {
-                Err(refused().unwrap_or(BrowserError::Other(e.to_string())))
+            // A refused https hop shows only as a failed tunnel (the error
+            // page may not name it); the proxy knows whether it refused.
+            Ok(Err(Failed::Navigation(e))) => {
+                Err(refused().unwrap_or(BrowserError::Other(format!("{e} at {url}"))))
             }
             Ok(Err(Failed::Cdp(e))) => Err(BrowserError::Other(e.to_string())),
             Err(_) if live.is_dead() => Err(BrowserError::Crashed("during navigation".into())),
@@ -267,4 +285,7 @@ pub struct Wait<'a> {
     pub selector: Option<&'a str>,
     pub ms: Option<u64>,
     pub ready: Ready,
+    /// Load images, media, fonts and stylesheets too; otherwise they are
+    /// refused in the browser, since extraction reads only the DOM.
+    pub full_render: bool,
 }

@@ -1,18 +1,19 @@
-//! One job's visit: a fresh incognito context behind the job's proxy,
-//! navigation, waiting for the page to show its quiz, and its HTML read
-//! back under the same cap as a plain HTTP page (a page over it fails
-//! without its HTML ever crossing the DevTools socket).
+//! One job's visit: a fresh incognito context behind the job's proxy, a
+//! page created directly at the job's URL, waiting for the page to show its
+//! quiz, and its HTML read back under the same cap as a plain HTTP page (a
+//! page over it fails without its HTML ever crossing the DevTools socket).
+//!
+//! What extraction does not read (images, media, fonts, stylesheets) is
+//! refused in the browser (the DevTools Fetch domain) and, over plain HTTP,
+//! by the job's proxy, unless the job asks for a full render; whatever is
+//! requested still goes through the job's proxy and its guard.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use chromiumoxide::browser::Browser;
-use chromiumoxide::cdp::browser_protocol::network::{EventResponseReceived, ResourceType};
-use chromiumoxide::cdp::browser_protocol::target::{
-    CreateBrowserContextParams, CreateTargetParams,
-};
-use chromiumoxide::error::CdpError;
-use futures::{FutureExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
+use super::cdp::{Cdp, CdpError, Event};
 use super::launch::BYPASS_NOTHING;
 use super::{BrowserConfig, Rendered, Wait};
 use crate::proxy::REFUSED_META;
@@ -21,6 +22,9 @@ use crate::proxy::REFUSED_META;
 #[derive(Debug)]
 pub(super) enum Failed {
     Cdp(CdpError),
+    /// The main document did not load: Chromium's net error
+    /// (`net::ERR_TUNNEL_CONNECTION_FAILED`, ...).
+    Navigation(String),
     /// The page's HTML, in UTF-16 units as the page counts it, and the cap.
     TooLarge(usize, usize),
     /// Deciding whether the page is ready took longer than its budget.
@@ -37,104 +41,253 @@ impl From<CdpError> for Failed {
 /// take: past it the page is not worth a worker's CPU.
 pub(super) const READY_BUDGET: Duration = Duration::from_secs(5);
 
+/// Resource types extraction never reads; refused unless a job asks for a
+/// full render.
+const NOT_NEEDED: &[&str] = &["Image", "Media", "Font", "Stylesheet"];
+
+/// Told how long each phase of a visit took (`context`, `page`,
+/// `navigation`, `settle`, `close`).
+pub(super) type Timing<'a> = &'a (dyn Fn(&'static str, Duration) + Send + Sync);
+
+/// What the job's proxy answered for a URL (plain HTTP only).
+pub(super) type StatusOf<'a> = &'a (dyn Fn(&str) -> Option<u16> + Send + Sync);
+
+/// Disposes of the job's context however the visit ends, a timeout that
+/// drops the visit included: the command is queued on the socket at once.
+struct Context<'a> {
+    cdp: &'a Cdp,
+    id: String,
+    disposed: bool,
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        if self.disposed {
+            return;
+        }
+        drop(self.cdp.send(
+            None,
+            "Target.disposeBrowserContext",
+            json!({"browserContextId": self.id}),
+        ));
+    }
+}
+
 pub(super) async fn visit(
-    browser: &Browser,
+    cdp: &Cdp,
     url: &str,
     wait: &Wait<'_>,
     cfg: &BrowserConfig,
     proxy: std::net::SocketAddr,
+    status_of: StatusOf<'_>,
+    timing: Timing<'_>,
 ) -> Result<Rendered, Failed> {
     // A context per job: no cookie, cache or storage crosses jobs, and the
     // job's requests go through the job's own proxy.
-    let params = CreateBrowserContextParams::builder()
-        .dispose_on_detach(true)
-        .proxy_server(format!("http://{proxy}"))
-        .proxy_bypass_list(BYPASS_NOTHING)
-        .build();
-    let t = std::time::Instant::now();
-    let context = browser.create_browser_context(params).await?;
-    tracing::debug!(ms = t.elapsed().as_millis() as u64, "context created");
-    let target = CreateTargetParams::builder()
-        .url("about:blank")
-        .browser_context_id(context.clone())
-        .build()
-        .map_err(CdpError::ChromeMessage)?;
-    let loaded = async {
-        let page = browser.new_page(target).await?;
-        tracing::debug!(ms = t.elapsed().as_millis() as u64, "page opened");
-        let loaded = load_page(&page, url, wait, cfg).await;
-        tracing::debug!(ms = t.elapsed().as_millis() as u64, "page loaded");
-        let _ = page.close().await;
-        tracing::debug!(ms = t.elapsed().as_millis() as u64, "page closed");
-        loaded
+    let t = Instant::now();
+    let created = cdp
+        .call(
+            None,
+            "Target.createBrowserContext",
+            json!({
+                "disposeOnDetach": true,
+                "proxyServer": format!("http://{proxy}"),
+                "proxyBypassList": BYPASS_NOTHING,
+            }),
+        )
+        .await?;
+    let mut context = Context {
+        cdp,
+        id: str_at(&created, "browserContextId")?,
+        disposed: false,
+    };
+    timing("context", t.elapsed());
+    let loaded = load_page(cdp, &context.id, url, wait, cfg, status_of, timing).await;
+    let t = Instant::now();
+    // Awaited, so a job's page slot is free only once its context is gone.
+    let disposed = cdp
+        .call(
+            None,
+            "Target.disposeBrowserContext",
+            json!({"browserContextId": context.id}),
+        )
+        .await;
+    context.disposed = true;
+    if let Err(e) = disposed {
+        tracing::debug!(error = %e, "disposing of a job's browser context");
     }
-    .await;
-    let _ = browser.dispose_browser_context(context).await;
-    tracing::debug!(ms = t.elapsed().as_millis() as u64, "context disposed");
+    timing("close", t.elapsed());
     loaded
 }
 
+fn str_at(v: &Value, key: &str) -> Result<String, Failed> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| Failed::Cdp(CdpError::Other(format!("no {key} in {v}"))))
+}
+
+/// Answers the page's refused requests for the page's whole life (a
+/// request left paused would hold its `load`).
+fn pump(cdp: Cdp, session: String, mut events: mpsc::UnboundedReceiver<Event>) -> Pump {
+    Pump(tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if ev.method == "Fetch.requestPaused" {
+                let id = ev.params.get("requestId").cloned().unwrap_or(Value::Null);
+                drop(cdp.send(
+                    Some(&session),
+                    "Fetch.failRequest",
+                    json!({"requestId": id, "errorReason": "BlockedByClient"}),
+                ));
+            }
+        }
+    }))
+}
+
+/// Aborts the event pump when the visit ends, however it ends.
+struct Pump(tokio::task::JoinHandle<()>);
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn load_page(
-    page: &chromiumoxide::Page,
+    cdp: &Cdp,
+    context: &str,
     url: &str,
     wait: &Wait<'_>,
     cfg: &BrowserConfig,
+    status_of: StatusOf<'_>,
+    timing: Timing<'_>,
 ) -> Result<Rendered, Failed> {
-    // The main document's status, from the network events: the page's
-    // navigation helpers also report iframes, whose refusals are not the
-    // page's own status.
-    let mut responses = page.event_listener::<EventResponseReceived>().await?;
-    let main = page.mainframe().await?;
-    let navigated = page.goto(url).await.map(|_| ());
-    let mut status = None;
-    while let Some(Some(ev)) = responses.next().now_or_never() {
-        if ev.r#type == ResourceType::Document && ev.frame_id.is_some() && ev.frame_id == main {
-            status = Some(ev.response.status as u16);
-        }
+    let t = Instant::now();
+    // Asked before the page exists, so its attachment is never missed.
+    let attached = cdp.expect_page(context);
+    // Created at the URL: no blank page to set up and navigate away from.
+    cdp.call(
+        None,
+        "Target.createTarget",
+        json!({"url": url, "browserContextId": context}),
+    )
+    .await?;
+    let page = attached.await.map_err(|_| CdpError::Closed)?;
+    let session = page.session.clone();
+    let s = Some(session.as_str());
+    // Sent together and handled in order: one round trip. A page created
+    // at its URL may already be requesting by now; over plain HTTP the
+    // job's proxy turns the same resources away from the first request.
+    let mut setup = Vec::new();
+    if !wait.full_render {
+        let patterns: Vec<Value> = NOT_NEEDED
+            .iter()
+            .map(|t| json!({"resourceType": t, "requestStage": "Request"}))
+            .collect();
+        setup.push(cdp.send(s, "Fetch.enable", json!({"patterns": patterns})));
     }
-    if let Err(e) = navigated {
-        // Chromium fails the navigation on an error status with an empty
-        // body; the status is what the caller needs to classify it.
+    setup.push(cdp.send(s, "Runtime.runIfWaitingForDebugger", json!({})));
+    let _pump = pump(cdp.clone(), session.clone(), page.events);
+    futures::future::try_join_all(setup).await?;
+    timing("page", t.elapsed());
+
+    let t = Instant::now();
+    let first = read(cdp, &session, cfg.max_bytes).await?;
+    timing("navigation", t.elapsed());
+    let loaded = settle(cdp, &session, url, wait, cfg, first, status_of, timing).await;
+    cdp.forget(&session);
+    loaded
+}
+
+/// From `load` to the page the caller wants: `wait_for`, `wait_ms`, then
+/// re-reading until `ready` accepts it or the settle time runs out.
+#[allow(clippy::too_many_arguments)]
+async fn settle(
+    cdp: &Cdp,
+    session: &str,
+    url: &str,
+    wait: &Wait<'_>,
+    cfg: &BrowserConfig,
+    first: Read,
+    status_of: StatusOf<'_>,
+    timing: Timing<'_>,
+) -> Result<Rendered, Failed> {
+    // The main document's status: the job's proxy saw it over plain HTTP;
+    // over https (a tunnel to the proxy) the page's navigation timing
+    // says it, when a document was shown at all.
+    let status = status_of(url).or(first.status.filter(|s| *s > 0));
+    if let Some(failed) = first.error {
+        // Chromium shows its own error page for a failed navigation, and
+        // for an error status with an empty body; the status is what the
+        // caller needs to classify it.
         return match status.filter(|s| *s >= 400) {
             Some(status) => Ok(Rendered {
                 final_url: url.to_owned(),
                 html: String::new(),
                 status: Some(status),
             }),
-            None => Err(e.into()),
+            None => Err(Failed::Navigation(failed)),
         };
     }
-    if let Some(selector) = wait.selector {
-        // Polled, not event-driven: a selector that never appears ends in
-        // the job's timeout like any slow page.
-        while page.find_element(selector).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = Instant::now();
+    let mut page = first;
+    if wait.selector.is_some() || wait.ms.is_some() {
+        if let Some(selector) = wait.selector {
+            // Polled, not event-driven: a selector that never appears ends
+            // in the job's timeout like any slow page.
+            let js = format!(
+                "(() => {{ try {{ return !!document.querySelector({}); }} catch (e) {{ return false; }} }})()",
+                json!(selector)
+            );
+            while evaluate(cdp, session, &js, false).await? != Value::Bool(true) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
-    }
-    if let Some(ms) = wait.ms {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if let Some(ms) = wait.ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        page = read(cdp, session, cfg.max_bytes).await?;
     }
     let settled = tokio::time::Instant::now() + cfg.settle;
-    let mut html = content(page, cfg.max_bytes).await?;
     // An error page or the proxy's refusal will not turn into a quiz.
     let error_page = status.is_some_and(|s| s >= 400);
     loop {
-        if error_page || refused_page(&html).is_some() {
+        if error_page || refused_page(&page.html).is_some() {
             break;
         }
-        let (ready, back) = ready_off_runtime(wait, html).await?;
-        html = back;
+        let (ready, back) = ready_off_runtime(wait, page.html).await?;
+        page.html = back;
         if ready || tokio::time::Instant::now() >= settled {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        html = content(page, cfg.max_bytes).await?;
+        page = read(cdp, session, cfg.max_bytes).await?;
     }
+    timing("settle", t.elapsed());
     Ok(Rendered {
-        final_url: page.url().await?.unwrap_or_else(|| url.to_owned()),
-        html,
+        final_url: if page.url.is_empty() {
+            url.to_owned()
+        } else {
+            page.url
+        },
+        html: page.html,
         status,
     })
+}
+
+/// The value of `js` in the page's main world.
+async fn evaluate(cdp: &Cdp, session: &str, js: &str, wait: bool) -> Result<Value, Failed> {
+    let r = cdp
+        .call(
+            Some(session),
+            "Runtime.evaluate",
+            json!({"expression": js, "returnByValue": true, "awaitPromise": wait}),
+        )
+        .await?;
+    if let Some(e) = r.get("exceptionDetails") {
+        return Err(Failed::Cdp(CdpError::Other(format!("evaluating: {e}"))));
+    }
+    Ok(r.pointer("/result/value").cloned().unwrap_or(Value::Null))
 }
 
 /// The caller's readiness check on a blocking thread, within
@@ -145,35 +298,77 @@ async fn ready_off_runtime(wait: &Wait<'_>, html: String) -> Result<(bool, Strin
     let job = tokio::task::spawn_blocking(move || (ready(&html), html));
     match tokio::time::timeout(READY_BUDGET, job).await {
         Ok(Ok(done)) => Ok(done),
-        Ok(Err(e)) => Err(Failed::Cdp(CdpError::msg(format!(
+        Ok(Err(e)) => Err(Failed::Cdp(CdpError::Other(format!(
             "extraction failed: {e}"
         )))),
         Err(_) => Err(Failed::Slow(READY_BUDGET)),
     }
 }
 
-/// The page's HTML with its doctype, as `Page::content` reads it, unless it
-/// is longer than `max` (then only its length crosses the socket).
-async fn content(page: &chromiumoxide::Page, max: usize) -> Result<String, Failed> {
+/// One look at the page once it has loaded.
+struct Read {
+    html: String,
+    url: String,
+    /// The main document's status from its navigation timing (0 when the
+    /// browser does not know it).
+    status: Option<u16>,
+    /// Chromium's error page is showing: the navigation failed with this.
+    error: Option<String>,
+}
+
+/// Waits for the page's `load`, then reads its HTML (with its doctype),
+/// URL and status in one round trip, unless the HTML is longer than `max`
+/// (then only its length crosses the socket). Until the job's document
+/// replaces the page's initial blank one, the call waits; the replacement
+/// ends it with an error, and it is made again in the new document.
+async fn read(cdp: &Cdp, session: &str, max: usize) -> Result<Read, Failed> {
     #[derive(serde::Deserialize)]
     struct Capped {
         html: Option<String>,
         len: usize,
+        url: String,
+        status: Option<u16>,
+        error: Option<String>,
     }
     let js = format!(
-        "(() => {{ let h = ''; if (document.doctype) h = new XMLSerializer().serializeToString(document.doctype); \
-         if (document.documentElement) h += document.documentElement.outerHTML; \
-         return h.length > {max} ? {{len: h.length}} : {{html: h, len: h.length}}; }})()"
+        "new Promise(done => {{ \
+           if (location.href === 'about:blank') return; \
+           const read = () => {{ \
+             const nav = performance.getEntriesByType('navigation')[0]; \
+             const status = nav && nav.responseStatus; \
+             if (document.URL.startsWith('chrome-error:')) {{ \
+               const code = (document.documentElement.outerHTML.match(/(net::)?ERR_[A-Z_]+/) || ['the navigation failed'])[0]; \
+               return done({{len: 0, url: location.href, status, error: code}}); }} \
+             let h = ''; if (document.doctype) h = new XMLSerializer().serializeToString(document.doctype); \
+             if (document.documentElement) h += document.documentElement.outerHTML; \
+             done(h.length > {max} ? {{len: h.length, url: location.href, status}} : {{html: h, len: h.length, url: location.href, status}}); }}; \
+           if (document.readyState === 'complete') read(); else addEventListener('load', read, {{once: true}}); }})"
     );
-    let capped: Capped = page
-        .evaluate(js)
-        .await?
-        .into_value()
-        .map_err(|e| Failed::Cdp(CdpError::msg(format!("reading the page: {e}"))))?;
+    let value = loop {
+        match evaluate(cdp, session, &js, true).await {
+            Ok(v) => break v,
+            // The document went away under the call (the blank page
+            // replaced, the page navigating itself): ask the new one.
+            Err(Failed::Cdp(CdpError::Command { message, .. })) => {
+                tracing::trace!(message, "page replaced while read; again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let capped: Capped = serde_json::from_value(value)
+        .map_err(|e| Failed::Cdp(CdpError::Other(format!("reading the page: {e}"))))?;
+    let read = |html| Read {
+        html,
+        url: capped.url.clone(),
+        status: capped.status,
+        error: capped.error.clone(),
+    };
     match capped.html {
         // UTF-16 units undercount bytes: the decoded string is checked too.
-        Some(html) if html.len() <= max => Ok(html),
+        Some(html) if html.len() <= max => Ok(read(html)),
         Some(html) => Err(Failed::TooLarge(html.len(), max)),
+        None if capped.error.is_some() => Ok(read(String::new())),
         None => Err(Failed::TooLarge(capped.len, max)),
     }
 }

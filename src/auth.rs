@@ -123,6 +123,8 @@ pub struct Principal {
     pub scope: Scope,
     /// The key's request rate, if it has one.
     pub rate: Option<Rate>,
+    /// Its submits are refused while its tenant has this many jobs waiting.
+    pub max_queued: Option<i64>,
 }
 
 impl Principal {
@@ -133,6 +135,7 @@ impl Principal {
             tenant: DEFAULT_TENANT.to_owned(),
             scope: Scope::Admin,
             rate: None,
+            max_queued: None,
         }
     }
 }

@@ -9,40 +9,18 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::procs::{free_port, wait_port, Proc};
+use support::procs::{free_port, run_stevedore, wait_port, Out, Proc};
 use support::{drop_database, eventually, fresh_pg_database, REDIS};
 use uuid::Uuid;
 
 const SECRET: &str = "test-auth-secret-0123456789abcdef0123456789";
 
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
 async fn stevedore(args: &[&str], env: &[(&str, String)]) -> Out {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_stevedore"));
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .env("STEVEDORE_LOG", "warn");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("stevedore {args:?} did not finish within 60s"))
-        .expect("run stevedore");
-    Out {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run_stevedore(args, env).await
 }
 
 /// `stevedore keys create`; returns (id, key) from its `--json` output and
@@ -417,6 +395,79 @@ async fn keys_scopes_and_revocation_hold_on_every_api_process() {
     assert_eq!(answers[7].0, StatusCode::TOO_MANY_REQUESTS);
     let (s, _) = call(&http, M::GET, &format!("{url}/v1/stats"), Some(&read), None).await;
     assert_eq!(s, StatusCode::OK, "other keys are not limited by it");
+
+    // A key capped at 3 waiting jobs in its tenant: a batch that would
+    // pass the cap is refused whole, with 429 and Retry-After.
+    let out = stevedore(
+        &[
+            "keys",
+            "create",
+            "--tenant",
+            "capped",
+            "--scope",
+            "submit",
+            "--max-queued",
+            "3",
+            "--json",
+        ],
+        &env,
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    let capped = v["key"].as_str().expect("key").to_owned();
+    let later = json!({"kind": "probe", "payload": {}, "run_at": "2099-01-01T00:00:00Z"});
+    let two = json!({"jobs": [later.clone(), later.clone()]});
+    let (s, v) = call(
+        &http,
+        M::POST,
+        &format!("{url}/v1/jobs/batch"),
+        Some(&capped),
+        Some(two.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let r = http
+        .post(format!("{url}/v1/jobs/batch"))
+        .bearer_auth(&capped)
+        .json(&two)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers().get("retry-after").is_some());
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "queue_full", "{v}");
+    let (s, _) = call(
+        &http,
+        M::POST,
+        &format!("{url}/v1/jobs"),
+        Some(&capped),
+        Some(later.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "the third fits");
+    let (s, _) = call(
+        &http,
+        M::POST,
+        &format!("{url}/v1/jobs"),
+        Some(&capped),
+        Some(later),
+    )
+    .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "the fourth does not");
+    let (_, stats) = call(
+        &http,
+        M::GET,
+        &format!("{url}/v1/stats"),
+        Some(&capped),
+        None,
+    )
+    .await;
+    assert_eq!(
+        stats["counts"]["queued"], 3,
+        "nothing of a refused batch was kept: {stats}"
+    );
 
     // Revoked with the CLI: refused by both processes within seconds.
     for u in &urls {

@@ -14,32 +14,13 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::json;
+use support::procs::{run_stevedore, Out};
 use support::{eventually, fast_notify, Flavor, Opts, TestFleet};
 use tokio::io::AsyncBufReadExt;
 
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
 /// Runs `stevedore ARGS` against the fleet, as typed in a second terminal.
 async fn cli(f: &TestFleet, args: &[&str]) -> Out {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stevedore"))
-        .args(args)
-        .env("STEVEDORE_URL", &f.url)
-        .env("STEVEDORE_LOG", "warn")
-        .stdin(Stdio::null())
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .unwrap_or_else(|_| panic!("stevedore {args:?} did not finish within 60s"))
-        .expect("run stevedore");
-    Out {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run_stevedore(args, &[("STEVEDORE_URL", f.url.clone())]).await
 }
 
 /// The value of a `key   value` line of `status`/`submit --wait` output.

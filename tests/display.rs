@@ -198,6 +198,7 @@ async fn shows_answers(with_keys: bool) {
                     scope,
                     name: None,
                     rate: None,
+                    max_queued: None,
                 })
                 .await
                 .expect("key");

@@ -93,6 +93,7 @@ impl KeyGate {
             tenant: k.tenant,
             scope: k.scope,
             rate: k.rate,
+            max_queued: k.max_queued,
         });
         let mut cache = self.lock();
         if cache.len() >= CACHE_MAX {

@@ -28,6 +28,8 @@ pub enum ApiError {
     TooLarge,
     #[error("{0}")]
     Unavailable(String),
+    #[error("the tenant has {waiting} jobs waiting; this key may add jobs only while fewer than {cap} wait")]
+    QueueFull { waiting: i64, cap: i64 },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -72,6 +74,7 @@ impl IntoResponse for ApiError {
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
+            Self::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full", None),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
         };
         let message = match &self {
@@ -93,6 +96,15 @@ impl IntoResponse for ApiError {
                 field: field.filter(|f| !f.is_empty()),
             },
         };
-        (status, Json(body)).into_response()
+        let mut r = (status, Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // Waiting jobs drain at the fleet's pace; a few seconds is a
+            // fair first guess for when there is room again.
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("5"),
+            );
+        }
+        r
     }
 }

@@ -60,6 +60,19 @@ pub struct BatchAccepted {
 
 pub const MAX_BATCH: usize = 1000;
 
+/// Refuses the whole submit when it would take the tenant past its key's
+/// cap on waiting jobs (a batch is accepted whole or not at all).
+async fn check_cap(s: &AppState, who: &Principal, adding: usize) -> Result<(), ApiError> {
+    let Some(cap) = who.max_queued else {
+        return Ok(());
+    };
+    let waiting = s.store.waiting(&who.tenant).await?;
+    if waiting + i64::try_from(adding).unwrap_or(i64::MAX) > cap {
+        return Err(ApiError::QueueFull { waiting, cap });
+    }
+    Ok(())
+}
+
 async fn insert(s: &AppState, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, ApiError> {
     let inserted = s.store.insert_jobs(&jobs).await?;
     for (job, ins) in jobs.iter().zip(&inserted) {
@@ -89,6 +102,7 @@ pub async fn submit(
 ) -> Result<Response, ApiError> {
     let req: SubmitRequest = parse_body(body)?;
     let mut job = NewJob::parse(req, &s.kinds).map_err(ApiError::Invalid)?;
+    check_cap(&s, &who, 1).await?;
     job.tenant = who.tenant;
     super::webhooks::check_job_webhook(&s, &job)
         .await
@@ -143,6 +157,7 @@ pub async fn submit_batch(
                 ApiError::Invalid(FieldError::new(format!("jobs[{i}].{}", e.field), e.message))
             })?;
     }
+    check_cap(&s, &who, jobs.len()).await?;
     let inserted = insert(&s, jobs).await?;
     let body = BatchAccepted {
         jobs: inserted.into_iter().map(Accepted::from).collect(),

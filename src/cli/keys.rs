@@ -41,6 +41,10 @@ pub enum KeysCommand {
         /// 6000/m or 10000/h (429 with Retry-After past it).
         #[arg(long)]
         rate: Option<crate::auth::Rate>,
+        /// Refuse this key's submits (429) while its tenant has this many
+        /// jobs waiting.
+        #[arg(long)]
+        max_queued: Option<u32>,
     },
     /// Every key (never the key itself), newest first.
     List,
@@ -58,6 +62,7 @@ pub async fn run(args: &KeysArgs, cmd: KeysCommand) -> anyhow::Result<()> {
             scope,
             name,
             rate,
+            max_queued,
         } => {
             check_tenant(&tenant).map_err(|m| anyhow::anyhow!("--tenant: {m}"))?;
             let secret = args.access.secret()?.context(
@@ -74,6 +79,7 @@ pub async fn run(args: &KeysArgs, cmd: KeysCommand) -> anyhow::Result<()> {
                 scope,
                 name,
                 rate,
+                max_queued: max_queued.map(i64::from),
             })
             .await?;
             if args.json {

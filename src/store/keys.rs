@@ -22,6 +22,8 @@ pub struct ApiKey {
     pub scope: Scope,
     pub name: Option<String>,
     pub rate: Option<Rate>,
+    /// Submits are refused while the tenant has this many jobs waiting.
+    pub max_queued: Option<i64>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -35,6 +37,7 @@ pub struct NewKey {
     pub scope: Scope,
     pub name: Option<String>,
     pub rate: Option<Rate>,
+    pub max_queued: Option<i64>,
 }
 
 #[async_trait]

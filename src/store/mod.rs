@@ -217,6 +217,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<HashMap<String, i64>>;
     /// Event rows of one job, oldest first.
     async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>>;
+    /// A tenant's jobs waiting to run (queued or retrying), for its cap.
+    async fn waiting(&self, tenant: &str) -> StoreResult<i64>;
 
     async fn cancel(&self, id: Uuid) -> StoreResult<CancelOutcome> {
         Ok(match self.decide(id, Outcome::Cancel).await? {

@@ -358,3 +358,31 @@ impl Drop for PrivateRabbit {
             .status();
     }
 }
+
+/// What a finished `stevedore` command left: its exit and both streams.
+pub struct Out {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `stevedore ARGS` to its end (within 60 s) as typed in a terminal,
+/// with `env` on top of the test's environment and warnings-only logs.
+pub async fn run_stevedore(args: &[&str], env: &[(&str, String)]) -> Out {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_stevedore"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .env("STEVEDORE_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("stevedore {args:?} did not finish within 60s"))
+        .expect("run stevedore");
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -9,7 +9,7 @@ use crate::store::keys::{parse_scope, rate, ApiKey, KeyStore, NewKey};
 use crate::store::StoreResult;
 
 const COLUMNS: &str =
-    "id, prefix, tenant, scope, name, rate_limit, rate_window_secs, created_at, revoked_at";
+    "id, prefix, tenant, scope, name, rate_limit, rate_window_secs, max_queued, created_at, revoked_at";
 
 fn row_to_key(r: &sqlx::postgres::PgRow) -> anyhow::Result<ApiKey> {
     Ok(ApiKey {
@@ -19,6 +19,7 @@ fn row_to_key(r: &sqlx::postgres::PgRow) -> anyhow::Result<ApiKey> {
         scope: parse_scope(r.try_get("scope")?)?,
         name: r.try_get("name")?,
         rate: rate(r.try_get("rate_limit")?, r.try_get("rate_window_secs")?),
+        max_queued: r.try_get("max_queued")?,
         created_at: r.try_get("created_at")?,
         revoked_at: r.try_get("revoked_at")?,
     })
@@ -28,8 +29,9 @@ fn row_to_key(r: &sqlx::postgres::PgRow) -> anyhow::Result<ApiKey> {
 impl KeyStore for PgStore {
     async fn create_key(&self, k: &NewKey) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, hash, prefix, tenant, scope, name, rate_limit, rate_window_secs)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO api_keys (id, hash, prefix, tenant, scope, name, rate_limit, rate_window_secs,
+               max_queued)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(k.id)
         .bind(&k.hash)
@@ -39,6 +41,7 @@ impl KeyStore for PgStore {
         .bind(&k.name)
         .bind(k.rate.map(|r| i32::try_from(r.limit).unwrap_or(i32::MAX)))
         .bind(k.rate.map(|r| i32::try_from(r.window_secs).unwrap_or(i32::MAX)))
+        .bind(k.max_queued)
         .execute(self.pool())
         .await?;
         Ok(())

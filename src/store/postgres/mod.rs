@@ -209,4 +209,14 @@ impl Store for PgStore {
     async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>> {
         self.events_of(id).await
     }
+
+    async fn waiting(&self, tenant: &str) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM jobs WHERE tenant = $1 AND status IN {}",
+            super::sql_list(&crate::model::JobStatus::CLAIMABLE)
+        ))
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?)
+    }
 }

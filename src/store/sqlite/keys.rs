@@ -9,7 +9,7 @@ use crate::store::keys::{parse_scope, rate, ApiKey, KeyStore, NewKey};
 use crate::store::StoreResult;
 
 const COLUMNS: &str =
-    "id, prefix, tenant, scope, name, rate_limit, rate_window_secs, created_at, revoked_at";
+    "id, prefix, tenant, scope, name, rate_limit, rate_window_secs, max_queued, created_at, revoked_at";
 
 fn row_to_key(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<ApiKey> {
     let id: String = r.try_get("id")?;
@@ -20,6 +20,7 @@ fn row_to_key(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<ApiKey> {
         scope: parse_scope(r.try_get("scope")?)?,
         name: r.try_get("name")?,
         rate: rate(r.try_get("rate_limit")?, r.try_get("rate_window_secs")?),
+        max_queued: r.try_get("max_queued")?,
         created_at: from_ms(r.try_get("created_at")?)
             .ok_or_else(|| anyhow::anyhow!("api key {id} has no creation time"))?,
         revoked_at: from_ms(r.try_get("revoked_at")?),
@@ -31,8 +32,8 @@ impl KeyStore for SqliteStore {
     async fn create_key(&self, k: &NewKey) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO api_keys (id, hash, prefix, tenant, scope, name, created_at,
-               rate_limit, rate_window_secs)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               rate_limit, rate_window_secs, max_queued)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(k.id.to_string())
         .bind(&k.hash)
@@ -46,6 +47,7 @@ impl KeyStore for SqliteStore {
             k.rate
                 .map(|r| i32::try_from(r.window_secs).unwrap_or(i32::MAX)),
         )
+        .bind(k.max_queued)
         .execute(self.pool())
         .await?;
         Ok(())

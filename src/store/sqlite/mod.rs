@@ -208,4 +208,14 @@ impl Store for SqliteStore {
     async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>> {
         self.events_of(id).await
     }
+
+    async fn waiting(&self, tenant: &str) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM jobs WHERE tenant = ? AND status IN {}",
+            super::sql_list(&crate::model::JobStatus::CLAIMABLE)
+        ))
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?)
+    }
 }

@@ -25,6 +25,11 @@ case "$mode" in
     trap 'cleanup; psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS '$db' WITH (FORCE)"' EXIT
     export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db STEVEDORE_REDIS_PREFIX=bench-$$
     "$bin" migrate >/dev/null
+    # Measured as deployed: with an API key on every request.
+    export STEVEDORE_AUTH_SECRET="bench-secret-$$-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    STEVEDORE_API_KEY=$("$bin" keys create --tenant bench --scope submit --json |
+      sed -E 's/.*"key":"([^"]+)".*/\1/')
+    export STEVEDORE_API_KEY
     "$bin" api --listen 127.0.0.1:$port & pids+=($!)
     for _ in $(seq "$procs"); do "$bin" worker --pool probe --concurrency "$conc" & pids+=($!); done ;;
   *) echo "usage: $0 dev|redis|amqp [jobs] [worker processes] [concurrency]" >&2; exit 2 ;;

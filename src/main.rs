@@ -103,13 +103,22 @@ enum Command {
         backend: BackendArgs,
     },
     /// Submit a job.
+    #[command(after_help = "Examples:\n  \
+        stevedore submit probe --payload '{\"sleep_ms\": 200}' --wait\n  \
+        stevedore submit scrape --payload '{\"url\": \"https://quiz.example/1\", \"then\": {\"kind\": \"analyze\"}}' --wait --timeout 120\n  \
+        STEVEDORE_URL=https://stevedore.example STEVEDORE_API_KEY=sk_... stevedore submit probe")]
     Submit {
+        /// The job kind: probe, scrape or analyze.
         kind: String,
+        /// The job's payload, as JSON.
         #[arg(long, default_value = "{}")]
         payload: String,
-        /// Wait until the job finishes and print it.
+        /// Wait until the job finishes, showing its state as it changes, and print it.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up (exit 2) after this many seconds; the job goes on.
+        #[arg(long, requires = "wait")]
+        timeout: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -366,8 +375,12 @@ async fn main() -> anyhow::Result<()> {
             kind,
             payload,
             wait,
+            timeout,
             client,
-        } => cli::submit(&client, &kind, &payload, wait).await,
+        } => {
+            let wait = wait.then(|| timeout.map(std::time::Duration::from_secs));
+            cli::submit(&client, &kind, &payload, wait).await
+        }
         Command::Status { id, client } => cli::status(&client, &id).await,
         Command::Dlq { command, client } => cli::dlq(&client, command).await,
         Command::Up {

@@ -56,6 +56,32 @@ async fn submit_status_and_the_dead_letter_commands() {
     assert_eq!(field(&out.stdout, "kind"), Some("probe"));
     let result = field(&out.stdout, "result").expect("a result line");
     assert!(result.contains(r#""attempt":1"#), "{result}");
+    // The states it went through, as they happened.
+    assert!(
+        out.stderr.contains("succeeded (attempt 1)"),
+        "{}",
+        out.stderr
+    );
+
+    // --timeout gives up waiting (exit 2) and says the job goes on.
+    let slow = tokio::process::Command::new(env!("CARGO_BIN_EXE_stevedore"))
+        .args([
+            "submit",
+            "probe",
+            "--payload",
+            r#"{"sleep_ms": 20000}"#,
+            "--wait",
+            "--timeout",
+            "1",
+        ])
+        .env("STEVEDORE_URL", &f.url)
+        .env("STEVEDORE_LOG", "warn")
+        .output()
+        .await
+        .expect("run");
+    let err = String::from_utf8_lossy(&slow.stderr);
+    assert_eq!(slow.status.code(), Some(2), "{err}");
+    assert!(err.contains("after 1s; it goes on"), "{err}");
     let id = field(&out.stdout, "id").expect("id line").to_owned();
     let status = cli(&f, &["status", &id]).await;
     assert!(status.ok, "{}", status.stderr);

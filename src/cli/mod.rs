@@ -166,24 +166,48 @@ pub(crate) fn output(c: &ClientArgs, v: &Value, human: impl Fn(&Value)) {
     }
 }
 
-pub async fn submit(c: &ClientArgs, kind: &str, payload: &str, wait: bool) -> anyhow::Result<()> {
+/// Submits a job; with `wait` (`Some(timeout)`), follows it to its end,
+/// printing each state it enters on stderr.
+pub async fn submit(
+    c: &ClientArgs,
+    kind: &str,
+    payload: &str,
+    wait: Option<Option<Duration>>,
+) -> anyhow::Result<()> {
     let payload: Value = serde_json::from_str(payload).context("--payload is not valid JSON")?;
     let http = client(c.api_key.as_deref())?;
     let body = serde_json::json!({"kind": kind, "payload": payload});
     let accepted = call(http.post(format!("{}/v1/jobs", c.url)).json(&body)).await?;
     let id = s(&accepted, "id");
-    if !wait {
+    let Some(timeout) = wait else {
         output(c, &accepted, |v| {
             println!("{} {}", s(v, "id"), s(v, "status"))
         });
         return Ok(());
-    }
+    };
     if !c.json {
         eprintln!("submitted {id}; waiting…");
     }
+    let started = std::time::Instant::now();
+    let mut last = String::new();
     loop {
         let job = call(http.get(format!("{}/v1/jobs/{id}", c.url))).await?;
         let status = s(&job, "status");
+        if status != last && !c.json {
+            let attempt = s(&job, "attempt");
+            eprintln!(
+                "  {:>6.1}s  {status} (attempt {attempt})",
+                started.elapsed().as_secs_f64()
+            );
+            last = status.clone();
+        }
+        if let Some(t) = timeout.filter(|t| started.elapsed() >= *t) {
+            eprintln!(
+                "job {id} is still {status} after {}s; it goes on (see `stevedore status {id}`)",
+                t.as_secs()
+            );
+            std::process::exit(2);
+        }
         if matches!(status.as_str(), "succeeded" | "dead" | "cancelled") {
             output(c, &job, print_job);
             if status != "succeeded" {
@@ -245,7 +269,7 @@ pub async fn demo(url: String) {
         &c,
         "probe",
         r#"{"sleep_ms": 250, "fail_attempts": 1}"#,
-        true,
+        Some(None),
     )
     .await
     {

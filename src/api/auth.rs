@@ -17,8 +17,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::limits::RateCheck;
 use super::AppState;
-use crate::auth::{bearer, AuthSecret, Principal, Scope};
+use crate::auth::{bearer, constant_time_eq, AuthSecret, Principal, Rate, Scope};
 use crate::store::keys::KeyStore;
 
 /// A looked-up key is trusted this long: a revoked key stops working on
@@ -103,6 +104,20 @@ impl KeyGate {
         Ok(found)
     }
 
+    /// Counts this request against the key's rate, if it has one.
+    async fn count(&self, p: &Principal) -> Option<(Rate, RateCheck)> {
+        let (rates, id, rate) = (self.rates.as_ref()?, p.key_id?, p.rate?);
+        match rates.hit(id, rate).await {
+            Ok(check) => Some((rate, check)),
+            // Counting needs Redis; rather than refuse every keyed request
+            // while it is away, the limit lapses and says so.
+            Err(e) => {
+                tracing::warn!(error = %e, "Rate limit not counted: Redis unreachable.");
+                None
+            }
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         // A panic while holding the lock leaves a plain map behind.
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
@@ -131,8 +146,7 @@ pub fn required(method: &Method, route: &str) -> Option<Scope> {
 }
 
 fn refuse(status: StatusCode, code: &'static str, message: &str) -> Response {
-    let body = serde_json::json!({"error": {"code": code, "message": message}});
-    let mut r = (status, Json(body)).into_response();
+    let mut r = super::error::respond(status, code, message);
     if status == StatusCode::UNAUTHORIZED {
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -164,8 +178,9 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// A stream route: the one place a `?ticket=` stands in for the key.
-fn is_stream(route: &str) -> bool {
+/// A stream route: the one place a `?ticket=` stands in for the key, the
+/// `Origin` rule applies, and (in `limits`) no deadline does.
+pub(super) fn is_stream(route: &str) -> bool {
     route == "/v1/stream" || route == "/v1/events"
 }
 
@@ -246,24 +261,9 @@ pub async fn gate(State(s): State<AppState>, mut req: Request, next: Next) -> Re
             ),
         );
     }
-    let gate = match &s.access {
-        Access::Keys(g) => Some(g.clone()),
+    let limited = match &s.access {
+        Access::Keys(gate) => gate.count(&principal).await,
         Access::Open => None,
-    };
-    let limited = match (&gate, principal.key_id, principal.rate) {
-        (Some(g), Some(id), Some(rate)) => match &g.rates {
-            Some(rates) => match rates.hit(id, rate).await {
-                Ok(check) => Some((rate, check)),
-                // Counting needs Redis; rather than refuse every keyed
-                // request while it is away, the limit lapses and says so.
-                Err(e) => {
-                    tracing::warn!(error = %e, "Rate limit not counted: Redis unreachable.");
-                    None
-                }
-            },
-            None => None,
-        },
-        _ => None,
     };
     if let Some((rate, check)) = &limited {
         if !check.allowed {
@@ -337,10 +337,6 @@ pub async fn metrics_token(State(s): State<AppState>, req: Request, next: Next) 
         }
     }
     next.run(req).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Headers every response carries: the pages load only their own scripts

@@ -56,6 +56,13 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The API's error body (`{"error": {"code", "message"}}`) for answers made
+/// outside a handler: the gate, the load limits, the router's fallbacks.
+pub fn respond(status: StatusCode, code: &'static str, message: &str) -> Response {
+    let body = serde_json::json!({"error": {"code": code, "message": message}});
+    (status, Json(body)).into_response()
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, field) = match &self {

@@ -9,8 +9,7 @@ use std::time::Duration;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use tokio::sync::Semaphore;
 
 /// The API's load limits (`STEVEDORE_API_TIMEOUT_SECS`,
@@ -37,8 +36,7 @@ impl Default for Limits {
 }
 
 fn unavailable(code: &'static str, message: &str) -> Response {
-    let body = serde_json::json!({"error": {"code": code, "message": message}});
-    let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    let mut r = super::error::respond(StatusCode::SERVICE_UNAVAILABLE, code, message);
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r
@@ -50,7 +48,7 @@ pub async fn limit(State(s): State<super::AppState>, req: Request, next: Next) -
     let stream = req
         .extensions()
         .get::<MatchedPath>()
-        .is_some_and(|m| m.as_str() == "/v1/stream" || m.as_str() == "/v1/events");
+        .is_some_and(|m| super::auth::is_stream(m.as_str()));
     if stream {
         return next.run(req).await;
     }

@@ -127,8 +127,11 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> impl IntoResponse {
-    let body = serde_json::json!({"error": {"code": "method_not_allowed", "message": "method not allowed on this route"}});
-    (StatusCode::METHOD_NOT_ALLOWED, Json(body))
+    error::respond(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }
 
 /// Parses a JSON body strictly: 413 over the limit, 400 when it is not JSON,

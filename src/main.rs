@@ -113,6 +113,9 @@ enum Command {
         /// The job's payload, as JSON.
         #[arg(long, default_value = "{}")]
         payload: String,
+        /// -100..=100; higher runs first (default 0).
+        #[arg(long, allow_negative_numbers = true)]
+        priority: Option<i32>,
         /// Wait until the job finishes, showing its state as it changes, and print it.
         #[arg(long)]
         wait: bool,
@@ -132,6 +135,13 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// See each pool's depth and workers; pause and resume pools.
+    Pools {
+        #[command(subcommand)]
+        command: cli::pools::PoolsCommand,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -374,15 +384,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Submit {
             kind,
             payload,
+            priority,
             wait,
             timeout,
             client,
         } => {
             let wait = wait.then(|| timeout.map(std::time::Duration::from_secs));
-            cli::submit(&client, &kind, &payload, wait).await
+            cli::submit(&client, &kind, &payload, priority, wait).await
         }
         Command::Status { id, client } => cli::status(&client, &id).await,
         Command::Dlq { command, client } => cli::dlq(&client, command).await,
+        Command::Pools { command, client } => cli::pools::run(&client, command).await,
         Command::Up {
             scale,
             listen,

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -157,11 +158,31 @@ impl Worker {
             )
             .instrument(span.clone()),
         );
+        let paused = Arc::new(AtomicBool::new(false));
+        let watch = tokio::spawn(
+            watch_pool(
+                self.store.clone(),
+                cfg.clone(),
+                paused.clone(),
+                hb_stop.clone(),
+            )
+            .instrument(span.clone()),
+        );
         let sem = Arc::new(Semaphore::new(cfg.concurrency));
         let tracker = TaskTracker::new();
         tracing::info!(parent: &span, concurrency = cfg.concurrency, "Worker started.");
 
         while !stop.is_cancelled() {
+            // Paused: finish what runs, take nothing new. A delivery that
+            // raced the pause is not lost: the claim refuses it and puts it
+            // back in the outbox until the resume.
+            if paused.load(Ordering::Relaxed) {
+                tokio::select! {
+                    () = tokio::time::sleep(PAUSE_POLL / 4) => {},
+                    () = stop.cancelled() => break,
+                }
+                continue;
+            }
             let first = tokio::select! {
                 p = sem.clone().acquire_owned() => p.ok(),
                 () = stop.cancelled() => None,
@@ -223,7 +244,11 @@ impl Worker {
         hb_stop.cancel();
         drop(done_tx);
         let _ = heartbeat.await;
+        let _ = watch.await;
         let _ = finisher.await;
+        if let Err(e) = self.store.worker_gone(&cfg.name).await {
+            tracing::debug!(parent: &span, error = %e, "Could not sign off; the entry ages out.");
+        }
         tracing::info!(parent: &span, "Worker stopped.");
         Ok(())
     }
@@ -439,6 +464,40 @@ async fn finisher(
         if let Err(e) = acker.ack(&tags).await {
             metrics::BROKER_ACK_ERRORS.inc();
             tracing::warn!(error = %e, "Ack failed; messages will be redelivered and dropped.");
+        }
+    }
+}
+
+/// How often a worker process says it is alive and learns whether its pool
+/// is paused.
+pub const PAUSE_POLL: Duration = Duration::from_secs(1);
+
+async fn watch_pool(
+    store: Arc<dyn Store>,
+    cfg: WorkerConfig,
+    paused: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    let concurrency = i32::try_from(cfg.concurrency).unwrap_or(i32::MAX);
+    let mut tick = tokio::time::interval(PAUSE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            () = stop.cancelled() => return,
+        }
+        match store.worker_seen(&cfg.pool, &cfg.name, concurrency).await {
+            Ok(now) => {
+                if paused.swap(now, Ordering::Relaxed) != now {
+                    tracing::info!(
+                        paused = now,
+                        "Pool {}.",
+                        if now { "paused" } else { "resumed" }
+                    );
+                }
+            }
+            // Keep the last known state: the claim enforces a pause anyway.
+            Err(e) => tracing::debug!(error = %e, "Could not read the pool's state."),
         }
     }
 }

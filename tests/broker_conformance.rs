@@ -134,7 +134,7 @@ async fn published_ids_are_delivered_and_acked_ones_are_gone(flavor: Flavor) {
     let f = bare(flavor).await;
     let b = broker(&f);
     let ids: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
-    b.publish("probe", &ids).await.expect("publish");
+    b.publish("probe", 0, &ids).await.expect("publish");
     let mut c = b.consumer("probe", "c1", 16).await.expect("consumer");
     let got = receive_n(&mut c, 10, 10).await;
     let got_ids: HashSet<Uuid> = got.iter().map(|d| d.job_id).collect();
@@ -158,11 +158,47 @@ async fn published_ids_are_delivered_and_acked_ones_are_gone(flavor: Flavor) {
     f.shutdown().await;
 }
 
+async fn a_backlog_is_handed_out_most_urgent_first(flavor: Flavor) {
+    let f = bare(flavor).await;
+    let b = broker(&f);
+    // Published oldest first, least urgent first: only priority reorders.
+    let mut by_priority: Vec<(i16, Vec<Uuid>)> = Vec::new();
+    for p in [0, -5, 3, 100] {
+        let ids: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
+        b.publish("probe", p, &ids).await.expect("publish");
+        by_priority.push((p, ids));
+    }
+    let mut c = b.consumer("probe", "c1", 32).await.expect("consumer");
+    let mut got = Vec::new();
+    while got.len() < 24 {
+        let batch = receive_n(&mut c, 5.min(24 - got.len()), 10).await;
+        assert!(!batch.is_empty(), "the backlog was handed out: {got:?}");
+        c.acker()
+            .ack(&batch.iter().map(|d| d.tag.clone()).collect::<Vec<_>>())
+            .await
+            .expect("ack");
+        got.extend(batch.into_iter().map(|d| d.job_id));
+    }
+    by_priority.sort_by_key(|(p, _)| -p);
+    let want: Vec<Uuid> = by_priority.into_iter().flat_map(|(_, ids)| ids).collect();
+    assert_eq!(
+        got, want,
+        "priority 100, 3, 0, -5 in turn, FIFO within each"
+    );
+    eventually(
+        10,
+        "acked messages leave every priority's queue",
+        || async { b.depth("probe").await.unwrap_or(1) == 0 },
+    )
+    .await;
+    f.shutdown().await;
+}
+
 async fn an_unacked_message_is_redelivered_when_its_consumer_dies(flavor: Flavor) {
     let f = bare(flavor).await;
     let b = broker(&f);
     let id = Uuid::now_v7();
-    b.publish("probe", &[id]).await.expect("publish");
+    b.publish("probe", 0, &[id]).await.expect("publish");
     let mut dying = b.consumer("probe", "dying", 4).await.expect("consumer");
     let first = receive_n(&mut dying, 1, 10).await;
     assert_eq!(first.len(), 1);
@@ -178,7 +214,7 @@ async fn an_undecodable_message_is_set_aside_and_consuming_goes_on(flavor: Flavo
     let b = broker(&f);
     publish_poison(&f).await;
     let id = Uuid::now_v7();
-    b.publish("probe", &[id]).await.expect("publish");
+    b.publish("probe", 0, &[id]).await.expect("publish");
     let mut c = b.consumer("probe", "c", 8).await.expect("consumer");
     let got = receive_n(&mut c, 1, 10).await;
     assert_eq!(got.iter().map(|d| d.job_id).collect::<Vec<_>>(), vec![id]);
@@ -348,6 +384,7 @@ async fn a_thousand_jobs_run_once_each(flavor: Flavor) {
 
 all_brokers!(
     published_ids_are_delivered_and_acked_ones_are_gone,
+    a_backlog_is_handed_out_most_urgent_first,
     an_unacked_message_is_redelivered_when_its_consumer_dies,
     an_undecodable_message_is_set_aside_and_consuming_goes_on,
     a_retry_is_delayed_until_its_time,
@@ -356,3 +393,57 @@ all_brokers!(
     a_worker_never_runs_more_than_its_concurrency,
     a_thousand_jobs_run_once_each,
 );
+
+/// A queue an older version declared without priorities is used as it is:
+/// publishing and consuming go on (in publish order) instead of failing on
+/// RabbitMQ's refusal to redeclare it with other arguments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_a_queue_without_priorities_keeps_working() {
+    use lapin::options::QueueDeclareOptions;
+    use stevedore::broker::amqp::AmqpBroker;
+    let prefix = format!("sdt:{}", Uuid::now_v7().simple());
+    let cfg = support::amqp_config(&prefix);
+    let conn = lapin::Connection::connect(&cfg.url, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ at 127.0.0.1:5672");
+    let ch = conn.create_channel().await.expect("channel");
+    let legacy = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    // As versions before priorities declared it: with its dead-letter route.
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString(format!("{}.dlx", cfg.prefix).into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        lapin::types::AMQPValue::LongString("probe".into()),
+    );
+    ch.queue_declare(format!("{}.probe", cfg.prefix).into(), legacy, args)
+        .await
+        .expect("declare the old way");
+    let _ = conn.close(200, "done".into()).await;
+
+    let b = AmqpBroker::connect(cfg).await.expect("connect");
+    let id = Uuid::now_v7();
+    let mut sent = false;
+    for _ in 0..3 {
+        match b.publish("probe", 10, &[id]).await {
+            Ok(()) => {
+                sent = true;
+                break;
+            }
+            Err(e) => eprintln!("publish refused: {e}"),
+        }
+    }
+    assert!(
+        sent,
+        "publishing to the old queue succeeds after one refusal"
+    );
+    let mut c = b.consumer("probe", "c", 4).await.expect("consumer");
+    let got = receive_n(&mut c, 1, 10).await;
+    assert_eq!(got.iter().map(|d| d.job_id).collect::<Vec<_>>(), vec![id]);
+    support::delete_amqp(&prefix, &["probe"]).await;
+}

@@ -151,6 +151,72 @@ async fn submit_status_and_the_dead_letter_commands() {
     f.shutdown().await;
 }
 
+/// `pools list|pause|resume` and `submit --priority`, as the README types them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_pause_and_resume_and_submit_with_a_priority() {
+    let f = TestFleet::start(Flavor::Sqlite).await;
+    let paused = cli(&f, &["pools", "pause", "probe"]).await;
+    assert!(paused.ok, "{}", paused.stderr);
+    let row = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("probe "))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        row(&paused.stdout).get(1).map(String::as_str),
+        Some("paused"),
+        "{}",
+        paused.stdout
+    );
+
+    let submit = cli(&f, &["submit", "probe", "--priority", "-7", "--json"]).await;
+    assert!(submit.ok, "{}", submit.stderr);
+    let accepted: serde_json::Value = serde_json::from_str(submit.stdout.trim()).expect("JSON");
+    let id: uuid::Uuid = accepted["id"].as_str().expect("id").parse().expect("uuid");
+    assert_eq!(f.job(id).await["priority"], -7);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let list = cli(&f, &["pools", "list"]).await;
+    assert!(list.ok, "{}", list.stderr);
+    let probe = row(&list.stdout);
+    // POOL STATE QUEUED RUNNING RETRYING DEAD WORKERS CONCURRENCY
+    assert_eq!(
+        probe.get(1).map(String::as_str),
+        Some("paused"),
+        "{}",
+        list.stdout
+    );
+    assert_eq!(
+        probe.get(2).map(String::as_str),
+        Some("1"),
+        "one job waits: {}",
+        list.stdout
+    );
+    assert_eq!(
+        probe.get(6).map(String::as_str),
+        Some("1"),
+        "one worker process: {}",
+        list.stdout
+    );
+    assert_eq!(
+        f.job(id).await["status"],
+        "queued",
+        "nothing starts while paused"
+    );
+
+    let resumed = cli(&f, &["pools", "resume", "probe"]).await;
+    assert!(resumed.ok, "{}", resumed.stderr);
+    assert_eq!(
+        row(&resumed.stdout).get(1).map(String::as_str),
+        Some("running")
+    );
+    f.wait_status(id, "succeeded", 20).await;
+
+    let bad = cli(&f, &["pools", "pause", "nosuchpool"]).await;
+    assert!(!bad.ok && bad.stderr.contains("404"), "{}", bad.stderr);
+    f.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_follows_one_kind() {
     let f = TestFleet::start_with(

@@ -1,6 +1,8 @@
 //! The operator console in headless Chromium, used as an operator would:
 //! find a dead job by a word of its error, replay it and watch it succeed;
-//! purge a group of dead letters with the same error and see the count drop.
+//! purge a group of dead letters with the same error and see the count drop;
+//! pause a pool, see submitted jobs wait, resume it and see them finish; and
+//! time a text search over 10,000 jobs.
 
 mod support;
 
@@ -209,6 +211,100 @@ async fn an_operator_finds_replays_and_purges_dead_letters() {
     .await;
     let (_, dead) = f.get("/v1/dead-letters").await;
     assert_eq!(dead["jobs"], Value::Array(vec![]), "purged for good");
+
+    // Pools: pause probe from its row, after confirming.
+    page.evaluate("location.hash = '#/pools'")
+        .await
+        .expect("navigate");
+    let probe_state = "document.querySelector('tr[data-pool=probe]')?.cells[1].innerText";
+    wait_for(
+        &page,
+        &format!("{probe_state}?.includes('running')"),
+        20,
+        "the probe pool shows as running",
+    )
+    .await;
+    click(&page, "tr[data-pool=probe] button", "Pause").await;
+    wait_for(
+        &page,
+        "document.getElementById('confirm').open",
+        5,
+        "a confirmation",
+    )
+    .await;
+    click(&page, "#confirm button", "Pause").await;
+    wait_for(
+        &page,
+        &format!("{probe_state}?.includes('paused')"),
+        20,
+        "the probe pool shows as paused",
+    )
+    .await;
+    let waiting = [
+        f.probe(json!({}), json!({})).await,
+        f.probe(json!({}), json!({})).await,
+    ];
+    let queued = "document.querySelector('tr[data-pool=probe]')?.cells[2].innerText";
+    wait_for(
+        &page,
+        &format!("{queued} === '2'"),
+        20,
+        "the two submitted jobs wait in the paused pool",
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    for id in waiting {
+        assert_eq!(f.job(id).await["status"], "queued", "started while paused");
+    }
+    screenshot(&page, "console-pools.png").await;
+    click(&page, "tr[data-pool=probe] button", "Resume").await;
+    wait_for(
+        &page,
+        "document.getElementById('confirm').open",
+        5,
+        "a confirmation",
+    )
+    .await;
+    click(&page, "#confirm button", "Resume").await;
+    for id in waiting {
+        f.wait_status(id, "succeeded", 30).await;
+    }
+    wait_for(
+        &page,
+        &format!("{probe_state}?.includes('running') && {queued} === '0'"),
+        20,
+        "the pool runs again and nothing waits",
+    )
+    .await;
+
+    // 10,000 jobs held in a paused pool, one of them with a distinct
+    // payload: how long the console takes to find it (a figure, not a
+    // pass/fail bound; the machine is shared).
+    let (status, _) = f.post("/v1/pools/probe/pause", json!({})).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    let mut batch: Vec<Value> = (0..9_999)
+        .map(|_| json!({"kind": "probe", "payload": {}}))
+        .collect();
+    batch.push(json!({"kind": "probe", "payload": {"sleep_ms": 4242}}));
+    for chunk in batch.chunks(1_000) {
+        let (status, v) = f.post("/v1/jobs/batch", json!({"jobs": chunk})).await;
+        assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{v}");
+    }
+    let started = std::time::Instant::now();
+    page.evaluate("location.hash = '#/jobs?q=4242'")
+        .await
+        .expect("navigate");
+    wait_for(
+        &page,
+        "document.querySelector('main [role=status]')?.innerText.startsWith('1 of 10000 scanned')",
+        60,
+        "the search finds the one job among 10,000",
+    )
+    .await;
+    eprintln!(
+        "console: a text search over 10,000 jobs took {} ms",
+        started.elapsed().as_millis()
+    );
 
     browser.close().await;
     f.shutdown().await;

@@ -256,13 +256,13 @@ async fn a_job_delivered_twice_runs_once(flavor: Flavor) {
     let id = f.probe(json!({"sleep_ms": 300}), json!({})).await;
     let broker = f.backend.brokers.for_pool("probe").clone();
     broker
-        .publish("probe", &[id, id])
+        .publish("probe", 0, &[id, id])
         .await
         .expect("publish duplicates");
     f.wait_status(id, "succeeded", 20).await;
     // Late duplicates after success are dropped as well: once the broker
     // holds nothing unacked, every copy has been received and handled.
-    broker.publish("probe", &[id]).await.expect("publish");
+    broker.publish("probe", 0, &[id]).await.expect("publish");
     eventually(20, "every copy received and acked", || {
         let broker = broker.clone();
         async move { broker.depth("probe").await.is_ok_and(|d| d == 0) }

@@ -117,6 +117,7 @@ fn new_job(key: Option<&str>) -> NewJob {
         idempotency_key: key.map(str::to_owned),
         parent_id: None,
         webhook: None,
+        priority: 0,
         tenant: "default".into(),
     }
 }
@@ -139,17 +140,20 @@ fn success(c: &Claimed, n: i64) -> Transition {
 #[derive(Default)]
 struct Recorder {
     sent: Mutex<Vec<(String, Uuid)>>,
+    priorities: Mutex<Vec<i16>>,
     fail: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
 impl Publisher for Recorder {
-    async fn publish(&self, pool: &str, ids: &[Uuid]) -> anyhow::Result<()> {
+    async fn publish(&self, pool: &str, priority: i16, ids: &[Uuid]) -> anyhow::Result<()> {
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
             anyhow::bail!("broker down");
         }
         let mut sent = self.sent.lock().expect("lock");
         sent.extend(ids.iter().map(|id| (pool.to_owned(), *id)));
+        let mut priorities = self.priorities.lock().expect("lock");
+        priorities.extend(ids.iter().map(|_| priority));
         Ok(())
     }
 }
@@ -626,6 +630,77 @@ async fn the_outbox_is_kept_until_a_broker_takes_it_and_lost_jobs_are_resent(kin
     db.close().await;
 }
 
+async fn a_paused_pool_keeps_its_outbox_and_the_most_urgent_go_first(kind: Kind) {
+    let db = Db::open(kind).await;
+    let s = &db.store;
+    let r = Recorder::default();
+    // A job the broker already delivered when the pause came.
+    let delivered = db.insert(1).await;
+    assert_eq!(s.relay_outbox(10, &r).await.expect("relay"), 1);
+
+    s.set_paused("probe", true).await.expect("pause");
+    let job = |priority: i16| NewJob {
+        priority,
+        ..new_job(None)
+    };
+    let (low, mid, high, neg) = (job(0), job(5), job(100), job(-100));
+    s.insert_jobs(&[neg.clone(), low.clone(), mid.clone(), high.clone()])
+        .await
+        .expect("insert");
+    assert_eq!(
+        s.relay_outbox(10, &r).await.expect("relay"),
+        0,
+        "held while paused"
+    );
+
+    // The delivered one is refused, and put back in the outbox rather than
+    // lost with its message.
+    let claimed = s.claim(&delivered, "w", LEASE).await.expect("claim");
+    assert!(claimed.is_empty(), "claimed in a paused pool: {claimed:?}");
+    let pools = s.pools(Duration::from_secs(5)).await.expect("pools");
+    assert!(
+        pools.iter().any(|p| p.name == "probe" && p.paused),
+        "{pools:?}"
+    );
+
+    s.set_paused("probe", false).await.expect("resume");
+    r.sent.lock().expect("lock").clear();
+    r.priorities.lock().expect("lock").clear();
+    assert_eq!(s.relay_outbox(10, &r).await.expect("relay"), 5);
+    let sent: Vec<Uuid> = r.sent.lock().expect("lock").iter().map(|s| s.1).collect();
+    assert_eq!(
+        sent,
+        vec![high.id, mid.id, delivered[0], low.id, neg.id],
+        "most urgent first, FIFO within a priority"
+    );
+    assert_eq!(
+        *r.priorities.lock().expect("lock"),
+        vec![100, 5, 0, 0, -100]
+    );
+    let got = s.get_job(high.id).await.expect("get").expect("job");
+    assert_eq!(got.priority, 100);
+    assert_eq!(
+        s.claim(&delivered, "w", LEASE).await.expect("claim").len(),
+        1
+    );
+
+    // Workers report in; a clean stop signs off.
+    assert!(!s.worker_seen("probe", "w1", 8).await.expect("seen"));
+    s.worker_seen("probe", "w2", 4).await.expect("seen");
+    let probe = |p: Vec<stevedore::store::PoolState>| p.into_iter().find(|p| p.name == "probe");
+    let p = probe(s.pools(Duration::from_secs(5)).await.expect("pools")).expect("probe");
+    assert_eq!((p.workers, p.concurrency, p.paused), (2, 12, false));
+    s.worker_gone("w2").await.expect("gone");
+    s.set_paused("probe", true).await.expect("pause");
+    assert!(
+        s.worker_seen("probe", "w1", 8).await.expect("seen"),
+        "told it is paused"
+    );
+    let p = probe(s.pools(Duration::from_secs(5)).await.expect("pools")).expect("probe");
+    assert_eq!((p.workers, p.concurrency, p.paused), (1, 8, true));
+    db.close().await;
+}
+
 async fn tenants_keep_their_jobs_and_children_follow_their_parent(kind: Kind) {
     let db = Db::open(kind).await;
     let s = &db.store;
@@ -739,4 +814,5 @@ both_stores!(
     expired_leases_retry_die_on_the_last_attempt_or_honour_a_cancel,
     the_outbox_is_kept_until_a_broker_takes_it_and_lost_jobs_are_resent,
     tenants_keep_their_jobs_and_children_follow_their_parent,
+    a_paused_pool_keeps_its_outbox_and_the_most_urgent_go_first,
 );

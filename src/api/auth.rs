@@ -135,6 +135,7 @@ pub fn required(method: &Method, route: &str) -> Option<Scope> {
     let reading = method == Method::GET || method == Method::HEAD || route == "/v1/stream-tickets";
     let admin = route.starts_with("/v1/webhook")
         || route.starts_with("/v1/keys")
+        || route.starts_with("/v1/pools")
         || (route.starts_with("/v1/dead-letters") && !reading);
     Some(if admin {
         Scope::Admin

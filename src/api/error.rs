@@ -24,6 +24,8 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("request body is larger than the 1 MiB limit")]
     TooLarge,
     #[error("{0}")]
@@ -79,6 +81,7 @@ impl IntoResponse for ApiError {
             ),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", None),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             Self::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full", None),

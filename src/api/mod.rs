@@ -1,7 +1,7 @@
 //! The HTTP API (axum): routes, shared state and the request-body rules
 //! (1 MiB limit, strict JSON). Handlers live in `jobs`, `dlq`, `stream`
 //! (SSE and WebSocket), `webhooks`, `display` (the live page) and `console`
-//! (the operator console and its job-events route); the OpenAPI document is
+//! (the operator console and its job-events route), `pools` (pausing); the OpenAPI document is
 //! assembled in `openapi`; keys, scopes and the browser rules are checked in
 //! `auth`; request ids and request metrics are layered on in `observe`.
 
@@ -15,6 +15,7 @@ mod jobs;
 pub mod limits;
 mod observe;
 mod openapi;
+mod pools;
 mod stream;
 mod webhooks;
 
@@ -80,6 +81,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/dead-letters/{id}", get(dlq::show).delete(dlq::purge))
         .route("/v1/dead-letters/{id}/replay", post(dlq::replay))
         .route("/v1/stats", get(jobs::stats))
+        .route("/v1/pools", get(pools::list))
+        .route("/v1/pools/{pool}/pause", post(pools::pause))
+        .route("/v1/pools/{pool}/resume", post(pools::resume))
         .route("/v1/events", get(stream::sse))
         .route("/v1/stream", get(stream::ws))
         .route("/v1/stream-tickets", post(auth::stream_ticket))

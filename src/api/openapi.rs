@@ -23,6 +23,9 @@ use utoipa::{Modify, OpenApi};
         super::dlq::replay,
         super::dlq::purge,
         super::jobs::stats,
+        super::pools::list,
+        super::pools::pause,
+        super::pools::resume,
         super::auth::stream_ticket,
         super::healthz,
         super::readyz

@@ -40,7 +40,7 @@ impl EmbeddedBroker {
     /// Writes a raw body, bypassing id encoding (tests of poison handling).
     pub async fn publish_raw(&self, pool: &str, body: &str) -> Result<(), BrokerError> {
         self.table
-            .push(pool, &[body.to_owned()])
+            .push(pool, 0, &[body.to_owned()])
             .await
             .map_err(err)?;
         self.notify.notify_waiters();
@@ -58,9 +58,12 @@ impl Broker for EmbeddedBroker {
         self.table.ping().await.map_err(err)
     }
 
-    async fn publish(&self, pool: &str, ids: &[Uuid]) -> Result<(), BrokerError> {
+    async fn publish(&self, pool: &str, priority: i16, ids: &[Uuid]) -> Result<(), BrokerError> {
         let bodies: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-        self.table.push(pool, &bodies).await.map_err(err)?;
+        self.table
+            .push(pool, priority, &bodies)
+            .await
+            .map_err(err)?;
         self.notify.notify_waiters();
         Ok(())
     }

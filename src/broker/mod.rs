@@ -39,7 +39,10 @@ pub struct Delivery {
 pub trait Broker: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     async fn ping(&self) -> Result<(), BrokerError>;
-    async fn publish(&self, pool: &str, ids: &[Uuid]) -> Result<(), BrokerError>;
+    /// `ids` all have `priority` (-100..=100). The embedded queue hands
+    /// higher ones out first; Redis and RabbitMQ keep publish order, which
+    /// the relay makes most urgent first.
+    async fn publish(&self, pool: &str, priority: i16, ids: &[Uuid]) -> Result<(), BrokerError>;
     /// Messages the broker holds for `pool` and has not had acked (waiting
     /// or delivered-unacked). The dispatcher compares it with the jobs
     /// Postgres says are waiting, to tell a lost message from a long queue.
@@ -108,9 +111,9 @@ impl Brokers {
 
 #[async_trait]
 impl Publisher for Brokers {
-    async fn publish(&self, pool: &str, ids: &[Uuid]) -> anyhow::Result<()> {
+    async fn publish(&self, pool: &str, priority: i16, ids: &[Uuid]) -> anyhow::Result<()> {
         let broker = self.for_pool(pool);
-        let res = broker.publish(pool, ids).await;
+        let res = broker.publish(pool, priority, ids).await;
         crate::metrics::broker_publish(broker.name(), ids.len(), res.is_ok());
         Ok(res?)
     }

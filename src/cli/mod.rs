@@ -7,6 +7,7 @@ pub mod bench_scrape;
 pub mod doctor;
 pub mod keys;
 pub mod notify;
+pub mod pools;
 
 use std::time::Duration;
 
@@ -172,11 +173,15 @@ pub async fn submit(
     c: &ClientArgs,
     kind: &str,
     payload: &str,
+    priority: Option<i32>,
     wait: Option<Option<Duration>>,
 ) -> anyhow::Result<()> {
     let payload: Value = serde_json::from_str(payload).context("--payload is not valid JSON")?;
     let http = client(c.api_key.as_deref())?;
-    let body = serde_json::json!({"kind": kind, "payload": payload});
+    let mut body = serde_json::json!({"kind": kind, "payload": payload});
+    if let Some(p) = priority {
+        body["priority"] = p.into();
+    }
     let accepted = call(http.post(format!("{}/v1/jobs", c.url)).json(&body)).await?;
     let id = s(&accepted, "id");
     let Some(timeout) = wait else {
@@ -269,6 +274,7 @@ pub async fn demo(url: String) {
         &c,
         "probe",
         r#"{"sleep_ms": 250, "fail_attempts": 1}"#,
+        None,
         Some(None),
     )
     .await

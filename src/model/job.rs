@@ -59,6 +59,8 @@ pub struct SubmitRequest {
     /// RFC 3339; the job does not start before then.
     pub run_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
+    /// -100..=100, default 0: higher runs first; FIFO within one priority.
+    pub priority: Option<i32>,
     /// Where to POST this job's terminal event (signed with `secret`, or the
     /// deployment's `STEVEDORE_WEBHOOK_SECRET` when it brings none).
     pub webhook: Option<JobWebhook>,
@@ -77,6 +79,8 @@ pub struct JobWebhook {
 
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 5;
 pub const DEFAULT_TIMEOUT_SECS: i32 = 300;
+/// The range a job's `priority` may take.
+pub const PRIORITIES: std::ops::RangeInclusive<i16> = -100..=100;
 
 /// A submit request that passed validation; only `NewJob::parse` builds one.
 #[derive(Debug, Clone)]
@@ -91,6 +95,8 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     pub parent_id: Option<Uuid>,
     pub webhook: Option<JobWebhook>,
+    /// Higher first. A child takes its parent's from the database.
+    pub priority: i16,
     /// Whose job it is: the submitting key's tenant. A child takes its
     /// parent's tenant from the database, whatever this says.
     pub tenant: String,
@@ -140,6 +146,13 @@ impl NewJob {
                 "must be at least base_ms and at most 86400000",
             ));
         }
+        let priority = match req.priority {
+            None => 0,
+            Some(p) => i16::try_from(p)
+                .ok()
+                .filter(|p| PRIORITIES.contains(p))
+                .ok_or_else(|| FieldError::new("priority", "must be between -100 and 100"))?,
+        };
         if let Some(key) = &req.idempotency_key {
             if key.is_empty() || key.len() > 200 {
                 return Err(FieldError::new(
@@ -170,6 +183,7 @@ impl NewJob {
             idempotency_key: req.idempotency_key,
             parent_id: None,
             webhook: req.webhook,
+            priority,
             tenant: crate::auth::DEFAULT_TENANT.to_owned(),
         })
     }
@@ -189,6 +203,7 @@ impl NewJob {
             backoff: None,
             run_at: None,
             idempotency_key: None,
+            priority: None,
             webhook: None,
         };
         let mut job = Self::parse(req, kinds)?;
@@ -231,6 +246,8 @@ pub struct Job {
     pub timeout_secs: i32,
     pub run_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
+    /// Higher runs first (-100..=100).
+    pub priority: i16,
     /// The tenant the job belongs to.
     pub tenant: String,
     #[schema(value_type = Option<Object>)]

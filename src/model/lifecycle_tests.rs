@@ -93,6 +93,7 @@ fn success_keeps_the_result_and_its_children() {
         idempotency_key: None,
         parent_id: Some(Uuid::nil()),
         webhook: None,
+        priority: 0,
         tenant: "default".into(),
     };
     let t = next(

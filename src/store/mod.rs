@@ -150,6 +150,17 @@ pub struct JobEvent {
     pub at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A pool's flow-control state and the workers serving it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolState {
+    pub name: String,
+    pub paused: bool,
+    /// Worker processes seen recently.
+    pub workers: i64,
+    /// Their concurrency added up.
+    pub concurrency: i64,
+}
+
 /// Counts for the metrics gauges.
 #[derive(Debug, Clone, Default)]
 pub struct Depths {
@@ -161,7 +172,8 @@ pub struct Depths {
 /// the store can publish inside its outbox transaction.
 #[async_trait]
 pub trait Publisher: Send + Sync {
-    async fn publish(&self, pool: &str, ids: &[Uuid]) -> anyhow::Result<()>;
+    /// `ids` all have `priority`; brokers that can, hand higher ones out first.
+    async fn publish(&self, pool: &str, priority: i16, ids: &[Uuid]) -> anyhow::Result<()>;
 }
 
 #[async_trait]
@@ -219,6 +231,18 @@ pub trait Store: Send + Sync + 'static {
     async fn job_events(&self, id: Uuid) -> StoreResult<Vec<JobEvent>>;
     /// A tenant's jobs waiting to run (queued or retrying), for its cap.
     async fn waiting(&self, tenant: &str) -> StoreResult<i64>;
+
+    /// Pauses or resumes a pool. The flag lives in the database, so it
+    /// holds across restarts of every process: while it is set the relay
+    /// keeps the pool's messages and no job of the pool is claimed.
+    async fn set_paused(&self, pool: &str, paused: bool) -> StoreResult<()>;
+    /// Pools that were ever paused or have a worker seen within `alive`.
+    async fn pools(&self, alive: Duration) -> StoreResult<Vec<PoolState>>;
+    /// A worker process of `pool` says it is alive (and how many jobs it
+    /// runs at once); answers whether the pool is paused.
+    async fn worker_seen(&self, pool: &str, worker: &str, concurrency: i32) -> StoreResult<bool>;
+    /// A worker process stopped cleanly.
+    async fn worker_gone(&self, worker: &str) -> StoreResult<()>;
 
     async fn cancel(&self, id: Uuid) -> StoreResult<CancelOutcome> {
         Ok(match self.decide(id, Outcome::Cancel).await? {
@@ -280,13 +304,37 @@ pub(crate) fn event_columns(last_error: &str) -> String {
 /// gives the rows back for the next round.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Publishes each pool's job ids, each batch within [`PUBLISH_TIMEOUT`].
+/// One outbox row on its way to a broker.
+#[derive(Debug, Clone)]
+pub(crate) struct Outgoing {
+    /// When the row became due, in ms: FIFO order within one priority.
+    pub due_ms: i64,
+    /// The outbox row's id, for rows due at the same millisecond.
+    pub seq: i64,
+    pub job_id: Uuid,
+    pub pool: String,
+    pub priority: i16,
+}
+
+/// Publishes the rows in batches of one pool and priority, the most urgent
+/// first and FIFO within a priority, each batch within [`PUBLISH_TIMEOUT`].
 pub(crate) async fn publish_all(
     publisher: &dyn Publisher,
-    by_pool: HashMap<&str, Vec<Uuid>>,
+    mut rows: Vec<Outgoing>,
 ) -> StoreResult<()> {
-    for (pool, ids) in by_pool {
-        tokio::time::timeout(PUBLISH_TIMEOUT, publisher.publish(pool, &ids))
+    rows.sort_by(|a, b| (b.priority, a.due_ms, a.seq).cmp(&(a.priority, b.due_ms, b.seq)));
+    let mut batches: Vec<(&str, i16, Vec<Uuid>)> = Vec::new();
+    for r in &rows {
+        match batches
+            .iter_mut()
+            .find(|(pool, p, _)| *pool == r.pool && *p == r.priority)
+        {
+            Some((_, _, ids)) => ids.push(r.job_id),
+            None => batches.push((&r.pool, r.priority, vec![r.job_id])),
+        }
+    }
+    for (pool, priority, ids) in batches {
+        tokio::time::timeout(PUBLISH_TIMEOUT, publisher.publish(pool, priority, &ids))
             .await
             .map_err(|_| StoreError::Other(anyhow::anyhow!("publishing to {pool} timed out")))??;
     }

@@ -26,6 +26,10 @@ const secs = (x) => (x === null ? "–" : x < 1 ? Math.round(x * 1000) + " ms" :
 // ---- Pools -------------------------------------------------------------
 VIEWS.pools = async (main, ctx) => {
   const stats = await api("GET", "/v1/stats");
+  // Pausing and worker counts are for admin keys of the default tenant
+  // (pools are shared); other keys see the rest of the page.
+  let pools = null;
+  try { pools = Object.fromEntries((await api("GET", "/v1/pools")).pools.map((p) => [p.name, p])); } catch (_) { pools = null; }
   const kinds = Object.keys(stats.pools);
   // Submit→start over each pool's latest 100 jobs that have started.
   const waits = {};
@@ -43,22 +47,43 @@ VIEWS.pools = async (main, ctx) => {
     const top = Math.max(1, ...perMin);
     const spark = el("span", { class: "spark", "aria-hidden": "true" },
       perMin.map((n) => { const s = el("span"); s.style.height = Math.round((n / top) * 100) + "%"; return s; }));
+    const pool = pools && pools[k];
+    const state = !pool ? td("–") : td([
+      el("span", { class: "badge " + (pool.paused ? "paused" : "live") }, pool.paused ? "paused" : "running"), " ",
+      el("button", { class: pool.paused ? "primary" : "danger", onclick: () => pauseOrResume(ctx, main, k, !pool.paused) },
+        pool.paused ? "Resume" : "Pause")]);
     return el("tr", { "data-pool": k },
       el("th", { scope: "row" }, el("a", { href: `#/jobs?kind=${encodeURIComponent(k)}` }, k)),
+      state,
       ...ACTIVE.map((s) => td(String(p[s] || 0), "num")),
+      td(pool ? `${pool.workers} (${pool.concurrency} slots)` : "–", "num"),
       td([spark, " ", String(perMin[4]) + "/min"], "num"),
       td(`${secs(pct(waits[k], 0.5))} / ${secs(pct(waits[k], 0.95))}`, "num"));
   });
   main.replaceChildren(
     el("h2", {}, "Pools"),
-    table(["Pool", "Queued#", "Retrying#", "Running#", "Finished, last 5 min#", "Submit→start p50 / p95#"], rows),
+    table(["Pool", "State", "Queued#", "Retrying#", "Running#", "Workers#", "Finished, last 5 min#", "Submit→start p50 / p95#"], rows),
     el("p", { class: "note" }, `Dead letters: ${stats.dead_letters}. Totals: `,
       Object.entries(stats.counts || {}).map(([s, n]) => `${s} ${n}`).join(" · ") || "none",
-      ". Latency is over each pool's latest 100 started jobs; pausing a pool and connected workers need API support that does not exist yet."));
+      ". Latency is over each pool's latest 100 started jobs.",
+      pools ? " A paused pool accepts jobs and starts none; running ones finish." : " Pausing pools needs an admin key of the default tenant."));
   const reload = debounce(() => { if (current === ctx) VIEWS.pools(main, ctx); }, 2000);
   ctx.onEvent = reload;
   ctx.refresh = () => VIEWS.pools(main, ctx);
 };
+
+async function pauseOrResume(ctx, main, pool, pause) {
+  const verb = pause ? "Pause" : "Resume";
+  const text = pause
+    ? `Pause pool ${pool}? Its workers finish what they run and start nothing new; submits are still accepted.`
+    : `Resume pool ${pool}? Its waiting jobs start, the most urgent first.`;
+  if (!(await confirmAction(text, verb))) return;
+  try {
+    await api("POST", `/v1/pools/${encodeURIComponent(pool)}/${pause ? "pause" : "resume"}`);
+    toast(`${pool} ${pause ? "paused" : "resumed"}.`);
+  } catch (e) { toast(e.message); }
+  if (current === ctx) VIEWS.pools(main, ctx);
+}
 
 // ---- Jobs --------------------------------------------------------------
 function matches(job, text) {

@@ -10,6 +10,13 @@
 //! dropped channel always gets a new generation that acks are checked
 //! against.
 //!
+//! Priorities: classic queues are declared with `x-max-priority` and each
+//! message carries one of five bands (see [`band`]), so a backlog on the
+//! broker is handed out most urgent first. A queue declared by an older
+//! version without the argument is used as it is (with a warning): its
+//! order is then the relay's. Quorum queues on RabbitMQ 3 have no
+//! priorities.
+//!
 //! Throughput comes from never waiting on RabbitMQ once per message: a
 //! relay batch is handed to lapin whole and its confirms awaited after
 //! (see `publish_bodies`), and acks are coalesced (see `consumer`).
@@ -45,6 +52,12 @@ pub struct AmqpConfig {
     pub quorum: bool,
 }
 
+/// RabbitMQ refused to redeclare a queue because it has no priorities.
+fn lacks_priorities(e: &lapin::Error) -> bool {
+    let m = e.to_string();
+    m.contains("PRECONDITION_FAILED") && m.contains("x-max-priority")
+}
+
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
@@ -68,6 +81,24 @@ struct Link {
 pub struct AmqpBroker {
     cfg: AmqpConfig,
     link: Arc<Mutex<Option<Link>>>,
+    /// Pools whose queue exists without `x-max-priority`: redeclaring it
+    /// with the argument would be refused, so it is declared without.
+    unranked: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+/// The bands RabbitMQ orders messages in (it keeps one internal queue per
+/// level, so few): below 0, 0, 1 to 10, 11 to 50, above 50.
+pub const MAX_BAND: u8 = 4;
+
+/// A job priority's band.
+pub fn band(priority: i16) -> u8 {
+    match priority {
+        ..=-1 => 0,
+        0 => 1,
+        1..=10 => 2,
+        11..=50 => 3,
+        _ => MAX_BAND,
+    }
 }
 
 impl AmqpBroker {
@@ -75,6 +106,7 @@ impl AmqpBroker {
         let b = Self {
             cfg,
             link: Arc::default(),
+            unranked: Arc::default(),
         };
         // Fail fast on a wrong URL; later drops reconnect lazily.
         b.with_link(|_| Ok(())).await?;
@@ -189,19 +221,47 @@ impl AmqpBroker {
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(pool.into()),
         );
+        let unranked = self
+            .unranked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(pool);
         if self.cfg.quorum {
             args.insert(
                 "x-queue-type".into(),
                 AMQPValue::LongString("quorum".into()),
             );
+        } else if !unranked {
+            args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_BAND));
         }
-        ch.queue_declare(self.queue(pool).into(), durable, args)
+        match ch
+            .queue_declare(self.queue(pool).into(), durable, args)
             .await
-            .map_err(unavailable)?;
-        Ok(())
+        {
+            Ok(_) => Ok(()),
+            Err(e) if !unranked && !self.cfg.quorum && lacks_priorities(&e) => {
+                tracing::warn!(
+                    queue = %self.queue(pool),
+                    "The queue exists without priorities; using it as it is. Delete it while \
+                     the pool is paused (Postgres re-sends its jobs) to get them."
+                );
+                self.unranked
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(pool.to_owned());
+                // The refusal closed the channel; the caller opens another.
+                Err(unavailable(e))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
-    async fn publish_bodies(&self, pool: &str, bodies: Vec<Vec<u8>>) -> Result<(), BrokerError> {
+    async fn publish_bodies(
+        &self,
+        pool: &str,
+        priority: i16,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<(), BrokerError> {
         let (ch, declared) = self
             .with_link(|l| Ok((l.publish.clone(), l.declared.contains(pool))))
             .await?;
@@ -221,7 +281,9 @@ impl AmqpBroker {
             // messages a second.
             let sends = bodies.iter().map(|body| {
                 // delivery_mode 2: persistent, so a broker restart keeps it.
-                let props = BasicProperties::default().with_delivery_mode(2);
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_priority(band(priority));
                 ch.basic_publish(
                     "".into(),
                     queue.clone(),
@@ -258,7 +320,7 @@ impl AmqpBroker {
 
     /// Publishes a raw body (tests of poison handling).
     pub async fn publish_raw(&self, pool: &str, body: &str) -> Result<(), BrokerError> {
-        self.publish_bodies(pool, vec![body.as_bytes().to_vec()])
+        self.publish_bodies(pool, 0, vec![body.as_bytes().to_vec()])
             .await
     }
 
@@ -299,9 +361,9 @@ impl Broker for AmqpBroker {
         self.with_link(|_| Ok(())).await
     }
 
-    async fn publish(&self, pool: &str, ids: &[Uuid]) -> Result<(), BrokerError> {
+    async fn publish(&self, pool: &str, priority: i16, ids: &[Uuid]) -> Result<(), BrokerError> {
         let bodies = ids.iter().map(|id| id.to_string().into_bytes()).collect();
-        self.publish_bodies(pool, bodies).await
+        self.publish_bodies(pool, priority, bodies).await
     }
 
     async fn depth(&self, pool: &str) -> Result<u64, BrokerError> {

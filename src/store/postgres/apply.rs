@@ -54,6 +54,7 @@ pub(super) async fn insert_in(
     let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.idempotency_key.as_deref()).collect();
     let parents: Vec<Option<Uuid>> = jobs.iter().map(|j| j.parent_id).collect();
     let tenants: Vec<&str> = jobs.iter().map(|j| j.tenant.as_str()).collect();
+    let priorities: Vec<i16> = jobs.iter().map(|j| j.priority).collect();
     let hooks: Vec<Option<serde_json::Value>> = jobs
         .iter()
         .map(|j| j.webhook.as_ref().map(serde_json::to_value).transpose())
@@ -63,22 +64,22 @@ pub(super) async fn insert_in(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int[], $5::int[],
                                  $6::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::uuid[],
-                                 $11::jsonb[], $14::text[])
+                                 $11::jsonb[], $14::text[], $15::smallint[])
               AS t(id, kind, payload, max_attempts, timeout_secs, base_ms, max_ms, run_at, idem, parent_id,
-                   webhook, tenant)
+                   webhook, tenant, priority)
          ), ins AS (
             INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
                               backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
-                              webhook, tenant)
+                              webhook, tenant, priority)
             SELECT i.id, i.kind, i.payload, $12, i.max_attempts, i.max_attempts, i.base_ms, i.max_ms,
                    i.timeout_secs, i.run_at, i.run_at, i.idem, i.parent_id, i.webhook,
-                   coalesce(p.tenant, i.tenant)
+                   coalesce(p.tenant, i.tenant), coalesce(p.priority, i.priority)
             FROM input i LEFT JOIN jobs p ON p.id = i.parent_id
             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-            RETURNING id, kind, status, attempt, next_run_at, parent_id
+            RETURNING id, kind, status, attempt, next_run_at, parent_id, priority
          ), ob AS (
-            INSERT INTO outbox (job_id, pool, available_at)
-            SELECT id, kind, coalesce(next_run_at, now()) FROM ins
+            INSERT INTO outbox (job_id, pool, available_at, priority)
+            SELECT id, kind, coalesce(next_run_at, now()), priority FROM ins
          ), ev AS (
             INSERT INTO job_events (job_id, kind, type, status, attempt, parent_id)
             SELECT id, kind, $13, status, attempt, parent_id FROM ins
@@ -99,6 +100,7 @@ pub(super) async fn insert_in(
     .bind(JobStatus::Queued.as_str())
     .bind(EventType::Queued.as_str())
     .bind(&tenants)
+    .bind(&priorities)
     .fetch_all(&mut *conn)
     .await?;
 
@@ -213,10 +215,11 @@ pub(super) async fn apply_in(
               updated_at = now()
             FROM input i
             WHERE j.id = i.id AND j.status = i.from_status AND j.attempt = i.attempt
-            RETURNING j.id, j.kind, j.status, j.attempt, j.parent_id, i.enqueue, i.enqueue_at, i.event
+            RETURNING j.id, j.kind, j.status, j.attempt, j.parent_id, j.priority, i.enqueue,
+                      i.enqueue_at, i.event
          ), ob AS (
-            INSERT INTO outbox (job_id, pool, available_at)
-            SELECT id, kind, coalesce(enqueue_at, now()) FROM upd WHERE enqueue
+            INSERT INTO outbox (job_id, pool, available_at, priority)
+            SELECT id, kind, coalesce(enqueue_at, now()), priority FROM upd WHERE enqueue
          ), ev AS (
             INSERT INTO job_events (job_id, kind, type, status, attempt, parent_id)
             SELECT id, kind, event, status, attempt, parent_id FROM upd WHERE event IS NOT NULL

@@ -35,6 +35,7 @@ impl PgStore {
                   started_at = now(), next_run_at = NULL, updated_at = now()
                 WHERE id = ANY($1) AND status IN {}
                   AND (next_run_at IS NULL OR next_run_at <= now()) AND NOT cancel_requested
+                  AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
                 RETURNING id, kind, payload, status, attempt, attempt_limit, max_attempts, timeout_secs,
                           backoff_base_ms, backoff_max_ms, created_at, parent_id
              ), ev AS (
@@ -51,6 +52,9 @@ impl PgStore {
         .bind(EventType::Started.as_str())
         .fetch_all(&self.pool)
         .await?;
+        if rows.len() < ids.len() {
+            self.park_paused(&ids).await?;
+        }
         rows.iter()
             .map(|r| {
                 Ok(Claimed {
@@ -67,6 +71,24 @@ impl PgStore {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
+    }
+
+    /// Jobs of a paused pool that a worker received before it knew of the
+    /// pause go back to the outbox, where they wait for the resume behind
+    /// nothing of lower priority and in their first place among their own
+    /// (due when they were first due); the worker then acks their messages.
+    async fn park_paused(&self, ids: &[Uuid]) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO outbox (job_id, pool, priority, available_at)
+             SELECT j.id, j.kind, j.priority, coalesce(j.next_run_at, j.run_at, j.created_at) FROM jobs j JOIN pools p ON p.name = j.kind AND p.paused
+             WHERE j.id = ANY($1) AND j.status IN {} AND NOT j.cancel_requested
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)",
+            sql_list(&JobStatus::CLAIMABLE)
+        ))
+        .bind(ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     pub(super) async fn extend_leases(

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::PgStore;
 use crate::model::JobStatus;
-use crate::store::{ms, publish_all, sql_list, Publisher, StoreResult};
+use crate::store::{ms, publish_all, sql_list, Outgoing, Publisher, StoreResult};
 
 impl PgStore {
     pub(super) async fn relay(&self, limit: i64, publisher: &dyn Publisher) -> StoreResult<usize> {
@@ -19,11 +19,14 @@ impl PgStore {
         // with slow fsync. SKIP LOCKED lets other relays go on meanwhile,
         // and PUBLISH_TIMEOUT bounds how long a stalled broker holds them.
         let mut tx = self.pool.begin().await?;
-        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        // Rows of a paused pool stay here until it resumes; the most urgent
+        // go first, and within a priority the oldest.
+        let rows: Vec<(i64, i64, Uuid, String, i16)> = sqlx::query_as(
             "DELETE FROM outbox WHERE id IN (
                 SELECT id FROM outbox WHERE available_at <= now()
-                ORDER BY available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
-             RETURNING job_id, pool",
+                  AND pool NOT IN (SELECT name FROM pools WHERE paused)
+                ORDER BY priority DESC, available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING id, (extract(epoch FROM available_at) * 1000)::bigint, job_id, pool, priority",
         )
         .bind(limit)
         .fetch_all(&mut *tx)
@@ -31,14 +34,21 @@ impl PgStore {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut by_pool: HashMap<&str, Vec<Uuid>> = HashMap::new();
-        for (id, pool) in &rows {
-            by_pool.entry(pool.as_str()).or_default().push(*id);
-        }
+        let n = rows.len();
+        let rows = rows
+            .into_iter()
+            .map(|(seq, due_ms, job_id, pool, priority)| Outgoing {
+                due_ms,
+                seq,
+                job_id,
+                pool,
+                priority,
+            })
+            .collect();
         // Publish before commit: if the commit fails the rows come back and
         // are sent twice, which the conditional claim makes harmless; the
         // other order could lose them.
-        if let Err(e) = publish_all(publisher, by_pool).await {
+        if let Err(e) = publish_all(publisher, rows).await {
             // Give the rows back now: a dropped transaction rolls back only
             // when its connection is next used, and until then every relay
             // would skip the still-locked rows.
@@ -46,7 +56,7 @@ impl PgStore {
             return Err(e);
         }
         tx.commit().await?;
-        Ok(rows.len())
+        Ok(n)
     }
 
     pub(super) async fn waiting_by_pool(&self) -> StoreResult<HashMap<String, i64>> {
@@ -81,9 +91,10 @@ impl PgStore {
                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)
                 ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED
              ), upd AS (
-                UPDATE jobs j SET updated_at = now() FROM x WHERE j.id = x.id RETURNING j.id, j.kind
+                UPDATE jobs j SET updated_at = now() FROM x WHERE j.id = x.id
+                RETURNING j.id, j.kind, j.priority
              ), ob AS (
-                INSERT INTO outbox (job_id, pool) SELECT id, kind FROM upd
+                INSERT INTO outbox (job_id, pool, priority) SELECT id, kind, priority FROM upd
              )
              SELECT count(*) FROM upd",
             sql_list(&JobStatus::CLAIMABLE)

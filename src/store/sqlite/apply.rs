@@ -71,12 +71,16 @@ pub(super) async fn outbox(
     pool: &str,
     at: i64,
 ) -> StoreResult<()> {
-    sqlx::query("INSERT INTO outbox (job_id, pool, available_at) VALUES (?, ?, ?)")
-        .bind(id)
-        .bind(pool)
-        .bind(at)
-        .execute(&mut *conn)
-        .await?;
+    // The row carries the job's priority, so the relay need not read jobs.
+    sqlx::query(
+        "INSERT INTO outbox (job_id, pool, available_at, priority)
+         SELECT ?1, ?2, ?3, priority FROM jobs WHERE id = ?1",
+    )
+    .bind(id)
+    .bind(pool)
+    .bind(at)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -108,9 +112,10 @@ pub(super) async fn insert_in(
         sqlx::query(
             "INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
                backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
-               created_at, updated_at, webhook, tenant)
+               created_at, updated_at, webhook, tenant, priority)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                     coalesce((SELECT tenant FROM jobs WHERE id = ?17), ?18))",
+                     coalesce((SELECT tenant FROM jobs WHERE id = ?17), ?18),
+                     coalesce((SELECT priority FROM jobs WHERE id = ?17), ?19))",
         )
         .bind(&id)
         .bind(&j.kind)
@@ -136,6 +141,7 @@ pub(super) async fn insert_in(
         )
         .bind(j.parent_id.map(|p| p.to_string()))
         .bind(&j.tenant)
+        .bind(j.priority)
         .execute(&mut *conn)
         .await?;
         outbox(conn, &id, &j.kind, run_at.unwrap_or(now)).await?;

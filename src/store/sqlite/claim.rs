@@ -28,6 +28,7 @@ impl SqliteStore {
                worker = ?3, started_at = ?4, next_run_at = NULL, updated_at = ?4
              WHERE id = ?1 AND status IN {}
                AND (next_run_at IS NULL OR next_run_at <= ?4) AND cancel_requested = 0
+               AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
              RETURNING kind, payload, attempt, attempt_limit, max_attempts, timeout_secs,
                        backoff_base_ms, backoff_max_ms, created_at",
             sql_list(&JobStatus::CLAIMABLE)
@@ -42,7 +43,10 @@ impl SqliteStore {
                 .bind(JobStatus::Running.as_str())
                 .fetch_optional(&mut *tx)
                 .await?;
-            let Some(r) = row else { continue };
+            let Some(r) = row else {
+                park_paused(&mut tx, &sid, now).await?;
+                continue;
+            };
             event(&mut tx, &sid, EventType::Started, &self.bell).await?;
             let payload: String = r.try_get("payload")?;
             out.push(Claimed {
@@ -90,4 +94,22 @@ impl SqliteStore {
         tx.commit().await?;
         Ok(out)
     }
+}
+
+/// A job of a paused pool that a worker received before it knew of the
+/// pause goes back to the outbox until the resume (see the Postgres store).
+async fn park_paused(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> StoreResult<()> {
+    sqlx::query(&format!(
+        "INSERT INTO outbox (job_id, pool, available_at, priority)
+         SELECT j.id, j.kind, min(?2, coalesce(j.next_run_at, j.run_at, j.created_at)), j.priority
+         FROM jobs j JOIN pools p ON p.name = j.kind AND p.paused
+         WHERE j.id = ?1 AND j.status IN {} AND j.cancel_requested = 0
+           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)",
+        sql_list(&JobStatus::CLAIMABLE)
+    ))
+    .bind(id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }

@@ -5,18 +5,21 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::SqliteConnection;
-use uuid::Uuid;
 
 use super::apply::{outbox, row_to_state};
 use super::{now_ms, parse_id, SqliteStore};
 use crate::model::lifecycle::JobState;
 use crate::model::JobStatus;
-use crate::store::{ms, publish_all, sql_list, Publisher, StoreResult, STATE_COLUMNS};
+use crate::store::{ms, publish_all, sql_list, Outgoing, Publisher, StoreResult, STATE_COLUMNS};
 
 impl SqliteStore {
     pub(super) async fn relay(&self, limit: i64, publisher: &dyn Publisher) -> StoreResult<usize> {
-        let rows: Vec<(i64, String, String)> = sqlx::query_as(
-            "SELECT id, job_id, pool FROM outbox WHERE available_at <= ? ORDER BY available_at, id LIMIT ?",
+        // Rows of a paused pool stay until it resumes; the most urgent go
+        // first, and within a priority the oldest.
+        let rows: Vec<(i64, i64, String, String, i16)> = sqlx::query_as(
+            "SELECT id, available_at, job_id, pool, priority FROM outbox WHERE available_at <= ?
+               AND pool NOT IN (SELECT name FROM pools WHERE paused)
+             ORDER BY priority DESC, available_at, id LIMIT ?",
         )
         .bind(now_ms())
         .bind(limit)
@@ -25,19 +28,24 @@ impl SqliteStore {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut by_pool: HashMap<&str, Vec<Uuid>> = HashMap::new();
-        for (_, id, pool) in &rows {
-            by_pool
-                .entry(pool.as_str())
-                .or_default()
-                .push(parse_id(id)?);
-        }
+        let outgoing = rows
+            .iter()
+            .map(|(seq, due_ms, id, pool, priority)| {
+                Ok(Outgoing {
+                    due_ms: *due_ms,
+                    seq: *seq,
+                    job_id: parse_id(id)?,
+                    pool: pool.clone(),
+                    priority: *priority,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
         // Dev mode runs one relay, so no row lock is needed and no
         // transaction is held while publishing; rows are deleted only after
         // the publish, so a crash in between re-sends, never loses.
-        publish_all(publisher, by_pool).await?;
+        publish_all(publisher, outgoing).await?;
         let mut tx = self.pool.begin().await?;
-        for (rowid, _, _) in &rows {
+        for (rowid, ..) in &rows {
             sqlx::query("DELETE FROM outbox WHERE id = ?")
                 .bind(rowid)
                 .execute(&mut *tx)

@@ -15,6 +15,7 @@ pub mod events;
 mod jobs;
 mod keys;
 mod maintenance;
+mod pools;
 pub mod queue;
 
 use std::collections::HashMap;
@@ -217,5 +218,21 @@ impl Store for SqliteStore {
         .bind(tenant)
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    async fn set_paused(&self, pool: &str, paused: bool) -> StoreResult<()> {
+        self.pause(pool, paused).await
+    }
+
+    async fn pools(&self, alive: Duration) -> StoreResult<Vec<super::PoolState>> {
+        self.pool_states(alive).await
+    }
+
+    async fn worker_seen(&self, pool: &str, worker: &str, concurrency: i32) -> StoreResult<bool> {
+        self.seen(pool, worker, concurrency).await
+    }
+
+    async fn worker_gone(&self, worker: &str) -> StoreResult<()> {
+        self.gone(worker).await
     }
 }

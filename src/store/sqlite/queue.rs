@@ -23,14 +23,20 @@ impl QueueTable {
     }
 
     /// Adds one message per body, visible at once, in one transaction.
-    pub async fn push(&self, pool: &str, bodies: &[String]) -> Result<(), sqlx::Error> {
+    pub async fn push(
+        &self,
+        pool: &str,
+        priority: i16,
+        bodies: &[String],
+    ) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let now = now_ms();
         for body in bodies {
-            sqlx::query("INSERT INTO queue (pool, body, visible_at) VALUES (?, ?, ?)")
+            sqlx::query("INSERT INTO queue (pool, body, visible_at, priority) VALUES (?, ?, ?, ?)")
                 .bind(pool)
                 .bind(body)
                 .bind(now)
+                .bind(priority)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -44,7 +50,8 @@ impl QueueTable {
             .await
     }
 
-    /// Up to `max` visible messages of `pool`, oldest first, hidden for
+    /// Up to `max` visible messages of `pool`, highest priority first and
+    /// oldest first within one, hidden for
     /// `hide_ms`: (row id, body).
     pub async fn take(
         &self,
@@ -53,17 +60,22 @@ impl QueueTable {
         hide_ms: i64,
     ) -> Result<Vec<(i64, String)>, sqlx::Error> {
         let now = now_ms();
-        sqlx::query_as(
+        let rows = sqlx::query_as(
             "UPDATE queue SET visible_at = ?, deliveries = deliveries + 1
-             WHERE id IN (SELECT id FROM queue WHERE pool = ? AND visible_at <= ? ORDER BY id LIMIT ?)
-             RETURNING id, body",
+             WHERE id IN (SELECT id FROM queue WHERE pool = ? AND visible_at <= ?
+                          ORDER BY priority DESC, id LIMIT ?)
+             RETURNING id, body, priority",
         )
         .bind(now.saturating_add(hide_ms))
         .bind(pool)
         .bind(now)
         .bind(max)
         .fetch_all(&self.pool)
-        .await
+        .await?;
+        // RETURNING comes in table order, not the subquery's.
+        let mut rows: Vec<(i64, String, i64)> = rows;
+        rows.sort_by_key(|(id, _, priority)| (-priority, *id));
+        Ok(rows.into_iter().map(|(id, body, _)| (id, body)).collect())
     }
 
     /// Moves an undecodable message aside (its pool renamed `poison:<pool>`)

@@ -131,6 +131,18 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Cancel a job, or every active job of a kind and/or status.
+    Cancel {
+        id: Option<String>,
+        /// Every active job of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Every job in this state: queued, retrying or running.
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Inspect and replay the dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -394,6 +406,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status { id, client } => cli::status(&client, &id).await,
         Command::Dlq { command, client } => cli::dlq(&client, command).await,
+        Command::Cancel {
+            id,
+            kind,
+            status,
+            client,
+        } => cli::cancel(&client, id.as_deref(), kind.as_deref(), status.as_deref()).await,
         Command::Pools { command, client } => cli::pools::run(&client, command).await,
         Command::Up {
             scale,

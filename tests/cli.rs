@@ -151,7 +151,8 @@ async fn submit_status_and_the_dead_letter_commands() {
     f.shutdown().await;
 }
 
-/// `pools list|pause|resume` and `submit --priority`, as the README types them.
+/// `pools list|pause|resume`, `submit --priority`, `cancel --kind --status`
+/// and `dlq replay --error-contains`, as the README types them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pools_pause_and_resume_and_submit_with_a_priority() {
     let f = TestFleet::start(Flavor::Sqlite).await;
@@ -214,6 +215,25 @@ async fn pools_pause_and_resume_and_submit_with_a_priority() {
 
     let bad = cli(&f, &["pools", "pause", "nosuchpool"]).await;
     assert!(!bad.ok && bad.stderr.contains("404"), "{}", bad.stderr);
+
+    // Bulk actions by filter, from the terminal.
+    assert!(cli(&f, &["pools", "pause", "probe"]).await.ok);
+    let held = cli(&f, &["submit", "probe", "--json"]).await;
+    let held: serde_json::Value = serde_json::from_str(held.stdout.trim()).expect("JSON");
+    let held: uuid::Uuid = held["id"].as_str().expect("id").parse().expect("uuid");
+    let cancel = cli(&f, &["cancel", "--kind", "probe", "--status", "queued"]).await;
+    assert!(cancel.ok, "{}", cancel.stderr);
+    assert_eq!(cancel.stdout.trim(), "1 cancelled, 0 running told to stop");
+    assert_eq!(f.job(held).await["status"], "cancelled");
+    let none = cli(&f, &["dlq", "replay", "--error-contains", "no such error"]).await;
+    assert!(none.ok, "{}", none.stderr);
+    assert_eq!(none.stdout.trim(), "0 replayed");
+    let neither = cli(&f, &["dlq", "purge"]).await;
+    assert!(
+        !neither.ok && neither.stderr.contains("--error-contains"),
+        "{}",
+        neither.stderr
+    );
     f.shutdown().await;
 }
 

@@ -1,6 +1,7 @@
 //! Flow control as an operator uses it, on each store and broker: pausing a
 //! pool holds its jobs (across restarts of every role) while submits go
-//! on, and on resume the most urgent start first.
+//! on, and on resume the most urgent start first; bulk actions by filter
+//! take exactly the jobs the filter names.
 
 mod support;
 
@@ -161,8 +162,104 @@ async fn priority_outside_the_range_is_refused(flavor: Flavor) {
     f.shutdown().await;
 }
 
+async fn bulk_actions_take_exactly_the_jobs_their_filter_names(flavor: Flavor) {
+    let f = TestFleet::start(flavor).await;
+    let fast = json!({"backoff": {"base_ms": 10, "max_ms": 10}});
+    // Three die on attempt 1 ("... fails while attempt <= 1"), two on
+    // attempt 2 ("... <= 2"); a replay of those two succeeds on attempt 3.
+    let mut once = Vec::new();
+    for _ in 0..3 {
+        let extra = json!({"max_attempts": 1, "backoff": fast["backoff"]});
+        once.push(f.probe(json!({"fail_attempts": 1}), extra).await);
+    }
+    let mut twice = Vec::new();
+    for _ in 0..2 {
+        let extra = json!({"max_attempts": 2, "backoff": fast["backoff"]});
+        twice.push(f.probe(json!({"fail_attempts": 2}), extra).await);
+    }
+    for id in once.iter().chain(&twice) {
+        f.wait_status(*id, "dead", 30).await;
+    }
+
+    // A filter that names a field the API does not know is refused whole.
+    let (status, v) = f
+        .post("/v1/dead-letters/replay", json!({"error": "x"}))
+        .await;
+    assert!(status.is_client_error(), "{status} {v}");
+    assert!(v.to_string().contains("error"), "{v}");
+
+    let (status, v) = f
+        .post(
+            "/v1/dead-letters/replay",
+            json!({"kind": "probe", "error_contains": "ATTEMPT <= 2"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["count"], 2, "exactly the matching dead letters: {v}");
+    for id in &twice {
+        f.wait_status(*id, "succeeded", 30).await;
+    }
+    for id in &once {
+        assert_eq!(
+            f.job(*id).await["status"],
+            "dead",
+            "not matched, not replayed"
+        );
+    }
+
+    // Purge by time: nothing died in the future; everything before now.
+    let later = (Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let (_, v) = f
+        .post("/v1/dead-letters/purge", json!({"since": later}))
+        .await;
+    assert_eq!(v["count"], 0, "{v}");
+    let (status, v) = f
+        .post("/v1/dead-letters/purge", json!({"until": later}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["count"], 3, "{v}");
+    let (_, dead) = f.get("/v1/dead-letters").await;
+    assert_eq!(dead["jobs"], json!([]), "{dead}");
+
+    // Cancel by status: with the pool paused, five wait and one runs.
+    set_paused(&f, "probe", false).await;
+    let running = f.probe(json!({"sleep_ms": 30_000}), json!({})).await;
+    f.wait_status(running, "running", 20).await;
+    set_paused(&f, "probe", true).await;
+    let waiting: Vec<Uuid> = submit(&f, 5, 0).await;
+    let (status, v) = f
+        .post(
+            "/v1/jobs/cancel",
+            json!({"kind": "probe", "status": "queued"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["cancelled"].as_u64(), v["cancel_requested"].as_u64()),
+        (Some(5), Some(0)),
+        "{v}"
+    );
+    for id in &waiting {
+        assert_eq!(f.job(*id).await["status"], "cancelled");
+    }
+    let (_, v) = f.post("/v1/jobs/cancel", json!({"kind": "probe"})).await;
+    assert_eq!(
+        v["cancel_requested"], 1,
+        "the running one is told to stop: {v}"
+    );
+    f.wait_status(running, "cancelled", 20).await;
+    let (status, v) = f.post("/v1/jobs/cancel", json!({"status": "dead"})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    f.shutdown().await;
+}
+
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_actions_take_exactly_the_jobs_their_filter_names() {
+        super::bulk_actions_take_exactly_the_jobs_their_filter_names(Flavor::Postgres).await
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_paused_pool_holds_its_jobs_and_resumes_the_most_urgent_first() {
@@ -187,6 +284,11 @@ mod amqp {
 
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_actions_take_exactly_the_jobs_their_filter_names() {
+        super::bulk_actions_take_exactly_the_jobs_their_filter_names(Flavor::Sqlite).await
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_paused_pool_holds_its_jobs_and_resumes_the_most_urgent_first() {

@@ -1,11 +1,12 @@
 //! The HTTP API (axum): routes, shared state and the request-body rules
 //! (1 MiB limit, strict JSON). Handlers live in `jobs`, `dlq`, `stream`
 //! (SSE and WebSocket), `webhooks`, `display` (the live page) and `console`
-//! (the operator console and its job-events route), `pools` (pausing); the OpenAPI document is
+//! (the operator console and its job-events route), `pools` (pausing), `bulk` (actions by filter); the OpenAPI document is
 //! assembled in `openapi`; keys, scopes and the browser rules are checked in
 //! `auth`; request ids and request metrics are layered on in `observe`.
 
 pub mod auth;
+mod bulk;
 mod console;
 pub mod demo;
 mod display;
@@ -74,10 +75,13 @@ pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
+        .route("/v1/jobs/cancel", post(bulk::cancel))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(console::job_events))
         .route("/v1/dead-letters", get(dlq::list))
+        .route("/v1/dead-letters/replay", post(bulk::replay))
+        .route("/v1/dead-letters/purge", post(bulk::purge))
         .route("/v1/dead-letters/{id}", get(dlq::show).delete(dlq::purge))
         .route("/v1/dead-letters/{id}/replay", post(dlq::replay))
         .route("/v1/stats", get(jobs::stats))

@@ -28,10 +28,68 @@ pub enum DlqCommand {
     },
     /// One dead job with its error history.
     Show { id: String },
-    /// Queue a dead job again with a fresh budget of attempts.
-    Replay { id: String },
-    /// Delete a dead job.
-    Purge { id: String },
+    /// Queue a dead job again with a fresh budget of attempts; without an
+    /// id, every dead job the filter takes.
+    Replay {
+        id: Option<String>,
+        #[command(flatten)]
+        filter: DeadFilterArgs,
+    },
+    /// Delete a dead job; without an id, every dead job the filter takes.
+    Purge {
+        id: Option<String>,
+        #[command(flatten)]
+        filter: DeadFilterArgs,
+    },
+}
+
+/// Which dead letters a bulk replay or purge takes.
+#[derive(Debug, clap::Args)]
+pub struct DeadFilterArgs {
+    /// Only this kind.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only jobs with this text in an error message (case ignored).
+    #[arg(long)]
+    pub error_contains: Option<String>,
+    /// Only jobs that died at or after this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only jobs that died before this time (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+impl DeadFilterArgs {
+    fn body(&self) -> Option<Value> {
+        let mut m = serde_json::Map::new();
+        for (k, v) in [
+            ("kind", &self.kind),
+            ("error_contains", &self.error_contains),
+            ("since", &self.since),
+            ("until", &self.until),
+        ] {
+            if let Some(v) = v {
+                m.insert(k.to_owned(), v.clone().into());
+            }
+        }
+        (!m.is_empty()).then_some(Value::Object(m))
+    }
+}
+
+/// The one job named, or the filter: exactly one of them.
+fn one_or_filter<'a>(
+    id: &'a Option<String>,
+    filter: &DeadFilterArgs,
+) -> anyhow::Result<Result<&'a str, Value>> {
+    match (id, filter.body()) {
+        (Some(id), None) => Ok(Ok(id)),
+        (None, Some(body)) => Ok(Err(body)),
+        (Some(_), Some(_)) => bail!("give a job id or a filter, not both"),
+        (None, None) => {
+            bail!("give a job id, or a filter: --kind, --error-contains, --since, --until")
+        }
+    }
 }
 
 /// The HTTP client of every command: the API key (if any) on every
@@ -224,6 +282,43 @@ pub async fn submit(
     }
 }
 
+/// Cancels one job, or every active job of the kind and status given.
+pub async fn cancel(
+    c: &ClientArgs,
+    id: Option<&str>,
+    kind: Option<&str>,
+    status: Option<&str>,
+) -> anyhow::Result<()> {
+    let http = client(c.api_key.as_deref())?;
+    if let Some(id) = id {
+        if kind.is_some() || status.is_some() {
+            bail!("give a job id or --kind/--status, not both");
+        }
+        let v = call(http.post(format!("{}/v1/jobs/{id}/cancel", c.url))).await?;
+        output(c, &v, |v| println!("{} {}", s(v, "id"), s(v, "status")));
+        return Ok(());
+    }
+    if kind.is_none() && status.is_none() {
+        bail!("give a job id, or --kind and/or --status to cancel every job they take");
+    }
+    let mut body = serde_json::Map::new();
+    if let Some(k) = kind {
+        body.insert("kind".into(), k.into());
+    }
+    if let Some(st) = status {
+        body.insert("status".into(), st.into());
+    }
+    let v = call(http.post(format!("{}/v1/jobs/cancel", c.url)).json(&body)).await?;
+    output(c, &v, |v| {
+        println!(
+            "{} cancelled, {} running told to stop",
+            s(v, "cancelled"),
+            s(v, "cancel_requested")
+        )
+    });
+    Ok(())
+}
+
 pub async fn status(c: &ClientArgs, id: &str) -> anyhow::Result<()> {
     let job = call(client(c.api_key.as_deref())?.get(format!("{}/v1/jobs/{id}", c.url))).await?;
     output(c, &job, print_job);
@@ -244,16 +339,28 @@ pub async fn dlq(c: &ClientArgs, cmd: DlqCommand) -> anyhow::Result<()> {
         DlqCommand::Show { id } => {
             output(c, &call(http.get(format!("{base}/{id}"))).await?, print_job)
         }
-        DlqCommand::Replay { id } => {
-            let v = call(http.post(format!("{base}/{id}/replay"))).await?;
-            output(c, &v, |v| println!("{} {}", s(v, "id"), s(v, "status")));
-        }
-        DlqCommand::Purge { id } => {
-            call(http.delete(format!("{base}/{id}"))).await?;
-            output(c, &serde_json::json!({"id": id, "purged": true}), |_| {
-                println!("{id} purged")
-            });
-        }
+        DlqCommand::Replay { id, filter } => match one_or_filter(&id, &filter)? {
+            Ok(id) => {
+                let v = call(http.post(format!("{base}/{id}/replay"))).await?;
+                output(c, &v, |v| println!("{} {}", s(v, "id"), s(v, "status")));
+            }
+            Err(body) => {
+                let v = call(http.post(format!("{base}/replay")).json(&body)).await?;
+                output(c, &v, |v| println!("{} replayed", s(v, "count")));
+            }
+        },
+        DlqCommand::Purge { id, filter } => match one_or_filter(&id, &filter)? {
+            Ok(id) => {
+                call(http.delete(format!("{base}/{id}"))).await?;
+                output(c, &serde_json::json!({"id": id, "purged": true}), |_| {
+                    println!("{id} purged")
+                });
+            }
+            Err(body) => {
+                let v = call(http.post(format!("{base}/purge")).json(&body)).await?;
+                output(c, &v, |v| println!("{} purged", s(v, "count")));
+            }
+        },
     }
     Ok(())
 }

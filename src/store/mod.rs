@@ -150,6 +150,47 @@ pub struct JobEvent {
     pub at: chrono::DateTime<chrono::Utc>,
 }
 
+/// Which jobs a bulk action takes: every condition given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub statuses: Vec<JobStatus>,
+    pub kind: Option<String>,
+    /// Text in one of the job's error messages, ignoring case.
+    pub error_contains: Option<String>,
+    /// Ended at or after this time.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Ended before this time.
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only this tenant's jobs.
+    pub tenant: Option<String>,
+}
+
+/// How many jobs a bulk action reads and writes at once.
+pub const BULK_BATCH: i64 = 500;
+
+/// Applies `outcome` to every job of `ids` whose state allows it, as one
+/// batch fenced per row (a job that moved meanwhile is left as it is);
+/// answers the transitions applied. The rules are the model's, as for one
+/// job.
+pub async fn decide_all(
+    store: &dyn Store,
+    ids: &[Uuid],
+    outcome: impl Fn() -> Outcome,
+) -> StoreResult<Vec<Transition>> {
+    let now = chrono::Utc::now();
+    let batch: Vec<Transition> = store
+        .states(ids)
+        .await?
+        .iter()
+        .filter_map(|s| crate::model::lifecycle::next(s, outcome(), now).ok())
+        .collect();
+    let applied: std::collections::HashSet<Uuid> = store.apply(&batch).await?.into_iter().collect();
+    Ok(batch
+        .into_iter()
+        .filter(|t| applied.contains(&t.id))
+        .collect())
+}
+
 /// A pool's flow-control state and the workers serving it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolState {
@@ -243,6 +284,19 @@ pub trait Store: Send + Sync + 'static {
     async fn worker_seen(&self, pool: &str, worker: &str, concurrency: i32) -> StoreResult<bool>;
     /// A worker process stopped cleanly.
     async fn worker_gone(&self, worker: &str) -> StoreResult<()>;
+
+    /// Up to `limit` ids the selection takes, in id order, after `after`.
+    async fn select(
+        &self,
+        sel: &Selection,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> StoreResult<Vec<Uuid>>;
+    /// The states the lifecycle rules decide from, of those of `ids` that
+    /// exist.
+    async fn states(&self, ids: &[Uuid]) -> StoreResult<Vec<JobState>>;
+    /// Deletes the dead jobs among `ids`; answers how many.
+    async fn purge_all(&self, ids: &[Uuid]) -> StoreResult<u64>;
 
     async fn cancel(&self, id: Uuid) -> StoreResult<CancelOutcome> {
         Ok(match self.decide(id, Outcome::Cancel).await? {

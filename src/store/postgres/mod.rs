@@ -3,6 +3,7 @@
 //! queries, `events.rs` the notifier's and `keys.rs` the API keys.
 
 mod apply;
+mod bulk;
 mod claim;
 pub mod events;
 mod jobs;
@@ -235,5 +236,22 @@ impl Store for PgStore {
 
     async fn worker_gone(&self, worker: &str) -> StoreResult<()> {
         self.gone(worker).await
+    }
+
+    async fn select(
+        &self,
+        sel: &super::Selection,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> StoreResult<Vec<Uuid>> {
+        self.select_ids(sel, after, limit).await
+    }
+
+    async fn states(&self, ids: &[Uuid]) -> StoreResult<Vec<crate::model::lifecycle::JobState>> {
+        self.states_of(ids).await
+    }
+
+    async fn purge_all(&self, ids: &[Uuid]) -> StoreResult<u64> {
+        self.purge_many(ids).await
     }
 }

@@ -155,6 +155,13 @@ pub struct TimingArgs {
     pub grace_secs: f64,
     #[arg(long, env = "STEVEDORE_LOST_AFTER_SECS", default_value_t = 120.0)]
     pub lost_after_secs: f64,
+    /// How long succeeded and cancelled jobs are kept after they end
+    /// (e.g. 7d, 12h, 90m).
+    #[arg(long, env = "STEVEDORE_RETAIN_SUCCEEDED", default_value = "7d", value_parser = parse_duration)]
+    pub retain_succeeded: Duration,
+    /// How long dead jobs are kept after they died.
+    #[arg(long, env = "STEVEDORE_RETAIN_DEAD", default_value = "30d", value_parser = parse_duration)]
+    pub retain_dead: Duration,
 }
 
 impl Default for TimingArgs {
@@ -164,6 +171,8 @@ impl Default for TimingArgs {
             heartbeat_secs: 5.0,
             grace_secs: 20.0,
             lost_after_secs: 120.0,
+            retain_succeeded: crate::dispatcher::RETAIN_SUCCEEDED,
+            retain_dead: crate::dispatcher::RETAIN_DEAD,
         }
     }
 }
@@ -303,29 +312,34 @@ impl Default for NotifyArgs {
     }
 }
 
-/// Parses `5s,5m,30m,2h` (units ms, s, m, h).
+/// Parses `5s,5m,30m,2h` (units ms, s, m, h, d).
 pub fn parse_schedule(s: &str) -> anyhow::Result<Vec<Duration>> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| {
-            let split = p
-                .find(|c: char| !c.is_ascii_digit() && c != '.')
-                .unwrap_or(p.len());
-            let (n, unit) = p.split_at(split);
-            let n: f64 = n
-                .parse()
-                .map_err(|_| anyhow::anyhow!("bad delay {p:?} in the webhook schedule"))?;
-            let mult = match unit {
-                "ms" => 0.001,
-                "s" | "" => 1.0,
-                "m" => 60.0,
-                "h" => 3600.0,
-                _ => anyhow::bail!("bad unit in {p:?}: use ms, s, m or h"),
-            };
-            Ok(secs(n * mult))
-        })
+        .map(|p| parse_duration(p).map_err(|e| anyhow::anyhow!("webhook schedule: {e}")))
         .collect()
+}
+
+/// Parses one duration: a number and a unit (ms, s, m, h, d; s if none).
+pub fn parse_duration(p: &str) -> Result<Duration, String> {
+    let p = p.trim();
+    let split = p
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(p.len());
+    let (n, unit) = p.split_at(split);
+    let n: f64 = n
+        .parse()
+        .map_err(|_| format!("{p:?} is not a duration such as 90s, 30m, 12h or 7d"))?;
+    let mult = match unit {
+        "ms" => 0.001,
+        "s" | "" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => return Err(format!("bad unit in {p:?}: use ms, s, m, h or d")),
+    };
+    Ok(secs(n * mult))
 }
 
 impl NotifyArgs {
@@ -360,6 +374,17 @@ impl NotifyArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_take_a_unit_and_say_what_is_wrong() {
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration(" 90 "), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("7 days").unwrap_err().contains("unit"));
+        assert!(parse_duration("d").unwrap_err().contains("not a duration"));
+    }
 
     #[test]
     fn schedule_parses_units() {

@@ -25,6 +25,10 @@ pub struct DispatcherConfig {
     pub rescue_every: Duration,
     /// A job waiting this long after it was sent is presumed lost by the broker.
     pub lost_after: Duration,
+    /// Succeeded and cancelled jobs are deleted this long after they end.
+    pub retain_succeeded: Duration,
+    /// Dead jobs are deleted this long after they died.
+    pub retain_dead: Duration,
 }
 
 impl Default for DispatcherConfig {
@@ -34,9 +38,17 @@ impl Default for DispatcherConfig {
             poll: Duration::from_millis(100),
             rescue_every: Duration::from_secs(1),
             lost_after: Duration::from_secs(120),
+            retain_succeeded: RETAIN_SUCCEEDED,
+            retain_dead: RETAIN_DEAD,
         }
     }
 }
+
+pub const RETAIN_SUCCEEDED: Duration = Duration::from_secs(7 * 86_400);
+pub const RETAIN_DEAD: Duration = Duration::from_secs(30 * 86_400);
+/// Jobs one prune statement deletes; small, so it never holds many locks
+/// or writes a burst of WAL beside the hot path.
+const PRUNE_BATCH: i64 = 500;
 
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -129,6 +141,34 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Deletes jobs past their retention, a few batches per call; answers
+    /// how many.
+    pub async fn prune_once(&self) -> StoreResult<u64> {
+        let mut total = 0;
+        for (statuses, keep) in [
+            (
+                &[JobStatus::Succeeded, JobStatus::Cancelled][..],
+                self.cfg.retain_succeeded,
+            ),
+            (&[JobStatus::Dead][..], self.cfg.retain_dead),
+        ] {
+            for _ in 0..10 {
+                let n = self
+                    .store
+                    .prune_finished(statuses, keep, PRUNE_BATCH)
+                    .await?;
+                total += n;
+                if n < PRUNE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(jobs = total, "Pruned jobs past their retention.");
+        }
+        Ok(total)
+    }
+
     /// Runs every service until `stop`.
     pub async fn run(self, stop: CancellationToken) {
         let tracker = TaskTracker::new();
@@ -164,6 +204,14 @@ impl Dispatcher {
             let me = me.clone();
             async move {
                 me.repair_once().await?;
+                Ok(())
+            }
+        }));
+        let me = self.clone();
+        tracker.spawn(periodic(stop.clone(), Duration::from_secs(60), move || {
+            let me = me.clone();
+            async move {
+                me.prune_once().await?;
                 Ok(())
             }
         }));

@@ -272,6 +272,8 @@ async fn run_roles(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
 fn dispatcher_cfg(t: &TimingArgs) -> DispatcherConfig {
     DispatcherConfig {
         lost_after: t.lost_after(),
+        retain_succeeded: t.retain_succeeded,
+        retain_dead: t.retain_dead,
         ..DispatcherConfig::default()
     }
 }

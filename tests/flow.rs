@@ -253,8 +253,55 @@ async fn bulk_actions_take_exactly_the_jobs_their_filter_names(flavor: Flavor) {
     f.shutdown().await;
 }
 
+async fn the_dispatcher_prunes_what_is_past_its_retention(flavor: Flavor) {
+    let f = TestFleet::start(flavor).await;
+    let done = f.probe(json!({}), json!({})).await;
+    let dead = f
+        .probe(json!({"fail_attempts": 1}), json!({"max_attempts": 1}))
+        .await;
+    f.wait_status(done, "succeeded", 20).await;
+    f.wait_status(dead, "dead", 20).await;
+    let keep_all = stevedore::dispatcher::Dispatcher::new(
+        f.store().clone(),
+        f.backend.brokers.clone(),
+        fast_dispatcher(),
+    );
+    assert_eq!(
+        keep_all.prune_once().await.expect("prune"),
+        0,
+        "7 and 30 days"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let short = stevedore::dispatcher::Dispatcher::new(
+        f.store().clone(),
+        f.backend.brokers.clone(),
+        stevedore::dispatcher::DispatcherConfig {
+            retain_succeeded: Duration::from_secs(1),
+            ..fast_dispatcher()
+        },
+    );
+    assert_eq!(
+        short.prune_once().await.expect("prune"),
+        1,
+        "the succeeded one"
+    );
+    let (status, _) = f.get(&format!("/v1/jobs/{done}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        f.job(dead).await["status"],
+        "dead",
+        "dead ones are kept 30 days"
+    );
+    f.shutdown().await;
+}
+
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dispatcher_prunes_what_is_past_its_retention() {
+        super::the_dispatcher_prunes_what_is_past_its_retention(Flavor::Postgres).await
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bulk_actions_take_exactly_the_jobs_their_filter_names() {
@@ -284,6 +331,11 @@ mod amqp {
 
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dispatcher_prunes_what_is_past_its_retention() {
+        super::the_dispatcher_prunes_what_is_past_its_retention(Flavor::Sqlite).await
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bulk_actions_take_exactly_the_jobs_their_filter_names() {

@@ -637,6 +637,8 @@ async fn a_paused_pool_keeps_its_outbox_and_the_most_urgent_go_first(kind: Kind)
     // A job the broker already delivered when the pause came.
     let delivered = db.insert(1).await;
     assert_eq!(s.relay_outbox(10, &r).await.expect("relay"), 1);
+    // SQLite's clock counts milliseconds: let "earlier" be visible.
+    tokio::time::sleep(Duration::from_millis(10)).await;
 
     s.set_paused("probe", true).await.expect("pause");
     let job = |priority: i16| NewJob {
@@ -698,6 +700,84 @@ async fn a_paused_pool_keeps_its_outbox_and_the_most_urgent_go_first(kind: Kind)
     );
     let p = probe(s.pools(Duration::from_secs(5)).await.expect("pools")).expect("probe");
     assert_eq!((p.workers, p.concurrency, p.paused), (1, 8, true));
+    db.close().await;
+}
+
+async fn pruning_removes_old_finished_jobs_and_their_events_and_keeps_the_rest(kind: Kind) {
+    let db = Db::open(kind).await;
+    let s = &db.store;
+    let keyed = new_job(Some("nightly"));
+    let ids = db.insert(2).await;
+    s.insert_jobs(&[keyed.clone()]).await.expect("insert");
+    let (old, dead_one) = (ids[0], ids[1]);
+    let done = db.claim_one(old).await;
+    let keyed_claim = db.claim_one(keyed.id).await;
+    s.apply(&[success(&done, 1), success(&keyed_claim, 2)])
+        .await
+        .expect("finish");
+    let c = db.claim_one(dead_one).await;
+    let t = ended(&c, Outcome::Failed(JobError::permanent("no")));
+    s.apply(&[t]).await.expect("die");
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    // Young: ended just now, and one still waiting.
+    let young = db.insert(2).await;
+    let c = db.claim_one(young[0]).await;
+    s.apply(&[success(&c, 3)]).await.expect("finish");
+
+    let finished = [JobStatus::Succeeded, JobStatus::Cancelled];
+    let age = Duration::from_millis(1_000);
+    assert_eq!(
+        s.prune_finished(&finished, Duration::from_secs(3600), 100)
+            .await
+            .expect("prune"),
+        0
+    );
+    assert_eq!(
+        s.prune_finished(&finished, age, 1).await.expect("prune"),
+        1,
+        "one per batch"
+    );
+    assert_eq!(
+        s.prune_finished(&finished, age, 100).await.expect("prune"),
+        1
+    );
+    assert_eq!(
+        s.prune_finished(&finished, age, 100).await.expect("prune"),
+        0
+    );
+    for gone in [old, keyed.id] {
+        assert!(
+            s.get_job(gone).await.expect("get").is_none(),
+            "{gone} pruned"
+        );
+        assert!(
+            s.job_events(gone).await.expect("events").is_empty(),
+            "its events too"
+        );
+    }
+    assert_eq!(
+        db.status(dead_one).await,
+        JobStatus::Dead,
+        "dead ones keep longer"
+    );
+    assert_eq!(
+        db.status(young[0]).await,
+        JobStatus::Succeeded,
+        "young kept"
+    );
+    assert_eq!(db.status(young[1]).await, JobStatus::Queued, "waiting kept");
+    assert!(!s.job_events(young[0]).await.expect("events").is_empty());
+    assert_eq!(
+        s.prune_finished(&[JobStatus::Dead], age, 100)
+            .await
+            .expect("prune"),
+        1
+    );
+
+    // The key went with its job: the same key makes a new job now.
+    let again = new_job(Some("nightly"));
+    let out = s.insert_jobs(&[again.clone()]).await.expect("insert");
+    assert_eq!((out[0].id, out[0].created), (again.id, true));
     db.close().await;
 }
 
@@ -815,4 +895,5 @@ both_stores!(
     the_outbox_is_kept_until_a_broker_takes_it_and_lost_jobs_are_resent,
     tenants_keep_their_jobs_and_children_follow_their_parent,
     a_paused_pool_keeps_its_outbox_and_the_most_urgent_go_first,
+    pruning_removes_old_finished_jobs_and_their_events_and_keeps_the_rest,
 );

@@ -298,6 +298,16 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the dead jobs among `ids`; answers how many.
     async fn purge_all(&self, ids: &[Uuid]) -> StoreResult<u64>;
 
+    /// Deletes up to `limit` jobs in `statuses` that ended more than
+    /// `older_than` ago, with their events and any outbox row left; answers
+    /// how many. Their idempotency keys go with them.
+    async fn prune_finished(
+        &self,
+        statuses: &[JobStatus],
+        older_than: Duration,
+        limit: i64,
+    ) -> StoreResult<u64>;
+
     async fn cancel(&self, id: Uuid) -> StoreResult<CancelOutcome> {
         Ok(match self.decide(id, Outcome::Cancel).await? {
             Decision::Applied(t) if t.to == JobStatus::Cancelled => CancelOutcome::Cancelled,
@@ -393,6 +403,21 @@ pub(crate) async fn publish_all(
             .map_err(|_| StoreError::Other(anyhow::anyhow!("publishing to {pool} timed out")))??;
     }
     Ok(())
+}
+
+/// The smallest UUIDv7 of `older_than` ago: every job that ended before
+/// then was created before then, so its id is below this one and a prune
+/// walks the primary key instead of needing an index of its own.
+pub(crate) fn id_cutoff(older_than: Duration) -> Uuid {
+    let at = std::time::SystemTime::now()
+        .checked_sub(older_than)
+        .unwrap_or(std::time::UNIX_EPOCH);
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    uuid::Builder::from_unix_timestamp_millis(u64::try_from(ms).unwrap_or(u64::MAX), &[0; 10])
+        .into_uuid()
 }
 
 pub(crate) fn ms(d: Duration) -> i64 {

@@ -37,6 +37,7 @@ pub fn fast_timing() -> TimingArgs {
         heartbeat_secs: 0.4,
         grace_secs: 2.0,
         lost_after_secs: 1.0,
+        ..TimingArgs::default()
     }
 }
 
@@ -46,6 +47,7 @@ pub fn fast_dispatcher() -> DispatcherConfig {
         poll: Duration::from_millis(50),
         rescue_every: Duration::from_millis(200),
         lost_after: Duration::from_secs(1),
+        ..DispatcherConfig::default()
     }
 }
 

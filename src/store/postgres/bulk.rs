@@ -65,3 +65,33 @@ impl PgStore {
         )
     }
 }
+
+impl PgStore {
+    pub(super) async fn prune_jobs(
+        &self,
+        statuses: &[JobStatus],
+        older_than: std::time::Duration,
+        limit: i64,
+    ) -> StoreResult<u64> {
+        let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+        let n: i64 = sqlx::query_scalar(
+            "WITH d AS (
+                DELETE FROM jobs WHERE id IN (
+                    SELECT id FROM jobs
+                    WHERE id < $1 AND status = ANY($2)
+                      AND finished_at < now() - $3 * interval '1 millisecond'
+                    ORDER BY id LIMIT $4)
+                RETURNING id
+             ), e AS (DELETE FROM job_events WHERE job_id IN (SELECT id FROM d)),
+             o AS (DELETE FROM outbox WHERE job_id IN (SELECT id FROM d))
+             SELECT count(*) FROM d",
+        )
+        .bind(crate::store::id_cutoff(older_than))
+        .bind(&statuses)
+        .bind(crate::store::ms(older_than) as f64)
+        .bind(limit)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}

@@ -254,4 +254,13 @@ impl Store for PgStore {
     async fn purge_all(&self, ids: &[Uuid]) -> StoreResult<u64> {
         self.purge_many(ids).await
     }
+
+    async fn prune_finished(
+        &self,
+        statuses: &[JobStatus],
+        older_than: Duration,
+        limit: i64,
+    ) -> StoreResult<u64> {
+        self.prune_jobs(statuses, older_than, limit).await
+    }
 }

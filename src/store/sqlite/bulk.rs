@@ -73,3 +73,41 @@ impl SqliteStore {
         .rows_affected())
     }
 }
+
+impl SqliteStore {
+    pub(super) async fn prune_jobs(
+        &self,
+        statuses: &[JobStatus],
+        older_than: std::time::Duration,
+        limit: i64,
+    ) -> StoreResult<u64> {
+        let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs
+             WHERE id < ?1 AND status IN (SELECT value FROM json_each(?2)) AND finished_at < ?3
+             ORDER BY id LIMIT ?4",
+        )
+        .bind(crate::store::id_cutoff(older_than).to_string())
+        .bind(serde_json::Value::from(statuses).to_string())
+        .bind(super::now_ms() - crate::store::ms(older_than))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let list = serde_json::Value::from(ids.clone()).to_string();
+        for table in [
+            "job_events WHERE job_id",
+            "outbox WHERE job_id",
+            "jobs WHERE id",
+        ] {
+            sqlx::query(&format!(
+                "DELETE FROM {table} IN (SELECT value FROM json_each(?))"
+            ))
+            .bind(&list)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(ids.len() as u64)
+    }
+}

@@ -1,4 +1,6 @@
 //! Configuration, parsed once at start by clap from flags and environment.
+//! An empty variable (`OPENAI_API_KEY=`) counts as unset everywhere
+//! ([`empty_env_is_unset`], [`env_setting`]), so the default applies.
 //!
 //! Environment variables (each also a flag):
 //! - `DATABASE_URL`: Postgres URL for `api`, `worker`, `dispatcher`, `migrate`.
@@ -32,11 +34,37 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Command, ValueEnum};
 
 use crate::model::secret::Secret;
 use crate::notifier::guard::NetGuard;
 use crate::notifier::{NotifierConfig, WebhookConfig};
+
+/// Clap takes an empty variable as a value: an empty API key that switches
+/// analyze to a remote provider, a number that fails to parse. Shells and
+/// compose files write `NAME=` to mean "no value", so this drops the
+/// environment source of every argument (in `cmd` and its subcommands)
+/// whose variable is set but empty; its default, or nothing, applies.
+pub fn empty_env_is_unset(cmd: Command) -> Command {
+    cmd.mut_args(|arg| {
+        let empty = arg
+            .get_env()
+            .and_then(std::env::var_os)
+            .is_some_and(|v| v.is_empty());
+        if empty {
+            arg.env(None::<&'static str>)
+        } else {
+            arg
+        }
+    })
+    .mut_subcommands(empty_env_is_unset)
+}
+
+/// A setting read from the environment outside clap, empty counting as
+/// unset like every other setting.
+pub fn env_setting(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
 
 /// Which broker carries a pool's job ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use stevedore::cli::notify::WebhooksCommand;
 use stevedore::cli::{self, DlqCommand};
+use stevedore::config;
 use stevedore::config::{
     AccessArgs, BackendArgs, ClientArgs, KindsArgs, LogFormat, NotifyArgs, TimingArgs,
 };
@@ -189,8 +190,9 @@ enum Command {
 }
 
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STEVEDORE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,chromiumoxide=error"));
+    let filter = config::env_setting("STEVEDORE_LOG")
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info,chromiumoxide=error"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -256,7 +258,9 @@ fn dispatcher_cfg(t: &TimingArgs) -> DispatcherConfig {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut matches = config::empty_env_is_unset(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches_mut(&mut matches)
+        .unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
     init_logs(cli.log_format);
     match cli.command {
         Command::Dev {

@@ -1,7 +1,9 @@
 //! The newcomer's command, for real: `stevedore dev --demo` on the embedded
 //! store runs a probe with a retry, scrapes the Moodle page and analyzes it
 //! with the local model, and renders the script-built quiz in headless
-//! Chromium. Killing the process outright takes its browser with it.
+//! Chromium, with empty settings (as compose passes them) leaving the
+//! defaults, the local model among them. Killing the process outright takes
+//! its browser with it.
 
 mod support;
 
@@ -52,7 +54,16 @@ async fn dev_demo_scrapes_analyzes_and_renders_offline() {
         "--data-dir",
         data.to_str().expect("utf-8 path"),
     ];
-    let dev = Proc::stevedore(&args, &[], dir.path(), "dev");
+    // Empty settings, as compose passes `${NAME:-}`, are no settings: the
+    // local model answers and every default holds.
+    let empty = [
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "STEVEDORE_ANALYZE_RPM",
+        "STEVEDORE_BROWSER_PAGES",
+    ]
+    .map(|k| (k, String::new()));
+    let dev = Proc::stevedore(&args, &empty, dir.path(), "dev");
     wait_port(port, 60).await;
     support::eventually(300, "the demo finished", || async {
         let log = dev.log();

@@ -7,7 +7,6 @@
 
 pub mod auth;
 mod console;
-pub mod demo;
 mod display;
 mod dlq;
 pub mod error;

@@ -1,4 +1,6 @@
 //! Configuration, parsed once at start by clap from flags and environment.
+//! An empty variable (`OPENAI_API_KEY=`) counts as unset everywhere
+//! ([`empty_env_is_unset`], [`env_setting`]), so the default applies.
 //!
 //! Environment variables (each also a flag):
 //! - `DATABASE_URL`: Postgres URL for `api`, `worker`, `dispatcher`, `migrate`.
@@ -24,19 +26,51 @@
 //!   `STEVEDORE_WEBHOOK_SCHEDULE` (default `5s,5m,30m,2h,5h,10h,10h`),
 //!   `STEVEDORE_WEBHOOK_TIMEOUT_SECS` (10), `STEVEDORE_WEBHOOK_CONCURRENCY`
 //!   (8 per endpoint), `STEVEDORE_WEBHOOK_MAX_INFLIGHT` (256),
-//!   `STEVEDORE_ALLOW_HOSTS` (`host:port,...` let through the SSRF guard),
+//!   `STEVEDORE_WEBHOOK_ALLOW_HOSTS` (`host:port,...` webhook receivers let
+//!   through the SSRF guard although internal),
 //!   `STEVEDORE_EVENT_RETENTION_HOURS` (168), `STEVEDORE_NOTIFIER_POLL_MS`
 //!   (100), `STEVEDORE_STREAM_BUFFER` (1024 events per stream client).
+//! - `STEVEDORE_SCRAPE_ALLOW_HOSTS` (`host:port,...`): pages scraping may
+//!   load although internal. Entries match the URL's literal host and port;
+//!   the process's own API and metrics listeners are refused regardless.
+//! - Deprecated ([`DeprecatedArgs`]): `STEVEDORE_ALLOW_HOSTS` counts for both
+//!   allowlists above, with a warning at start.
 
 use std::time::Duration;
 
 use std::sync::Arc;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Command, ValueEnum};
 
 use crate::model::secret::Secret;
 use crate::notifier::guard::NetGuard;
 use crate::notifier::{NotifierConfig, WebhookConfig};
+
+/// Clap takes an empty variable as a value: an empty API key that switches
+/// analyze to a remote provider, a number that fails to parse. Shells and
+/// compose files write `NAME=` to mean "no value", so this drops the
+/// environment source of every argument (in `cmd` and its subcommands)
+/// whose variable is set but empty; its default, or nothing, applies.
+pub fn empty_env_is_unset(cmd: Command) -> Command {
+    cmd.mut_args(|arg| {
+        let empty = arg
+            .get_env()
+            .and_then(std::env::var_os)
+            .is_some_and(|v| v.is_empty());
+        if empty {
+            arg.env(None::<&'static str>)
+        } else {
+            arg
+        }
+    })
+    .mut_subcommands(empty_env_is_unset)
+}
+
+/// A setting read from the environment outside clap, empty counting as
+/// unset like every other setting.
+pub fn env_setting(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
 
 /// Which broker carries a pool's job ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -222,8 +256,9 @@ pub struct KindsArgs {
     pub analyze_tpm: u64,
     #[arg(long, env = "STEVEDORE_ANSWER_CACHE_TTL_SECS", default_value_t = 7 * 24 * 3600)]
     pub answer_cache_ttl_secs: u64,
-    /// `host:port` pairs scraping may reach although they are internal.
-    #[arg(long, env = "STEVEDORE_ALLOW_HOSTS", default_value = "")]
+    /// `host:port` pairs scraping may reach although they are internal,
+    /// matched on the URL's literal host and port.
+    #[arg(long, env = "STEVEDORE_SCRAPE_ALLOW_HOSTS", default_value = "")]
     pub scrape_allow_hosts: String,
     /// The Chromium executable for `render: browser` (Debian's package).
     #[arg(long, env = "CHROME", default_value = "/usr/bin/chromium")]
@@ -286,8 +321,10 @@ pub struct NotifyArgs {
     pub webhook_concurrency: usize,
     #[arg(long, env = "STEVEDORE_WEBHOOK_MAX_INFLIGHT", default_value_t = 256)]
     pub webhook_max_inflight: usize,
-    #[arg(long, env = "STEVEDORE_ALLOW_HOSTS", default_value = "")]
-    pub allow_hosts: String,
+    /// `host:port` pairs webhooks may reach although they are internal,
+    /// matched on the URL's literal host and port.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_ALLOW_HOSTS", default_value = "")]
+    pub webhook_allow_hosts: String,
     #[arg(long, env = "STEVEDORE_EVENT_RETENTION_HOURS", default_value_t = 168.0)]
     pub event_retention_hours: f64,
     #[arg(long, env = "STEVEDORE_NOTIFIER_POLL_MS", default_value_t = 100)]
@@ -304,12 +341,49 @@ impl Default for NotifyArgs {
             webhook_timeout_secs: 10.0,
             webhook_concurrency: 8,
             webhook_max_inflight: 256,
-            allow_hosts: String::new(),
+            webhook_allow_hosts: String::new(),
             event_retention_hours: 168.0,
             notifier_poll_ms: 100,
             stream_buffer: 1024,
         }
     }
+}
+
+/// Settings kept so existing setups go on working, each with a warning
+/// naming its replacement.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DeprecatedArgs {
+    /// Replaced by STEVEDORE_SCRAPE_ALLOW_HOSTS and
+    /// STEVEDORE_WEBHOOK_ALLOW_HOSTS; counts for both meanwhile.
+    #[arg(long, env = "STEVEDORE_ALLOW_HOSTS", hide = true)]
+    pub allow_hosts: Option<String>,
+}
+
+impl DeprecatedArgs {
+    /// Adds the old shared allowlist to each of the new ones this process
+    /// uses (scrape, webhook or both), and says so once.
+    pub fn apply(&self, allowlists: &mut [&mut String]) {
+        let Some(old) = self.allow_hosts.as_deref().filter(|a| !a.is_empty()) else {
+            return;
+        };
+        tracing::warn!(
+            allow_hosts = old,
+            "STEVEDORE_ALLOW_HOSTS is deprecated: it still counts for scraping and webhooks; \
+             set STEVEDORE_SCRAPE_ALLOW_HOSTS and STEVEDORE_WEBHOOK_ALLOW_HOSTS instead."
+        );
+        for list in allowlists {
+            **list = join_allowlists(list, old);
+        }
+    }
+}
+
+/// Two `host:port,...` lists as one.
+pub fn join_allowlists(a: &str, b: &str) -> String {
+    [a, b]
+        .into_iter()
+        .filter(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Parses `5s,5m,30m,2h` (units ms, s, m, h, d).
@@ -357,7 +431,7 @@ impl NotifyArgs {
             per_endpoint: self.webhook_concurrency.max(1),
             max_inflight: self.webhook_max_inflight.max(1),
             default_secret,
-            guard: Arc::new(NetGuard::new(&self.allow_hosts)),
+            guard: Arc::new(NetGuard::new(&self.webhook_allow_hosts)),
         })
     }
 
@@ -399,5 +473,19 @@ mod tests {
             ]
         );
         assert!(parse_schedule("5x").is_err());
+    }
+
+    #[test]
+    fn the_old_allowlist_counts_for_every_list_it_is_applied_to() {
+        let mut scrape = "127.0.0.1:9000".to_owned();
+        let mut webhook = String::new();
+        let old = DeprecatedArgs {
+            allow_hosts: Some("127.0.0.1:9001".into()),
+        };
+        old.apply(&mut [&mut scrape, &mut webhook]);
+        assert_eq!(scrape, "127.0.0.1:9000,127.0.0.1:9001");
+        assert_eq!(webhook, "127.0.0.1:9001");
+        DeprecatedArgs::default().apply(&mut [&mut webhook]);
+        assert_eq!(webhook, "127.0.0.1:9001");
     }
 }

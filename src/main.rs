@@ -5,11 +5,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use stevedore::cli::notify::WebhooksCommand;
 use stevedore::cli::{self, DlqCommand};
+use stevedore::config;
 use stevedore::config::{
-    AccessArgs, BackendArgs, ClientArgs, KindsArgs, LogFormat, NotifyArgs, TimingArgs,
+    AccessArgs, BackendArgs, ClientArgs, DeprecatedArgs, KindsArgs, LogFormat, NotifyArgs,
+    TimingArgs,
 };
 use stevedore::dispatcher::DispatcherConfig;
 use stevedore::fleet::{self, ApiRole, Backend, Roles};
@@ -49,6 +51,8 @@ enum Command {
         timing: TimingArgs,
         #[command(flatten)]
         notify: NotifyArgs,
+        #[command(flatten)]
+        deprecated: DeprecatedArgs,
     },
     /// The HTTP API (with an embedded dispatcher unless --no-dispatcher).
     Api {
@@ -64,6 +68,8 @@ enum Command {
         notify: NotifyArgs,
         #[command(flatten)]
         access: Box<AccessArgs>,
+        #[command(flatten)]
+        deprecated: DeprecatedArgs,
     },
     /// Streams events to the API processes' clients and delivers webhooks.
     Notifier {
@@ -74,6 +80,8 @@ enum Command {
         backend: BackendArgs,
         #[command(flatten)]
         notify: NotifyArgs,
+        #[command(flatten)]
+        deprecated: DeprecatedArgs,
     },
     /// One worker pool process.
     Worker {
@@ -88,6 +96,8 @@ enum Command {
         metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         backend: BackendArgs,
+        #[command(flatten)]
+        deprecated: DeprecatedArgs,
     },
     /// Outbox relay, lease rescue and lost-message repair.
     Dispatcher {
@@ -211,8 +221,9 @@ enum Command {
 }
 
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STEVEDORE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,chromiumoxide=error"));
+    let filter = config::env_setting("STEVEDORE_LOG")
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info,chromiumoxide=error"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -280,26 +291,41 @@ fn dispatcher_cfg(t: &TimingArgs) -> DispatcherConfig {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut matches = config::empty_env_is_unset(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches_mut(&mut matches)
+        .unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
     init_logs(cli.log_format);
     match cli.command {
         Command::Dev {
-            kinds,
+            mut kinds,
             listen,
             data_dir,
             concurrency,
             demo,
             timing,
-            notify,
+            mut notify,
+            deprecated,
         } => {
             anyhow::ensure!(
                 listen.ip().is_loopback(),
                 "stevedore dev serves without API keys, so it listens on loopback only \
                  (127.0.0.1 or [::1]); run `stevedore api` with keys to serve a network"
             );
+            deprecated.apply(&mut [
+                &mut kinds.scrape_allow_hosts,
+                &mut notify.webhook_allow_hosts,
+            ]);
             let backend = Backend::embedded(&data_dir, &timing).await?;
             if demo {
-                tokio::spawn(cli::demo(format!("http://{listen}")));
+                // The quiz pages get a loopback listener of their own and
+                // only it is allowlisted: scraping never reaches the API.
+                let pages = cli::demo_pages::serve(listen.ip()).await?;
+                kinds.scrape_allow_hosts =
+                    config::join_allowlists(&kinds.scrape_allow_hosts, &pages.to_string());
+                tokio::spawn(cli::demo(
+                    format!("http://{listen}"),
+                    format!("http://{pages}"),
+                ));
             }
             eprintln!(
                 "stevedore dev: API and display on http://{listen}  (data in {})\n  try: stevedore submit probe --payload '{{\"sleep_ms\": 200}}' --wait",
@@ -309,30 +335,28 @@ async fn main() -> anyhow::Result<()> {
                 .into_iter()
                 .map(|k| (k.to_owned(), concurrency))
                 .collect();
-            let api = ApiRole {
-                demo_pages: true,
-                ..ApiRole::open(listen)
-            };
             let roles = Roles::new(timing.clone())
-                .with_api(api)
+                .with_api(ApiRole::open(listen))
                 .with_dispatcher(dispatcher_cfg(&timing))
                 .with_workers(workers)
                 .with_notifier()
                 .with_notify(notify);
-            // The demo scrapes the quiz pages this process serves itself.
-            let mut kinds = kinds;
-            kinds.scrape_allow_hosts = format!("{},{listen}", kinds.scrape_allow_hosts);
             let kinds = fleet::kinds(&kinds, fleet::Shared::local(&backend))?;
             run_roles(backend, kinds, roles).await
         }
         Command::Api {
-            kinds,
+            mut kinds,
             listen,
             no_dispatcher,
             backend,
-            notify,
+            mut notify,
             access,
+            deprecated,
         } => {
+            deprecated.apply(&mut [
+                &mut kinds.scrape_allow_hosts,
+                &mut notify.webhook_allow_hosts,
+            ]);
             let b = Backend::production(&backend).await?;
             let api = fleet::api_role(listen, &access, &b, &backend).await?;
             let mut roles = Roles::new(backend.timing.clone())
@@ -344,12 +368,14 @@ async fn main() -> anyhow::Result<()> {
             run_roles(b, fleet::production_kinds(&kinds, &backend).await?, roles).await
         }
         Command::Worker {
-            kinds,
+            mut kinds,
             pool,
             concurrency,
             metrics_listen,
             backend,
+            deprecated,
         } => {
+            deprecated.apply(&mut [&mut kinds.scrape_allow_hosts]);
             let roles = Roles::new(backend.timing.clone())
                 .with_workers(vec![(pool, concurrency)])
                 .with_metrics(metrics_listen);
@@ -363,8 +389,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Notifier {
             metrics_listen,
             backend,
-            notify,
+            mut notify,
+            deprecated,
         } => {
+            deprecated.apply(&mut [&mut notify.webhook_allow_hosts]);
             let roles = Roles::new(backend.timing.clone())
                 .with_notifier()
                 .with_notify(notify)

@@ -552,7 +552,7 @@ async fn a_tenant_sees_none_of_another_tenants_jobs_events_or_webhooks() {
     let (_, a) = create_key(&env, "tenant-a", "admin").await;
     let (_, b) = create_key(&env, "tenant-b", "admin").await;
     // Registering a loopback receiver needs it allowed; nothing is sent.
-    env.push(("STEVEDORE_ALLOW_HOSTS", "127.0.0.1:9".to_owned()));
+    env.push(("STEVEDORE_WEBHOOK_ALLOW_HOSTS", "127.0.0.1:9".to_owned()));
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let api = Proc::stevedore(

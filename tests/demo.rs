@@ -1,7 +1,10 @@
 //! The newcomer's command, for real: `stevedore dev --demo` on the embedded
 //! store runs a probe with a retry, scrapes the Moodle page and analyzes it
 //! with the local model, and renders the script-built quiz in headless
-//! Chromium. Killing the process outright takes its browser with it.
+//! Chromium. The quiz pages come from a listener of their own, not from the
+//! API; empty settings (as compose passes them) leave the defaults, the
+//! local model among them. Killing the process outright takes its browser
+//! with it.
 
 mod support;
 
@@ -52,7 +55,18 @@ async fn dev_demo_scrapes_analyzes_and_renders_offline() {
         "--data-dir",
         data.to_str().expect("utf-8 path"),
     ];
-    let dev = Proc::stevedore(&args, &[], dir.path(), "dev");
+    // Empty settings, as compose passes `${NAME:-}`, are no settings: the
+    // local model answers and every default holds.
+    let empty = [
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "STEVEDORE_ANALYZE_RPM",
+        "STEVEDORE_BROWSER_PAGES",
+        "STEVEDORE_SCRAPE_ALLOW_HOSTS",
+        "STEVEDORE_ALLOW_HOSTS",
+    ]
+    .map(|k| (k, String::new()));
+    let dev = Proc::stevedore(&args, &empty, dir.path(), "dev");
     wait_port(port, 60).await;
     support::eventually(300, "the demo finished", || async {
         let log = dev.log();
@@ -69,6 +83,23 @@ async fn dev_demo_scrapes_analyzes_and_renders_offline() {
         "{log}"
     );
     assert!(log.contains("- A residual is defined as ..."), "{log}");
+    let page = log
+        .split("demo: scraping ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("the demo names the page it scrapes: {log}"));
+    assert!(
+        page.starts_with("http://127.0.0.1:") && !page.starts_with(&format!("http://{listen}/")),
+        "the pages are not the API's: {page}"
+    );
+    let from_api = reqwest::get(format!("http://{listen}/demo/quiz/moodle-multichoice.html"))
+        .await
+        .expect("ask the API");
+    assert_eq!(from_api.status(), reqwest::StatusCode::NOT_FOUND);
+    assert!(
+        !log.contains("deprecated"),
+        "an empty old setting is no setting: {log}"
+    );
 
     let browsers = chromium_children(dev.pid().as_raw());
     assert_eq!(

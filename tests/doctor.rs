@@ -146,3 +146,33 @@ async fn red_when_unmigrated_or_unconfigured() {
         "{t}"
     );
 }
+
+/// `NAME=` means "no value" (compose passes `${OPENAI_API_KEY:-}` that
+/// way): every setting takes it as unset, so defaults apply, nothing fails
+/// to parse, and an empty key does not count as one.
+#[tokio::test]
+async fn empty_settings_count_as_unset() {
+    let out = doctor(
+        &[
+            "DATABASE_URL",
+            "REDIS_URL",
+            "STEVEDORE_BROKER",
+            "STEVEDORE_BROKER_SCRAPE",
+            "CHROME",
+            "STEVEDORE_LOCAL_MODEL",
+            "OPENAI_API_KEY",
+        ]
+        .map(|k| (k, String::new())),
+    )
+    .await;
+    let t = text(&out);
+    for line in [
+        "FAIL  config     DATABASE_URL is not set",
+        "ok    redis",
+        "ok    chromium",
+        "ok    model      local model",
+        "1 problem found",
+    ] {
+        assert!(t.contains(line), "missing {line:?} in:\n{t}");
+    }
+}

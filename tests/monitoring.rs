@@ -264,7 +264,10 @@ async fn every_metric_the_rules_and_dashboards_name_is_exported() {
             "STEVEDORE_REDIS_PREFIX",
             format!("sdt:{}", Uuid::now_v7().simple()),
         ),
-        ("STEVEDORE_ALLOW_HOSTS", format!("127.0.0.1:{fixtures}")),
+        (
+            "STEVEDORE_SCRAPE_ALLOW_HOSTS",
+            format!("127.0.0.1:{fixtures}"),
+        ),
         ("STEVEDORE_LOCAL_MODEL", model.display().to_string()),
         ("STEVEDORE_LOG", "info,tower_http=debug".to_owned()),
     ];

@@ -3,7 +3,9 @@
 //! analyze job chained in the same transaction, a script-built page that
 //! plain HTTP cannot read and headless Chromium can, a JSON-LD page with
 //! its stated answers, and a refused target that is never reached in
-//! either mode.
+//! either mode. `stevedore dev` configured the old way: the deprecated
+//! `STEVEDORE_ALLOW_HOSTS` still counts for scraping and webhooks (and says
+//! so), and the API's own address is never scraped, listed or not.
 
 mod support;
 
@@ -14,6 +16,7 @@ use axum::routing::get;
 use serde_json::json;
 use stevedore::config::KindsArgs;
 use stevedore::fleet;
+use support::procs::{free_port, wait_port, Proc};
 use support::{Flavor, Opts, TestFleet};
 use uuid::Uuid;
 
@@ -177,3 +180,84 @@ async fn quiz_pages_are_scraped_chained_and_refused_targets_never_reached(flavor
 }
 
 both_flavors!(quiz_pages_are_scraped_chained_and_refused_targets_never_reached);
+
+/// Polls a job of a `stevedore dev` process until it is finished.
+async fn finished(http: &reqwest::Client, api: &str, id: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let job: serde_json::Value = match http.get(format!("{api}/v1/jobs/{id}")).send().await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        if matches!(job["status"].as_str(), Some("succeeded" | "dead")) {
+            return job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} did not finish: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_allowlist_counts_for_both_with_a_warning_and_never_admits_the_api() {
+    let fixtures = serve_fixtures().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let env = [(
+        "STEVEDORE_ALLOW_HOSTS",
+        format!("127.0.0.1:{fixtures},{listen}"),
+    )];
+    let args = [
+        "dev",
+        "--listen",
+        &listen,
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ];
+    let dev = Proc::stevedore(&args, &env, dir.path(), "dev");
+    wait_port(port, 60).await;
+    let api = format!("http://{listen}");
+    let http = reqwest::Client::new();
+
+    // Webhooks: a loopback receiver is accepted only because it is listed.
+    let r = http
+        .post(format!("{api}/v1/webhooks"))
+        .json(&json!({"url": format!("http://127.0.0.1:{fixtures}/hook"), "events": ["job.cancelled"]}))
+        .send()
+        .await
+        .expect("register a webhook");
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED, "{}", dev.log());
+
+    let mut ids = vec![];
+    for url in [
+        format!("http://127.0.0.1:{fixtures}/moodle"),
+        format!("{api}/v1/jobs"),
+    ] {
+        let r = http
+            .post(format!("{api}/v1/jobs"))
+            .json(&json!({"kind": "scrape", "payload": {"url": url, "render": "http"}}))
+            .send()
+            .await
+            .expect("submit");
+        let v: serde_json::Value = r.json().await.expect("json");
+        ids.push(v["id"].as_str().expect("id").to_owned());
+    }
+    let scraped = finished(&http, &api, &ids[0]).await;
+    assert_eq!(scraped["status"], "succeeded", "{scraped}");
+    let refused = finished(&http, &api, &ids[1]).await;
+    assert_eq!(refused["status"], "dead", "{refused}");
+    let message = refused["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("own listener"),
+        "the API's address is refused although listed: {refused}"
+    );
+    let log = dev.log();
+    assert!(
+        log.contains("STEVEDORE_ALLOW_HOSTS is deprecated"),
+        "the old setting is warned about: {log}"
+    );
+}

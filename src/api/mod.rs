@@ -8,7 +8,6 @@
 pub mod auth;
 mod bulk;
 mod console;
-pub mod demo;
 mod display;
 mod dlq;
 pub mod error;

@@ -26,8 +26,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// ids stay): the switch exists to measure their cost.
 static METRICS_ON: LazyLock<bool> = LazyLock::new(|| {
     !matches!(
-        std::env::var("STEVEDORE_REQUEST_METRICS").as_deref(),
-        Ok("off" | "0" | "false")
+        crate::config::env_setting("STEVEDORE_REQUEST_METRICS").as_deref(),
+        Some("off" | "0" | "false")
     )
 });
 

@@ -22,8 +22,8 @@ use crate::store::events::{DeliveryView, RetryOutcome, Webhook};
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
-    /// http or https; must pass the SSRF guard (`STEVEDORE_ALLOW_HOSTS` lets
-    /// named local receivers through).
+    /// http or https; must pass the SSRF guard
+    /// (`STEVEDORE_WEBHOOK_ALLOW_HOSTS` lets named local receivers through).
     pub url: String,
     /// Event types; default `job.succeeded`, `job.dead`, `job.cancelled`.
     pub events: Option<Vec<String>>,

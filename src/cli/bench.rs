@@ -92,9 +92,7 @@ async fn spawn_fleet(
 
 /// The database the fleet writes to, when `DATABASE_URL` names it.
 async fn database() -> Option<crate::store::postgres::PgStore> {
-    let url = std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())?;
+    let url = crate::config::env_setting("DATABASE_URL")?;
     crate::store::postgres::PgStore::connect(&url, 1).await.ok()
 }
 

@@ -142,9 +142,7 @@ fn report(mode: &str, pages: usize, concurrency: usize, wall: Duration, mut lat:
 }
 
 pub async fn run(args: BenchScrapeArgs) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, crate::api::demo::router()).await });
+    let addr = super::demo_pages::serve(std::net::Ipv4Addr::LOCALHOST.into()).await?;
     let url = format!("http://{addr}/demo/quiz/moodle-multichoice.html");
     let allow = addr.to_string();
     for mode in &args.modes {

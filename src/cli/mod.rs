@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_scrape;
+pub mod demo_pages;
 pub mod doctor;
 pub mod keys;
 pub mod notify;
@@ -367,8 +368,10 @@ pub async fn dlq(c: &ClientArgs, cmd: DlqCommand) -> anyhow::Result<()> {
 
 /// The newcomer's first jobs, through the API of the fleet that just
 /// started: a probe that fails once and succeeds on its retry, then the
-/// embedded Moodle quiz page scraped over HTTP with an analyze job chained.
-pub async fn demo(url: String) {
+/// embedded Moodle quiz page scraped over HTTP with an analyze job chained,
+/// then a script-built quiz rendered in Chromium. `pages` is where
+/// [`demo_pages::serve`] serves the quiz pages.
+pub async fn demo(url: String, pages: String) {
     let c = ClientArgs {
         url: url.clone(),
         api_key: None,
@@ -390,20 +393,20 @@ pub async fn demo(url: String) {
         return;
     }
     eprintln!("\ndemo: a real quiz page scraped and analyzed by the local model (offline)");
-    if let Err(e) = analyze_demo(&url).await {
+    if let Err(e) = analyze_demo(&url, &pages).await {
         eprintln!("demo failed: {e:#}");
         return;
     }
     eprintln!("\ndemo: a quiz that only script builds, rendered in headless Chromium");
-    match browser_demo(&url).await {
+    match browser_demo(&url, &pages).await {
         Ok(()) => eprintln!("\ndemo: done. Watch jobs live at {url}/ ; Ctrl-C stops the fleet."),
         Err(e) => eprintln!("demo failed: {e:#}"),
     }
 }
 
-async fn analyze_demo(url: &str) -> anyhow::Result<()> {
+async fn analyze_demo(url: &str, pages: &str) -> anyhow::Result<()> {
     let http = client(None)?;
-    let page = format!("{url}/demo/quiz/moodle-multichoice.html");
+    let page = format!("{pages}/demo/quiz/moodle-multichoice.html");
     eprintln!("demo: scraping {page}, then analyzing its questions");
     let body = serde_json::json!({"kind": "scrape", "payload": {"url": page, "then": {"kind": "analyze"}}});
     let accepted = call(http.post(format!("{url}/v1/jobs")).json(&body)).await?;
@@ -444,9 +447,9 @@ async fn analyze_demo(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn browser_demo(url: &str) -> anyhow::Result<()> {
+async fn browser_demo(url: &str, pages: &str) -> anyhow::Result<()> {
     let http = client(None)?;
-    let page = format!("{url}/demo/quiz/spa-rendered.html");
+    let page = format!("{pages}/demo/quiz/spa-rendered.html");
     let body = serde_json::json!({"kind": "scrape", "payload": {"url": page}});
     let accepted = call(http.post(format!("{url}/v1/jobs")).json(&body)).await?;
     let job = wait_done(&http, url, &s(&accepted, "id")).await?;

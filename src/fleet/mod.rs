@@ -1,7 +1,8 @@
 //! Assembles the roles of the fleet from a store, brokers and kinds: the
 //! API server, the dispatcher, worker pools and the notifier, alone
 //! (production roles) or all in one process (`stevedore dev`, tests).
-//! Which roles a process runs is `roles.rs`.
+//! Which roles a process runs is `roles.rs`. The process's own listeners
+//! are kept out of its scrape jobs' reach ([`own_listeners`]).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,6 +12,7 @@ use std::time::Duration;
 mod roles;
 
 use anyhow::Context as _;
+use stevedore_netguard::OwnListeners;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -226,12 +228,21 @@ fn analyze(args: &KindsArgs, shared: Shared) -> anyhow::Result<stevedore_analyze
 
 static SCRAPE: std::sync::OnceLock<stevedore_scrape::ScrapeHandler> = std::sync::OnceLock::new();
 
+/// The addresses this process listens on (API, metrics), which its scrape
+/// jobs are refused however the allowlist reads: one set per process, like
+/// the scrape handler that consults it.
+pub fn own_listeners() -> &'static OwnListeners {
+    static OWN: std::sync::LazyLock<OwnListeners> = std::sync::LazyLock::new(Default::default);
+    &OWN
+}
+
 fn scrape(args: &KindsArgs) -> anyhow::Result<stevedore_scrape::ScrapeHandler> {
     if let Some(h) = SCRAPE.get() {
         return Ok(h.clone());
     }
     let mut cfg = stevedore_scrape::ScrapeConfig {
         allow_hosts: args.scrape_allow_hosts.clone(),
+        own_listeners: own_listeners().clone(),
         ..Default::default()
     };
     cfg.browser.chrome = args.chrome.clone();
@@ -310,6 +321,13 @@ impl Running {
 }
 
 pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Result<Running> {
+    // Before any worker starts, so no scrape job runs while these are still
+    // reachable. A port-0 listener is added once bound: nothing listens on
+    // its port before that.
+    let listens = roles.api.as_ref().map(|a| a.listen).into_iter();
+    for addr in listens.chain(roles.metrics).filter(|a| a.port() != 0) {
+        own_listeners().add(addr);
+    }
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut wake = None;
@@ -341,6 +359,7 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding the metrics listener {listen}"))?;
+        own_listeners().add(listener.local_addr()?);
         let s = stop.clone();
         tracker.spawn(async move {
             let res = axum::serve(listener, api::metrics_router())
@@ -373,7 +392,9 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
         let listener = TcpListener::bind(api.listen)
             .await
             .with_context(|| format!("binding {}", api.listen))?;
-        addr = Some(listener.local_addr()?);
+        let bound = listener.local_addr()?;
+        own_listeners().add(bound);
+        addr = Some(bound);
         let state = AppState {
             store: backend.store.clone(),
             kinds: kinds.clone(),
@@ -388,10 +409,7 @@ pub async fn start(backend: Backend, kinds: Kinds, roles: Roles) -> anyhow::Resu
             metrics_token: api.metrics_token.map(Into::into),
             limits: api.limits,
         };
-        let mut app = api::router(state);
-        if api.demo_pages {
-            app = app.merge(api::demo::router());
-        }
+        let app = api::router(state);
         let s = stop.clone();
         tracker.spawn(async move {
             let res = axum::serve(listener, app)

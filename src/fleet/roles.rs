@@ -35,8 +35,6 @@ pub struct ApiRole {
     pub allowed_origins: Vec<String>,
     pub metrics_token: Option<String>,
     pub limits: crate::api::limits::Limits,
-    /// Serve the embedded demo quiz pages (dev mode only).
-    pub demo_pages: bool,
 }
 
 impl ApiRole {
@@ -49,7 +47,6 @@ impl ApiRole {
             allowed_origins: vec![],
             metrics_token: None,
             limits: Default::default(),
-            demo_pages: false,
         }
     }
 }
@@ -96,7 +93,6 @@ pub async fn api_role(
             Duration::from_secs_f64(args.api_timeout_secs.max(0.001)),
             args.api_max_in_flight,
         ),
-        demo_pages: false,
     })
 }
 

@@ -99,12 +99,12 @@ impl Default for Opts {
 }
 
 /// Short polls and a seconds-long webhook schedule; `allow` is
-/// `STEVEDORE_ALLOW_HOSTS`.
+/// `STEVEDORE_WEBHOOK_ALLOW_HOSTS`.
 pub fn fast_notify(allow: &str) -> NotifyArgs {
     NotifyArgs {
         webhook_schedule: "1s,1s,2s".into(),
         webhook_timeout_secs: 2.0,
-        allow_hosts: allow.into(),
+        webhook_allow_hosts: allow.into(),
         notifier_poll_ms: 50,
         ..NotifyArgs::default()
     }

@@ -54,9 +54,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let rounds: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(3);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // Empty counts as unset, as in the binary's settings.
     let path = std::env::var("STEVEDORE_LOCAL_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join(stevedore_analyze::DEFAULT_LOCAL_MODEL));
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map_or_else(
+            || root.join(stevedore_analyze::DEFAULT_LOCAL_MODEL),
+            PathBuf::from,
+        );
     let provider = LocalProvider::new(path, format);
     let started = Instant::now();
     provider.model().await?;

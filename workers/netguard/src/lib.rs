@@ -10,14 +10,25 @@
 //! address inside; Teredo and the local-use NAT64 prefix are refused outright
 //! (what they reach is decided by a relay or translator we cannot see); and
 //! link-local / cloud metadata addresses (all of `169.254.0.0/16`,
-//! `fd00:ec2::/32`) are refused even when allowlisted. `STEVEDORE_ALLOW_HOSTS`
-//! (`host:port`, comma-separated) lets named local receivers through.
+//! `fd00:ec2::/32`) are refused even when allowlisted.
+//!
+//! An allowlist (`host:port`, comma-separated; the core reads
+//! `STEVEDORE_SCRAPE_ALLOW_HOSTS` and `STEVEDORE_WEBHOOK_ALLOW_HOSTS`) lets
+//! named local servers through. An entry matches the URL's literal host and
+//! port, never what a name resolves to: `127.0.0.1:8099` admits
+//! `http://127.0.0.1:8099/` but not a name whose DNS answer is 127.0.0.1.
+//! [`OwnListeners`] are the process's own listening addresses (its API, its
+//! metrics): a guard given them refuses every URL that would land there,
+//! allowlisted or not.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 pub use url::Url;
+
+mod listeners;
+pub use listeners::{reaches, OwnListeners};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GuardError {
@@ -27,6 +38,9 @@ pub enum GuardError {
     Scheme,
     #[error("{0} resolves to a forbidden address ({1})")]
     Forbidden(String, IpAddr),
+    /// The address is one this process listens on (its API, its metrics).
+    #[error("{0} reaches this process's own listener ({1})")]
+    OwnListener(String, SocketAddr),
     #[error("cannot resolve {0}")]
     Unresolvable(String),
     /// Refused by policy whatever the address (a guard that allows nothing).
@@ -71,6 +85,7 @@ impl Resolve for SystemResolver {
 pub struct NetGuard {
     allow: Vec<String>,
     resolver: Arc<dyn Resolve>,
+    own: OwnListeners,
 }
 
 impl Default for NetGuard {
@@ -83,6 +98,7 @@ impl std::fmt::Debug for NetGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetGuard")
             .field("allow", &self.allow)
+            .field("own", &self.own)
             .finish()
     }
 }
@@ -97,16 +113,49 @@ impl NetGuard {
     pub fn with_resolver(allow_hosts: &str, resolver: Arc<dyn Resolve>) -> Self {
         let allow = allow_hosts
             .split(',')
-            .map(|h| h.trim().to_ascii_lowercase())
+            .map(str::trim)
             .filter(|h| !h.is_empty())
+            .map(allow_entry)
             .collect();
-        Self { allow, resolver }
+        Self {
+            allow,
+            resolver,
+            own: OwnListeners::default(),
+        }
+    }
+
+    /// Refuses whatever reaches these listeners, allowlisted or not.
+    pub fn refusing(mut self, own: OwnListeners) -> Self {
+        self.own = own;
+        self
+    }
+}
+
+/// An allowlist entry spelled as a parsed URL spells its host and port
+/// (lower case, `[::ffff:7f00:1]` for `[::ffff:127.0.0.1]`, `127.0.0.1` for
+/// `2130706433`), so that it matches the URLs the parser takes for the same
+/// literal host. An entry without a port, or that no URL would have, stays
+/// as written and matches nothing.
+fn allow_entry(raw: &str) -> String {
+    let raw = raw.to_ascii_lowercase();
+    let has_port = raw
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+    let parsed = Url::parse(&format!("http://{raw}/"))
+        .ok()
+        .filter(|u| has_port && u.path() == "/" && u.username().is_empty() && u.query().is_none());
+    match parsed
+        .as_ref()
+        .and_then(|u| Some((u.host_str()?, u.port_or_known_default()?)))
+    {
+        Some((host, port)) => format!("{host}:{port}"),
+        None => raw,
     }
 }
 
 /// The IPv4 address an IPv6 form stands for, where the IPv6 address is
 /// only a wrapper around it (mapped, compatible, NAT64 64:ff9b::/96, 6to4).
-fn mapped_v4(v6: &Ipv6Addr) -> Option<Ipv4Addr> {
+pub(crate) fn mapped_v4(v6: &Ipv6Addr) -> Option<Ipv4Addr> {
     let s = v6.segments();
     let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     let nat64 = s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0];
@@ -205,6 +254,8 @@ impl UrlGuard for NetGuard {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
+        // The literal host as written in the URL: an entry names a server,
+        // not the addresses a name may be pointed at later.
         let allowed = self.allow.contains(&format!("{host}:{port}"));
         // `localhost.` is `localhost`: a fully qualified name must not slip
         // past a check (or fail to resolve here and resolve elsewhere).
@@ -227,6 +278,9 @@ impl UrlGuard for NetGuard {
         for a in &addrs {
             if is_metadata(a.ip()) || (!allowed && is_forbidden(a.ip())) {
                 return Err(GuardError::Forbidden(host, a.ip()));
+            }
+            if self.own.reached_by(*a) {
+                return Err(GuardError::OwnListener(host, *a));
             }
         }
         let addr = *addrs
@@ -271,6 +325,7 @@ mod tests {
         );
         assert!(g.check("http://127.0.0.1:8099/hook").await.is_ok());
         assert!(g.check("http://[::1]:8099/hook").await.is_ok());
+        assert!(g.check("http://[0:0::1]:8099/hook").await.is_ok());
         assert!(is_forbidden("169.254.169.254".parse().expect("ip")));
         assert!(is_metadata("169.254.169.254".parse().expect("ip")));
         assert!(!is_forbidden("93.184.216.34".parse().expect("ip")));
@@ -323,6 +378,76 @@ mod tests {
         assert!(matches!(
             g.check("http://127.0.0.1:8100/").await,
             Err(GuardError::Forbidden(..))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_listed_name_is_admitted_by_its_name_not_by_what_it_resolves_to() {
+        let g =
+            NetGuard::with_resolver("receiver.test:8099", scripted(&["127.0.0.1", "127.0.0.1"]));
+        assert!(g.check("http://receiver.test:8099/").await.is_ok());
+        // The same address under its own literal is not listed.
+        assert!(matches!(
+            g.check("http://127.0.0.1:8099/").await,
+            Err(GuardError::Forbidden(..))
+        ));
+        assert!(matches!(
+            g.check("http://other.test:8099/").await,
+            Err(GuardError::Forbidden(..))
+        ));
+    }
+
+    #[test]
+    fn entries_are_spelled_as_parsed_urls_spell_their_hosts() {
+        for (entry, spelled) in [
+            ("127.0.0.1:8099", "127.0.0.1:8099"),
+            ("2130706433:8099", "127.0.0.1:8099"),
+            ("[::FFFF:127.0.0.1]:8099", "[::ffff:7f00:1]:8099"),
+            ("Receiver.Test:80", "receiver.test:80"),
+            // No port, or not a host and port: kept, and matching nothing.
+            ("receiver.test", "receiver.test"),
+            ("receiver.test:80/path", "receiver.test:80/path"),
+        ] {
+            assert_eq!(allow_entry(entry), spelled, "{entry}");
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("socket address")
+    }
+
+    #[tokio::test]
+    async fn own_listeners_are_refused_even_when_allowlisted_or_named() {
+        let own = OwnListeners::default();
+        let g = NetGuard::with_resolver(
+            "127.0.0.1:8080, [::ffff:127.0.0.1]:8080, 0.0.0.0:8080, api.test:8080, 127.0.0.1:8081, 127.0.0.2:9100",
+            scripted(&["127.0.0.1"]),
+        )
+        .refusing(own.clone());
+        assert!(
+            g.check("http://127.0.0.1:8080/").await.is_ok(),
+            "not yet listening"
+        );
+        own.add(addr("127.0.0.1:8080"));
+        for u in [
+            "http://127.0.0.1:8080/v1/jobs",
+            "http://[::ffff:127.0.0.1]:8080/",
+            "http://0.0.0.0:8080/",
+            "http://api.test:8080/",
+        ] {
+            assert!(
+                matches!(g.check(u).await, Err(GuardError::OwnListener(..))),
+                "{u}"
+            );
+        }
+        assert!(g.check("http://127.0.0.1:8081/").await.is_ok());
+        // A wildcard listener (a worker's metrics) is refused on any
+        // loopback address, which the kernel routes to it.
+        assert!(g.check("http://127.0.0.2:9100/").await.is_ok());
+        own.add(addr("0.0.0.0:9100"));
+        assert!(matches!(
+            g.check("http://127.0.0.2:9100/").await,
+            Err(GuardError::OwnListener(..))
         ));
     }
 

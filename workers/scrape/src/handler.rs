@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use stevedore_handler::{Handler, JobContext, JobError};
-use stevedore_netguard::{NetGuard, UrlGuard};
+use stevedore_netguard::{NetGuard, OwnListeners, UrlGuard};
 use tokio::sync::Semaphore;
 
 use crate::browser::{BrowserConfig, BrowserError, BrowserPool, Hooks, Wait};
@@ -19,8 +19,11 @@ use crate::proxy::{Dial, TcpDial};
 #[derive(Debug, Clone)]
 pub struct ScrapeConfig {
     /// `host:port` pairs the guard lets through although they are internal
-    /// (the core reads `STEVEDORE_ALLOW_HOSTS`).
+    /// (the core reads `STEVEDORE_SCRAPE_ALLOW_HOSTS`).
     pub allow_hosts: String,
+    /// The process's own listeners (its API, its metrics): never scraped,
+    /// allowlisted or not, so a page cannot drive the API it runs beside.
+    pub own_listeners: OwnListeners,
     pub timeout: Duration,
     pub max_bytes: usize,
     /// Pages of one host loaded at once by this process.
@@ -32,6 +35,7 @@ impl Default for ScrapeConfig {
     fn default() -> Self {
         Self {
             allow_hosts: String::new(),
+            own_listeners: OwnListeners::default(),
             timeout: Duration::from_secs(20),
             max_bytes: 5 * 1024 * 1024,
             per_host: 2,
@@ -57,7 +61,7 @@ pub struct ScrapeHandler {
 
 impl ScrapeHandler {
     pub fn new(cfg: ScrapeConfig, registry: &Registry) -> Result<Self, prometheus::Error> {
-        let guard = Arc::new(NetGuard::new(&cfg.allow_hosts));
+        let guard = Arc::new(NetGuard::new(&cfg.allow_hosts).refusing(cfg.own_listeners.clone()));
         Self::with_guard(cfg, registry, guard, Arc::new(TcpDial))
     }
 

@@ -204,7 +204,8 @@ pub struct PrivatePostgres {
     extra: &'static str,
 }
 
-fn as_root(program: &str, args: &[&str], path: &Path) {
+/// Runs `program ARGS PATH` (chmod, chown), failing the test if it fails.
+fn run_on_file(program: &str, args: &[&str], path: &Path) {
     let ok = Command::new(program)
         .args(args)
         .arg(path)
@@ -246,9 +247,9 @@ impl PrivatePostgres {
         )
         .expect("pg_hba.conf");
         // Postgres refuses a key others may read.
-        as_root("chmod", &["600"], &key);
+        run_on_file("chmod", &["600"], &key);
         for f in [&cert, &key] {
-            as_root("chown", &["postgres:postgres"], f);
+            run_on_file("chown", &["postgres:postgres"], f);
         }
         pg.up().await;
         pg

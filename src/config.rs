@@ -4,13 +4,19 @@
 //!
 //! Environment variables (each also a flag):
 //! - `DATABASE_URL`: Postgres URL for `api`, `worker`, `dispatcher`, `migrate`.
-//! - `REDIS_URL` (default `redis://127.0.0.1:6379`), `STEVEDORE_REDIS_PREFIX`
-//!   (default `stevedore`): the Redis broker.
+//! - `REDIS_URL` (default `redis://127.0.0.1:6379`; `rediss://` for TLS),
+//!   `STEVEDORE_REDIS_CA_FILE` (a PEM CA to trust for `rediss://` instead of
+//!   the system's), `STEVEDORE_REDIS_PREFIX` (default `stevedore`): the Redis
+//!   broker, the analyze kind's shared limits and the API keys' rates.
 //! - `STEVEDORE_BROKER` (`redis` or `amqp`, default `redis`) and per pool
 //!   `STEVEDORE_BROKER_PROBE`, `STEVEDORE_BROKER_SCRAPE`,
 //!   `STEVEDORE_BROKER_ANALYZE`; `AMQP_URL` (default
-//!   `amqp://guest:guest@127.0.0.1:5672/%2f`), `STEVEDORE_AMQP_PREFIX`,
-//!   `STEVEDORE_AMQP_QUORUM`: the RabbitMQ broker.
+//!   `amqp://guest:guest@127.0.0.1:5672/%2f`; `amqps://` for TLS),
+//!   `STEVEDORE_AMQP_CA_FILE` (a PEM CA to trust for `amqps://` besides the
+//!   system's), `STEVEDORE_AMQP_PREFIX`, `STEVEDORE_AMQP_QUORUM`: the
+//!   RabbitMQ broker.
+//! - TLS to Postgres is in `DATABASE_URL` itself: `sslmode=verify-full` and
+//!   `sslrootcert=<CA file>` (see [`crate::connect`]).
 //! - `STEVEDORE_DB_POOL`: Postgres connections per process (default 16).
 //! - `STEVEDORE_LEASE_SECS` (30), `STEVEDORE_HEARTBEAT_SECS` (5),
 //!   `STEVEDORE_GRACE_SECS` (20): worker leases and shutdown.
@@ -36,12 +42,13 @@
 //! - Deprecated ([`DeprecatedArgs`]): `STEVEDORE_ALLOW_HOSTS` counts for both
 //!   allowlists above, with a warning at start.
 
-use std::time::Duration;
-
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Command, ValueEnum};
 
+use crate::broker::amqp::AmqpConfig;
 use crate::model::secret::Secret;
 use crate::notifier::guard::NetGuard;
 use crate::notifier::{NotifierConfig, WebhookConfig};
@@ -80,6 +87,21 @@ pub enum BrokerKind {
 }
 
 impl BackendArgs {
+    /// The Redis client, with `STEVEDORE_REDIS_CA_FILE` when it is set.
+    pub fn redis_client(&self) -> anyhow::Result<redis::Client> {
+        crate::connect::redis_client(&self.redis_url, self.redis_ca_file.as_deref())
+    }
+
+    /// The RabbitMQ broker's settings, with `STEVEDORE_AMQP_CA_FILE`.
+    pub fn amqp_config(&self) -> anyhow::Result<AmqpConfig> {
+        Ok(AmqpConfig {
+            url: self.amqp_url.clone(),
+            prefix: self.amqp_prefix.clone(),
+            quorum: self.amqp_quorum,
+            tls: crate::connect::amqp_tls(&self.amqp_url, self.amqp_ca_file.as_deref())?,
+        })
+    }
+
     /// The broker of each pool that has its own setting; the rest use `broker`.
     pub fn pool_brokers(&self) -> Vec<(&'static str, BrokerKind)> {
         [
@@ -150,6 +172,10 @@ pub struct BackendArgs {
     pub db_pool: u32,
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// A PEM file of the CA that signed Redis's certificate (`rediss://`),
+    /// trusted instead of the system's CAs.
+    #[arg(long, env = "STEVEDORE_REDIS_CA_FILE", value_parser = path_or_empty)]
+    pub redis_ca_file: Option<PathBuf>,
     /// Key prefix for every Redis key, so deployments can share a server.
     #[arg(long, env = "STEVEDORE_REDIS_PREFIX", default_value = "stevedore")]
     pub redis_prefix: String,
@@ -168,6 +194,10 @@ pub struct BackendArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
+    /// A PEM file of a CA to trust for RabbitMQ (`amqps://`), besides the
+    /// system's CAs.
+    #[arg(long, env = "STEVEDORE_AMQP_CA_FILE", value_parser = path_or_empty)]
+    pub amqp_ca_file: Option<PathBuf>,
     /// Prefix of every RabbitMQ queue and exchange name.
     #[arg(long, env = "STEVEDORE_AMQP_PREFIX", default_value = "stevedore")]
     pub amqp_prefix: String,
@@ -209,6 +239,13 @@ impl Default for TimingArgs {
             retain_dead: crate::dispatcher::RETAIN_DEAD,
         }
     }
+}
+
+/// A file setting that may be set but empty, as compose passes a variable
+/// the env file leaves unset; empty means none (see
+/// [`crate::connect`]). clap's own path parser refuses an empty value.
+pub(crate) fn path_or_empty(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }
 
 pub(crate) fn secs(v: f64) -> Duration {

@@ -18,6 +18,8 @@
 //! - [`fleet`]: assembles roles into a process.
 //! - [`cli`]: the operator CLI over the HTTP API, and `bench`.
 //! - [`supervisor`]: `stevedore up`, the local process supervisor.
+//! - [`connect`]: the client of each service (Postgres, Redis, RabbitMQ)
+//!   with its TLS settings, built in one place.
 //! - [`config`], [`metrics`].
 
 pub mod api;
@@ -25,6 +27,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod dispatcher;
 pub mod fleet;
 pub mod kinds;

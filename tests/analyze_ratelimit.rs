@@ -148,7 +148,9 @@ async fn three_worker_processes_stay_under_the_shared_limit_and_pause_together_o
     let checked = (t429 + DRAIN_SLACK)..(t429 + RETRY_AFTER);
     let during: Vec<Duration> = times
         .iter()
-        .filter(|t| checked.contains(t))
+        // `*t`, not `t`: with the `time` crate in the graph, `Instant` also
+        // compares with `time::Instant` and `&&Instant` no longer infers.
+        .filter(|t| checked.contains(*t))
         .map(|t| *t - t429)
         .collect();
     assert!(

@@ -277,7 +277,7 @@ async fn database_down_is_a_503_not_a_hang() {
             .await
             .expect("lazy pool");
     let redis = stevedore::broker::redis::RedisBroker::connect(
-        support::REDIS,
+        redis::Client::open(support::REDIS).expect("Redis URL"),
         "sdt:down",
         std::time::Duration::from_secs(2),
     )

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Client, RedisError, Value};
 use uuid::Uuid;
@@ -102,20 +102,17 @@ fn err(e: RedisError) -> BrokerError {
 }
 
 impl RedisBroker {
+    /// Connects with `client`, built by [`crate::connect::redis_client`]
+    /// (which holds the URL and its TLS settings).
     pub async fn connect(
-        url: &str,
+        client: Client,
         prefix: &str,
         claim_idle: Duration,
     ) -> Result<Self, BrokerError> {
-        let client = Client::open(url).map_err(err)?;
-        // The manager reconnects by itself; the timeouts keep a stalled
+        // The manager reconnects by itself; its timeouts keep a stalled
         // network from hanging a publish forever (the outbox row stays and
         // is retried).
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(3))
-            .set_response_timeout(Duration::from_secs(10))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client.clone(), cfg)
+        let conn = crate::connect::redis_manager(client.clone())
             .await
             .map_err(err)?;
         Ok(Self {

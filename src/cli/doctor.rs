@@ -19,6 +19,9 @@ pub struct DoctorArgs {
     pub database_url: Option<String>,
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// The CA trusted for a rediss:// URL.
+    #[arg(long, env = "STEVEDORE_REDIS_CA_FILE", value_parser = crate::config::path_or_empty)]
+    pub redis_ca_file: Option<PathBuf>,
     #[arg(
         long,
         env = "AMQP_URL",
@@ -26,6 +29,9 @@ pub struct DoctorArgs {
         hide_env_values = true
     )]
     pub amqp_url: String,
+    /// A CA trusted for an amqps:// URL.
+    #[arg(long, env = "STEVEDORE_AMQP_CA_FILE", value_parser = crate::config::path_or_empty)]
+    pub amqp_ca_file: Option<PathBuf>,
     /// The broker of every pool without its own setting.
     #[arg(long, env = "STEVEDORE_BROKER", value_enum, default_value = "redis")]
     pub broker: BrokerKind,
@@ -48,6 +54,14 @@ pub struct DoctorArgs {
     #[arg(long, default_value_t = 5.0)]
     pub timeout_secs: f64,
 }
+
+/// What to check when a service's TLS handshake fails.
+const TLS_FIX_PG: &str = "sslrootcert in DATABASE_URL must be the CA that signed the server's \
+     certificate, and the certificate must name the URL's host";
+const TLS_FIX_REDIS: &str = "STEVEDORE_REDIS_CA_FILE must be the CA that signed Redis's \
+     certificate, and the certificate must name the host in REDIS_URL";
+const TLS_FIX_AMQP: &str = "STEVEDORE_AMQP_CA_FILE must be the CA that signed RabbitMQ's \
+     certificate, and the certificate must name the host in AMQP_URL";
 
 /// A clock further off than this breaks leases: they are stamped by the
 /// database but waited out by the workers' own clocks.
@@ -97,8 +111,8 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     }
     for (kind, _) in &brokers {
         match kind {
-            BrokerKind::Redis => redis(&mut r, &args.redis_url, timeout).await,
-            BrokerKind::Amqp => amqp(&mut r, &args.amqp_url, timeout).await,
+            BrokerKind::Redis => redis(&mut r, &args, timeout).await,
+            BrokerKind::Amqp => amqp(&mut r, &args, timeout).await,
         }
     }
     chromium(&mut r, &args.chrome, timeout).await;
@@ -153,16 +167,27 @@ fn redact(url: &str) -> String {
 
 async fn postgres(r: &mut Report, url: &str, timeout: Duration) {
     let shown = redact(url);
-    // One plain connection: a pool would retry until its timeout and
-    // report only "timed out", hiding "connection refused" or a bad password.
-    let mut conn = match tokio::time::timeout(timeout, PgConnection::connect(url)).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
+    let opts = match crate::connect::pg_options(url) {
+        Ok(o) => o,
+        Err(e) => {
             return r.fail(
                 "postgres",
-                &format!("cannot connect to {shown}: {e}"),
-                "start Postgres (scripts/services.sh locally) or correct DATABASE_URL",
+                &format!("{e:#}"),
+                "correct DATABASE_URL (and the sslrootcert file it names)",
             )
+        }
+    };
+    // One connection, not a pool: a pool would retry until its timeout and
+    // report only "timed out", hiding "connection refused" or a bad password.
+    let mut conn = match tokio::time::timeout(timeout, PgConnection::connect_with(&opts)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            let fix = if crate::connect::is_tls_failure(&e) || matches!(e, sqlx::Error::Tls(_)) {
+                TLS_FIX_PG
+            } else {
+                "start Postgres (scripts/services.sh locally) or correct DATABASE_URL"
+            };
+            return r.fail("postgres", &format!("cannot connect to {shown}: {e}"), fix);
         }
         Err(_) => {
             return r.fail(
@@ -251,20 +276,33 @@ async fn clock(r: &mut Report, conn: &mut PgConnection) {
     }
 }
 
-async fn redis(r: &mut Report, url: &str, timeout: Duration) {
-    let shown = redact(url);
+async fn redis(r: &mut Report, args: &DoctorArgs, timeout: Duration) {
+    let shown = redact(&args.redis_url);
+    let client = match crate::connect::redis_client(&args.redis_url, args.redis_ca_file.as_deref())
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return r.fail(
+                "redis",
+                &format!("{e:#}"),
+                "correct REDIS_URL and STEVEDORE_REDIS_CA_FILE",
+            )
+        }
+    };
     let ping = async {
-        let client = redis::Client::open(url)?;
         let mut c = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut c).await
     };
     match tokio::time::timeout(timeout, ping).await {
         Ok(Ok(_)) => r.ok("redis", &format!("PING answered at {shown}")),
-        Ok(Err(e)) => r.fail(
-            "redis",
-            &format!("{shown}: {e}"),
-            "start Redis (scripts/services.sh locally) or correct REDIS_URL",
-        ),
+        Ok(Err(e)) => {
+            let fix = if crate::connect::is_tls_failure(&e) {
+                TLS_FIX_REDIS
+            } else {
+                "start Redis (scripts/services.sh locally) or correct REDIS_URL"
+            };
+            r.fail("redis", &format!("{shown}: {e}"), fix)
+        }
         Err(_) => r.fail(
             "redis",
             &format!("no answer from {shown} within {timeout:?}"),
@@ -273,19 +311,33 @@ async fn redis(r: &mut Report, url: &str, timeout: Duration) {
     }
 }
 
-async fn amqp(r: &mut Report, url: &str, timeout: Duration) {
-    let shown = redact(url);
+async fn amqp(r: &mut Report, args: &DoctorArgs, timeout: Duration) {
+    let shown = redact(&args.amqp_url);
+    let tls = match crate::connect::amqp_tls(&args.amqp_url, args.amqp_ca_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            return r.fail(
+                "amqp",
+                &format!("{e:#}"),
+                "correct AMQP_URL and STEVEDORE_AMQP_CA_FILE",
+            )
+        }
+    };
     let props = lapin::ConnectionProperties::default();
-    match tokio::time::timeout(timeout, lapin::Connection::connect(url, props)).await {
+    let connect = crate::connect::amqp_connect(&args.amqp_url, &tls, props);
+    match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(c)) => {
             let _ = c.close(200, "doctor done".into()).await;
             r.ok("amqp", &format!("connected to {shown}"));
         }
-        Ok(Err(e)) => r.fail(
-            "amqp",
-            &format!("{shown}: {e}"),
-            "start RabbitMQ (scripts/services.sh locally) or correct AMQP_URL (user, password, vhost)",
-        ),
+        Ok(Err(e)) => {
+            let fix = if crate::connect::is_tls_failure(&e) {
+                TLS_FIX_AMQP
+            } else {
+                "start RabbitMQ (scripts/services.sh locally) or correct AMQP_URL (user, password, vhost)"
+            };
+            r.fail("amqp", &format!("{shown}: {e}"), fix)
+        }
         Err(_) => r.fail(
             "amqp",
             &format!("no answer from {shown} within {timeout:?}"),

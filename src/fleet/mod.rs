@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
-use crate::broker::amqp::{AmqpBroker, AmqpConfig};
+use crate::broker::amqp::AmqpBroker;
 use crate::broker::embedded::EmbeddedBroker;
 use crate::broker::redis::RedisBroker;
 use crate::broker::{Broker, Brokers};
@@ -93,18 +93,17 @@ async fn connect_brokers(args: &BackendArgs) -> anyhow::Result<Brokers> {
     let mut redis: Option<Arc<dyn Broker>> = None;
     let mut amqp: Option<Arc<dyn Broker>> = None;
     if used(BrokerKind::Redis) {
-        let r = RedisBroker::connect(&args.redis_url, &args.redis_prefix, args.timing.lease())
-            .await
-            .context("connecting to Redis (REDIS_URL)")?;
+        let r = RedisBroker::connect(
+            args.redis_client()?,
+            &args.redis_prefix,
+            args.timing.lease(),
+        )
+        .await
+        .context("connecting to Redis (REDIS_URL)")?;
         redis = Some(Arc::new(r));
     }
     if used(BrokerKind::Amqp) {
-        let cfg = AmqpConfig {
-            url: args.amqp_url.clone(),
-            prefix: args.amqp_prefix.clone(),
-            quorum: args.amqp_quorum,
-        };
-        let a = AmqpBroker::connect(cfg)
+        let a = AmqpBroker::connect(args.amqp_config()?)
             .await
             .context("connecting to RabbitMQ (AMQP_URL)")?;
         amqp = Some(Arc::new(a));
@@ -285,8 +284,7 @@ fn default_kinds_sharing(shared: Shared) -> Kinds {
 
 /// Kinds for a production role: analyze shares its limits through Redis.
 pub async fn production_kinds(args: &KindsArgs, backend: &BackendArgs) -> anyhow::Result<Kinds> {
-    let client = redis::Client::open(backend.redis_url.as_str()).context("REDIS_URL")?;
-    let conn = redis::aio::ConnectionManager::new(client)
+    let conn = crate::connect::redis_manager(backend.redis_client()?)
         .await
         .context("connecting to Redis for the analyze rate limits and cache")?;
     kinds(

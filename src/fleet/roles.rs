@@ -77,8 +77,7 @@ pub async fn api_role(
             "no API key exists: create one with `stevedore keys create --tenant <name> --scope admin`, \
              or start with --insecure-no-auth on a trusted network"
         );
-        let client = redis::Client::open(backend_args.redis_url.as_str()).context("REDIS_URL")?;
-        let conn = redis::aio::ConnectionManager::new(client)
+        let conn = crate::connect::redis_manager(backend_args.redis_client()?)
             .await
             .context("connecting to Redis for the API keys' request rates")?;
         let rates = crate::api::limits::KeyRates::new(conn, &backend_args.redis_prefix);

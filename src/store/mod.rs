@@ -33,10 +33,16 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e {
+            // A refused certificate, or a server without the TLS that
+            // `sslmode` demands, will not mend by waiting: say so at once
+            // instead of retrying it as a database that is still starting.
+            sqlx::Error::Tls(_) => Self::Other(tls_failure(e)),
+            sqlx::Error::Io(ref io) if crate::connect::is_tls_failure(io) => {
+                Self::Other(tls_failure(e))
+            }
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_) => Self::Unavailable(e.to_string()),
             sqlx::Error::Database(ref db)
                 if db.code().is_some_and(|c| {
@@ -50,6 +56,13 @@ impl From<sqlx::Error> for StoreError {
             other => Self::Other(other.into()),
         }
     }
+}
+
+fn tls_failure(e: sqlx::Error) -> anyhow::Error {
+    anyhow::Error::new(e).context(
+        "TLS to Postgres failed: check sslmode and sslrootcert in DATABASE_URL \
+         (the CA that signed the server's certificate, which must name the URL's host)",
+    )
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {

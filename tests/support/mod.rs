@@ -131,7 +131,8 @@ impl TestFleet {
                 let url = fresh_pg_database().await;
                 let store = Arc::new(PgStore::connect(&url, 8).await.expect("pg store"));
                 store.migrate().await.expect("migrate");
-                let redis = RedisBroker::connect(REDIS, prefix, Duration::from_secs(2))
+                let client = ::redis::Client::open(REDIS).expect("Redis URL");
+                let redis = RedisBroker::connect(client, prefix, Duration::from_secs(2))
                     .await
                     .expect("Redis at 127.0.0.1:6379");
                 let backend = Backend::on_postgres(store, Brokers::new(Arc::new(redis)));
@@ -360,6 +361,7 @@ pub fn amqp_config(prefix: &str) -> stevedore::broker::amqp::AmqpConfig {
         url: AMQP.into(),
         prefix: prefix.replace(':', "."),
         quorum: false,
+        tls: Default::default(),
     }
 }
 

@@ -119,35 +119,67 @@ pub struct PrivateRedis {
     pub port: u16,
     proc: Option<Proc>,
     dir: PathBuf,
+    /// The certificate, key and CA files when it speaks only TLS.
+    tls: Option<[PathBuf; 3]>,
 }
 
 impl PrivateRedis {
     pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, None).await
+    }
+
+    /// A server that speaks only TLS (`--port 0`), with the given
+    /// certificate, key and CA files, asking clients for no certificate.
+    pub async fn start_tls(dir: &Path, cert: &Path, key: &Path, ca: &Path) -> Self {
+        Self::start_with(dir, Some([cert.to_owned(), key.to_owned(), ca.to_owned()])).await
+    }
+
+    async fn start_with(dir: &Path, tls: Option<[PathBuf; 3]>) -> Self {
         let mut r = Self {
             port: free_port(),
             proc: None,
             dir: dir.to_owned(),
+            tls,
         };
         r.up().await;
         r
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     async fn up(&mut self) {
         let port = self.port.to_string();
-        let args = [
-            "--port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ];
+        let mut args: Vec<String> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            .map(String::from)
+            .to_vec();
+        match &self.tls {
+            None => args.extend(["--port".into(), port]),
+            Some([cert, key, ca]) => {
+                let path = |p: &PathBuf| p.display().to_string();
+                args.extend([
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port,
+                    "--tls-cert-file".into(),
+                    path(cert),
+                    "--tls-key-file".into(),
+                    path(key),
+                    "--tls-ca-cert-file".into(),
+                    path(ca),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]);
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.proc = Some(Proc::spawn("redis-server", &args, &[], &self.dir, "redis"));
         wait_port(self.port, 20).await;
     }
@@ -168,6 +200,18 @@ pub struct PrivatePostgres {
     pub port: u16,
     data: PathBuf,
     log: PathBuf,
+    /// Server options besides the port, socket and listen address.
+    extra: &'static str,
+}
+
+/// Runs `program ARGS PATH` (chmod, chown), failing the test if it fails.
+fn run_on_file(program: &str, args: &[&str], path: &Path) {
+    let ok = Command::new(program)
+        .args(args)
+        .arg(path)
+        .status()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(ok.success(), "{program} {args:?} {}", path.display());
 }
 
 fn as_postgres(args: &[&str]) {
@@ -183,6 +227,35 @@ fn as_postgres(args: &[&str]) {
 
 impl PrivatePostgres {
     pub async fn start(dir: &Path) -> Self {
+        let pg = Self::init(dir, "");
+        pg.up().await;
+        pg
+    }
+
+    /// A cluster that takes TCP logins over TLS only (`hostssl` in
+    /// pg_hba.conf), so a client that fell back to plain TCP is refused,
+    /// with the given server certificate and key (PEM).
+    pub async fn start_tls(dir: &Path, cert_pem: &str, key_pem: &str) -> Self {
+        let pg = Self::init(dir, "-c ssl=on");
+        let cert = pg.data.join("server.crt");
+        let key = pg.data.join("server.key");
+        std::fs::write(&cert, cert_pem).expect("server.crt");
+        std::fs::write(&key, key_pem).expect("server.key");
+        std::fs::write(
+            pg.data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .expect("pg_hba.conf");
+        // Postgres refuses a key others may read.
+        run_on_file("chmod", &["600"], &key);
+        for f in [&cert, &key] {
+            run_on_file("chown", &["postgres:postgres"], f);
+        }
+        pg.up().await;
+        pg
+    }
+
+    fn init(dir: &Path, extra: &'static str) -> Self {
         let root = dir.join("pg");
         std::fs::create_dir_all(&root).expect("pg dir");
         let ok = Command::new("chown")
@@ -203,13 +276,12 @@ impl PrivatePostgres {
             "postgres",
             "--no-sync",
         ]);
-        let pg = Self {
+        Self {
             port: free_port(),
             log: root.join("postgres.log"),
             data,
-        };
-        pg.up().await;
-        pg
+            extra,
+        }
     }
 
     pub fn url(&self, db: &str) -> String {
@@ -218,9 +290,10 @@ impl PrivatePostgres {
 
     async fn up(&self) {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200 {}",
             self.port,
-            self.data.display()
+            self.data.display(),
+            self.extra,
         );
         as_postgres(&[
             "pg_ctl",
@@ -272,24 +345,61 @@ impl Drop for PrivatePostgres {
 pub struct PrivateRabbit {
     pub port: u16,
     node: String,
+    /// Speaks only TLS (`amqps://`).
+    tls: bool,
     _proc: Proc,
 }
 
 impl PrivateRabbit {
     pub async fn start(dir: &Path) -> Self {
         let port = free_port();
+        let conf = format!("listeners.tcp.local = 127.0.0.1:{port}\n");
+        Self::start_with(dir, port, &conf, &[], false).await
+    }
+
+    /// A node that speaks only TLS (no plain listener), with the given
+    /// certificate, key and CA files, asking clients for no certificate.
+    pub async fn start_tls(dir: &Path, cert: &Path, key: &Path, ca: &Path) -> Self {
+        let port = free_port();
+        let base = dir.join("rabbit");
+        let p = |f: &str| base.join(f).display().to_string();
+        let conf = format!(
+            "listeners.tcp = none\n\
+             listeners.ssl.default = 127.0.0.1:{port}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_none\n\
+             ssl_options.fail_if_no_peer_cert = false\n",
+            p("ca.pem"),
+            p("server.pem"),
+            p("server.key"),
+        );
+        let files = [(ca, "ca.pem"), (cert, "server.pem"), (key, "server.key")];
+        Self::start_with(dir, port, &conf, &files, true).await
+    }
+
+    /// Starts a node listening on `port` with `conf`, after copying
+    /// `files` (source, name) into its directory, where the `rabbitmq`
+    /// user can read them.
+    async fn start_with(
+        dir: &Path,
+        port: u16,
+        conf: &str,
+        files: &[(&Path, &str)],
+        tls: bool,
+    ) -> Self {
         let node = format!("sdt{port}@localhost");
         let base = dir.join("rabbit");
         std::fs::create_dir_all(base.join("mnesia")).expect("rabbit dirs");
         std::fs::create_dir_all(base.join("log")).expect("rabbit dirs");
         std::fs::write(base.join("enabled_plugins"), "[].\n").expect("plugins file");
+        for (from, name) in files {
+            std::fs::copy(from, base.join(name)).expect("copy into the node's directory");
+        }
         // Own config and env files: the system ones pin the shared node's
         // name and port 5672.
-        std::fs::write(
-            base.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
-        )
-        .expect("conf");
+        std::fs::write(base.join("rabbitmq.conf"), conf).expect("conf");
         std::fs::write(base.join("rabbitmq-env.conf"), "").expect("env file");
         let traversable = Command::new("chmod")
             .arg("755")
@@ -320,12 +430,14 @@ impl PrivateRabbit {
         Self {
             port,
             node,
+            tls,
             _proc: proc,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        format!("{scheme}://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
     fn ctl(&self, args: &[&str]) {

@@ -33,6 +33,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
@@ -50,6 +51,9 @@ pub struct AmqpConfig {
     pub prefix: String,
     /// Quorum queues replicate across a cluster; classic durable otherwise.
     pub quorum: bool,
+    /// The CA to trust for an `amqps://` URL ([`crate::connect::amqp_tls`]);
+    /// the default trusts the system's CAs.
+    pub tls: OwnedTLSConfig,
 }
 
 /// RabbitMQ refused to redeclare a queue because it has no priorities.
@@ -129,7 +133,7 @@ impl AmqpBroker {
         let props = ConnectionProperties::default();
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
-            Connection::connect(&self.cfg.url, props),
+            crate::connect::amqp_connect(&self.cfg.url, &self.cfg.tls, props),
         )
         .await
         .map_err(|_| unavailable("connecting to RabbitMQ timed out"))?

@@ -14,9 +14,8 @@ mod pools;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -36,7 +35,7 @@ pub struct PgStore {
 
 impl PgStore {
     pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
-        let opts: PgConnectOptions = url.parse().context("DATABASE_URL is not a valid URL")?;
+        let opts = crate::connect::pg_options(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             // A short acquire timeout turns "Postgres is down" into a fast

@@ -493,8 +493,12 @@ mod tests {
         assert_eq!(parse_duration(" 90 "), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("7 days").unwrap_err().contains("unit"));
-        assert!(parse_duration("d").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("7 days")
+            .expect_err("no such unit")
+            .contains("unit"));
+        assert!(parse_duration("d")
+            .expect_err("no number")
+            .contains("not a duration"));
     }
 
     #[test]

@@ -708,7 +708,9 @@ async fn pruning_removes_old_finished_jobs_and_their_events_and_keeps_the_rest(k
     let s = &db.store;
     let keyed = new_job(Some("nightly"));
     let ids = db.insert(2).await;
-    s.insert_jobs(&[keyed.clone()]).await.expect("insert");
+    s.insert_jobs(std::slice::from_ref(&keyed))
+        .await
+        .expect("insert");
     let (old, dead_one) = (ids[0], ids[1]);
     let done = db.claim_one(old).await;
     let keyed_claim = db.claim_one(keyed.id).await;
@@ -776,7 +778,10 @@ async fn pruning_removes_old_finished_jobs_and_their_events_and_keeps_the_rest(k
 
     // The key went with its job: the same key makes a new job now.
     let again = new_job(Some("nightly"));
-    let out = s.insert_jobs(&[again.clone()]).await.expect("insert");
+    let out = s
+        .insert_jobs(std::slice::from_ref(&again))
+        .await
+        .expect("insert");
     assert_eq!((out[0].id, out[0].created), (again.id, true));
     db.close().await;
 }

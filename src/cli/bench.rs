@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// Each probe sleeps this long (0 = no-op).
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,
+    /// Spread the jobs over this many priorities (0, 10, 20, ...), to
+    /// measure what priorities cost against plain jobs (1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=10))]
+    pub priorities: u16,
     /// Give up waiting for completion after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
@@ -145,15 +149,18 @@ async fn measure(a: BenchArgs) -> anyhow::Result<usize> {
     );
     let http = client(a.api_key.as_deref())?;
     let url = a.url.trim_end_matches('/').to_owned();
-    let job = json!({"kind": "probe", "payload": {"sleep_ms": a.sleep_ms}});
     let chunks: Vec<usize> = (0..a.jobs)
         .step_by(a.batch)
         .map(|s| a.batch.min(a.jobs - s))
         .collect();
     let started = Instant::now();
-    let ids: Vec<Vec<Uuid>> = stream::iter(chunks)
-        .map(|n| {
-            let (http, url, job) = (http.clone(), url.clone(), job.clone());
+    let ids: Vec<Vec<Uuid>> = stream::iter(chunks.into_iter().enumerate())
+        .map(|(i, n)| {
+            // Whole requests take turns, so every priority has a backlog.
+            let priority = (i % usize::from(a.priorities)) * 10;
+            let job =
+                json!({"kind": "probe", "payload": {"sleep_ms": a.sleep_ms}, "priority": priority});
+            let (http, url) = (http.clone(), url.clone());
             async move {
                 let v = if n == 1 {
                     let one = call(http.post(format!("{url}/v1/jobs")).json(&job)).await?;

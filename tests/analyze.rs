@@ -169,7 +169,7 @@ async fn local_model_answers_the_fixture_quizzes_deterministically(flavor: Flavo
         assert_eq!(rows, total, "every answer cached in the SQLite file");
     } else {
         // Production keeps it in Redis, shared by every worker process.
-        let mut r = ::redis::Client::open(support::REDIS)
+        let mut r = ::redis::Client::open(support::redis_url())
             .expect("client")
             .get_multiplexed_async_connection()
             .await

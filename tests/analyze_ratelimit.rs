@@ -88,7 +88,7 @@ async fn three_worker_processes_stay_under_the_shared_limit_and_pause_together_o
     let db = f.database_url.clone().expect("postgres fleet");
     let env = vec![
         ("DATABASE_URL", db),
-        ("REDIS_URL", support::REDIS.to_owned()),
+        ("REDIS_URL", support::redis_url().to_owned()),
         ("STEVEDORE_REDIS_PREFIX", f.redis_prefix.clone()),
         ("STEVEDORE_DB_POOL", "4".to_owned()),
         ("OPENAI_BASE_URL", server.base_url.clone()),
@@ -184,7 +184,7 @@ async fn three_worker_processes_stay_under_the_shared_limit_and_pause_together_o
 
 /// The workers' streams, bucket and cached answers on the shared Redis.
 async fn delete_redis_keys(prefix: &str) {
-    let Ok(client) = redis::Client::open(support::REDIS) else {
+    let Ok(client) = redis::Client::open(support::redis_url()) else {
         return;
     };
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {

@@ -277,7 +277,7 @@ async fn database_down_is_a_503_not_a_hang() {
             .await
             .expect("lazy pool");
     let redis = stevedore::broker::redis::RedisBroker::connect(
-        redis::Client::open(support::REDIS).expect("Redis URL"),
+        redis::Client::open(support::redis_url()).expect("Redis URL"),
         "sdt:down",
         std::time::Duration::from_secs(2),
     )

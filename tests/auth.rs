@@ -14,7 +14,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::procs::{free_port, run_stevedore, wait_port, Out, Proc};
-use support::{drop_database, eventually, fresh_pg_database, REDIS};
+use support::{drop_database, eventually, fresh_pg_database, redis_url};
 use uuid::Uuid;
 
 const SECRET: &str = "test-auth-secret-0123456789abcdef0123456789";
@@ -43,7 +43,7 @@ async fn create_key(env: &[(&str, String)], tenant: &str, scope: &str) -> (Strin
 fn base_env(db: &str) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", db.to_owned()),
-        ("REDIS_URL", REDIS.to_owned()),
+        ("REDIS_URL", redis_url().to_owned()),
         (
             "STEVEDORE_REDIS_PREFIX",
             format!("sdt:{}", Uuid::now_v7().simple()),

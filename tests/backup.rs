@@ -65,7 +65,7 @@ struct Fleet {
 async fn fleet(dir: &Path, db_url: &str, prefix: &str, tag: &str) -> Fleet {
     let env = vec![
         ("DATABASE_URL", db_url.to_owned()),
-        ("REDIS_URL", support::REDIS.to_owned()),
+        ("REDIS_URL", support::redis_url().to_owned()),
         ("STEVEDORE_REDIS_PREFIX", prefix.to_owned()),
         // Long enough that the job left running outlives the backup; short
         // enough that the restored fleet rescues it within seconds.

@@ -79,7 +79,18 @@ fn check_figures(out: &str, jobs: usize) {
 #[test]
 fn bench_spawns_its_own_fleet_and_reports_every_job() {
     let out = bench(
-        &["--broker", "embedded", "--jobs", "300", "--batch", "100"],
+        // Three requests, one per priority (0, 10, 20): every job is
+        // still counted and finished.
+        &[
+            "--broker",
+            "embedded",
+            "--jobs",
+            "300",
+            "--batch",
+            "100",
+            "--priorities",
+            "3",
+        ],
         &[],
     );
     check_figures(&out, 300);

@@ -50,7 +50,7 @@ async fn receive_n(
 async fn publish_poison(f: &TestFleet) {
     match f.flavor {
         Flavor::Postgres => {
-            let mut r = ::redis::Client::open(support::REDIS)
+            let mut r = ::redis::Client::open(support::redis_url())
                 .expect("client")
                 .get_multiplexed_async_connection()
                 .await
@@ -94,7 +94,7 @@ async fn publish_poison(f: &TestFleet) {
 async fn poison_count(f: &TestFleet) -> u64 {
     match f.flavor {
         Flavor::Postgres => {
-            let mut r = ::redis::Client::open(support::REDIS)
+            let mut r = ::redis::Client::open(support::redis_url())
                 .expect("client")
                 .get_multiplexed_async_connection()
                 .await

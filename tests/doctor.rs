@@ -7,7 +7,7 @@ mod support;
 use std::process::Output;
 
 use support::procs::free_port;
-use support::{drop_database, fresh_pg_database, AMQP, REDIS};
+use support::{amqp_url, drop_database, fresh_pg_database, redis_url};
 
 /// Runs `stevedore doctor` from the repository root (where the default
 /// model path points) with only the given environment for the fleet.
@@ -59,8 +59,8 @@ async fn green_against_the_real_services() {
     migrate(&db).await;
     let out = doctor(&[
         ("DATABASE_URL", db.clone()),
-        ("REDIS_URL", REDIS.into()),
-        ("AMQP_URL", AMQP.into()),
+        ("REDIS_URL", redis_url().into()),
+        ("AMQP_URL", amqp_url().into()),
         ("STEVEDORE_BROKER_SCRAPE", "amqp".into()),
     ])
     .await;
@@ -128,7 +128,11 @@ async fn red_with_the_fix_when_services_are_closed_ports() {
 #[tokio::test]
 async fn red_when_unmigrated_or_unconfigured() {
     let db = fresh_pg_database().await;
-    let out = doctor(&[("DATABASE_URL", db.clone()), ("REDIS_URL", REDIS.into())]).await;
+    let out = doctor(&[
+        ("DATABASE_URL", db.clone()),
+        ("REDIS_URL", redis_url().into()),
+    ])
+    .await;
     let t = text(&out);
     drop_database(&db).await;
     assert!(!out.status.success(), "{t}");
@@ -138,7 +142,7 @@ async fn red_when_unmigrated_or_unconfigured() {
         "{t}"
     );
 
-    let out = doctor(&[("REDIS_URL", REDIS.into())]).await;
+    let out = doctor(&[("REDIS_URL", redis_url().into())]).await;
     let t = text(&out);
     assert!(!out.status.success(), "{t}");
     assert!(

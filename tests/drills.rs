@@ -44,7 +44,7 @@ fn env(db: &str, redis: &str, prefix: &str) -> Vec<(&'static str, String)> {
     // (Redis still carries the analyze kind's shared limits and cache.)
     if redis.starts_with("amqp://") {
         env.retain(|(k, _)| *k != "REDIS_URL");
-        env.push(("REDIS_URL", support::REDIS.into()));
+        env.push(("REDIS_URL", support::redis_url().into()));
         env.push(("STEVEDORE_BROKER", "amqp".into()));
         env.push(("AMQP_URL", redis.to_owned()));
         env.push(("STEVEDORE_AMQP_PREFIX", prefix.replace(':', ".")));
@@ -88,7 +88,7 @@ impl Drill {
         Self::start(
             dir,
             support::fresh_pg_database().await,
-            support::REDIS.into(),
+            support::redis_url().into(),
         )
         .await
     }
@@ -274,7 +274,7 @@ async fn drill_rabbitmq_restarted_workers_reconnect_and_lose_nothing() {
 async fn drill_postgres_restarted_answers_503_then_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pg = PrivatePostgres::start(dir.path()).await;
-    let mut d = Drill::start(dir, pg.url("postgres"), support::REDIS.into()).await;
+    let mut d = Drill::start(dir, pg.url("postgres"), support::redis_url().into()).await;
     d.worker(32).await;
     let mut accepted = d.submit(800, json!({"sleep_ms": 50})).await;
     d.wait_succeeded(100, 120).await;
@@ -371,7 +371,7 @@ async fn network_drill(service: &str) {
         Drill::start(
             dir,
             support::fresh_pg_database().await,
-            support::AMQP.into(),
+            support::amqp_url().into(),
         )
         .await
     } else {

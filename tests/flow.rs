@@ -36,19 +36,7 @@ async fn pool(f: &TestFleet, name: &str) -> Value {
 }
 
 async fn submit(f: &TestFleet, n: usize, priority: i32) -> Vec<Uuid> {
-    let mut ids = Vec::with_capacity(n);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(250) {
-        let jobs: Vec<Value> = chunk
-            .iter()
-            .map(|_| json!({"kind": "probe", "payload": {}, "priority": priority}))
-            .collect();
-        let (status, v) = f.post("/v1/jobs/batch", json!({"jobs": jobs})).await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
-        for j in v["jobs"].as_array().expect("jobs") {
-            ids.push(j["id"].as_str().expect("id").parse().expect("uuid"));
-        }
-    }
-    ids
+    support::submit_probes_at(f, n, priority).await
 }
 
 /// Restarts the API, dispatcher, notifier and workers on the same

@@ -492,7 +492,7 @@ async fn wiping_redis_loses_no_queued_job() {
         .iter()
         .map(|j| j["id"].as_str().expect("id").parse().expect("uuid"))
         .collect();
-    let mut redis = redis::Client::open(support::REDIS)
+    let mut redis = redis::Client::open(support::redis_url())
         .expect("client")
         .get_multiplexed_async_connection()
         .await

@@ -11,7 +11,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::procs::{free_port, wait_port, Proc};
-use support::{drop_database, fresh_pg_database, Flavor, TestFleet, REDIS};
+use support::{drop_database, fresh_pg_database, redis_url, Flavor, TestFleet};
 use uuid::Uuid;
 
 /// The value of the sample `name{labels...}` in Prometheus text, if present.
@@ -259,7 +259,7 @@ async fn every_metric_the_rules_and_dashboards_name_is_exported() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join(stevedore_analyze::DEFAULT_LOCAL_MODEL);
     let env = vec![
         ("DATABASE_URL", db.clone()),
-        ("REDIS_URL", REDIS.to_owned()),
+        ("REDIS_URL", redis_url().to_owned()),
         (
             "STEVEDORE_REDIS_PREFIX",
             format!("sdt:{}", Uuid::now_v7().simple()),

@@ -115,10 +115,10 @@ async fn readyz_names_an_unreachable_broker_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_runs_on_its_own_broker() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut e = env(support::REDIS).await;
+    let mut e = env(support::redis_url()).await;
     e.vars.push(("STEVEDORE_BROKER", "redis".into()));
     e.vars.push(("STEVEDORE_BROKER_PROBE", "amqp".into()));
-    e.vars.push(("AMQP_URL", support::AMQP.into()));
+    e.vars.push(("AMQP_URL", support::amqp_url().into()));
     let (_api, port) = role(&["api"], &e.vars, dir.path(), "api").await;
     let worker = ["worker", "--pool", "probe", "--concurrency", "4"];
     let (_w, _) = role(&worker, &e.vars, dir.path(), "worker").await;
@@ -134,7 +134,7 @@ async fn a_pool_runs_on_its_own_broker() {
 
     // The probe queue is on RabbitMQ; Redis never got a probe stream.
     let props = lapin::ConnectionProperties::default();
-    let conn = lapin::Connection::connect(support::AMQP, props)
+    let conn = lapin::Connection::connect(support::amqp_url(), props)
         .await
         .expect("RabbitMQ");
     let ch = conn.create_channel().await.expect("channel");
@@ -147,7 +147,7 @@ async fn a_pool_runs_on_its_own_broker() {
         .await
         .unwrap_or_else(|err| panic!("queue {queue} exists on RabbitMQ: {err}"));
     let _ = conn.close(200, "checked".into()).await;
-    let mut r = redis::Client::open(support::REDIS)
+    let mut r = redis::Client::open(support::redis_url())
         .expect("client")
         .get_multiplexed_async_connection()
         .await
@@ -165,7 +165,7 @@ async fn a_pool_runs_on_its_own_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_dispatchers_share_the_work_and_send_each_job_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let e = env(support::REDIS).await;
+    let e = env(support::redis_url()).await;
     let (_api, port) = role(&["api", "--no-dispatcher"], &e.vars, dir.path(), "api").await;
     let (_d1, m1) = role(&["dispatcher"], &e.vars, dir.path(), "dispatcher-1").await;
     let (_d2, m2) = role(&["dispatcher"], &e.vars, dir.path(), "dispatcher-2").await;

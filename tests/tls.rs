@@ -85,13 +85,13 @@ fn path(p: &Path) -> String {
 fn env(over: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("DATABASE_URL", String::new()),
-        ("REDIS_URL", support::REDIS.to_owned()),
+        ("REDIS_URL", support::redis_url().to_owned()),
         ("STEVEDORE_REDIS_CA_FILE", String::new()),
         (
             "STEVEDORE_REDIS_PREFIX",
             format!("sdt:{}", Uuid::now_v7().simple()),
         ),
-        ("AMQP_URL", support::AMQP.to_owned()),
+        ("AMQP_URL", support::amqp_url().to_owned()),
         ("STEVEDORE_AMQP_CA_FILE", String::new()),
         (
             "STEVEDORE_AMQP_PREFIX",

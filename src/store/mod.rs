@@ -215,6 +215,18 @@ pub struct PoolState {
     pub concurrency: i64,
 }
 
+impl From<(String, bool, i64, i64)> for PoolState {
+    /// A row of either store's pool query: name, paused, workers, slots.
+    fn from((name, paused, workers, concurrency): (String, bool, i64, i64)) -> Self {
+        Self {
+            name,
+            paused,
+            workers,
+            concurrency,
+        }
+    }
+}
+
 /// Counts for the metrics gauges.
 #[derive(Debug, Clone, Default)]
 pub struct Depths {

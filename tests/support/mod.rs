@@ -18,8 +18,50 @@ use stevedore::store::postgres::PgStore;
 use stevedore::store::Store;
 use uuid::Uuid;
 
-pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/test";
-pub const REDIS: &str = "redis://127.0.0.1:6379";
+/// The services the tests use, from `DATABASE_URL`, `REDIS_URL` and
+/// `AMQP_URL` as scripts/services.sh reads them (the local ones when unset):
+/// the suite runs against services given by URL, not only on loopback.
+fn service(var: &str, default: &'static str) -> &'static str {
+    static URLS: std::sync::Mutex<Vec<(String, &'static str)>> = std::sync::Mutex::new(Vec::new());
+    let mut urls = URLS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, url)) = urls.iter().find(|(v, _)| v == var) {
+        return url;
+    }
+    let url: &'static str = match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Box::leak(v.into_boxed_str()),
+        _ => default,
+    };
+    urls.push((var.to_owned(), url));
+    url
+}
+
+/// Where test databases are created (and dropped).
+pub fn pg_admin() -> &'static str {
+    service("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+}
+
+pub fn redis_url() -> &'static str {
+    service("REDIS_URL", "redis://127.0.0.1:6379")
+}
+
+pub fn amqp_url() -> &'static str {
+    service("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+}
+
+/// `url` naming database `name` instead, its parameters kept.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let server = match base.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or(rest)),
+        None => base.to_owned(),
+    };
+    match query {
+        Some(q) => format!("{server}/{name}?{q}"),
+        None => format!("{server}/{name}"),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Flavor {
@@ -54,15 +96,15 @@ pub fn fast_dispatcher() -> DispatcherConfig {
 /// A fresh database on the shared Postgres, named for this test run.
 pub async fn fresh_pg_database() -> String {
     let name = format!("sdt_{}", Uuid::now_v7().simple());
-    let admin = sqlx::PgPool::connect(PG_ADMIN)
+    let admin = sqlx::PgPool::connect(pg_admin())
         .await
-        .expect("Postgres at 127.0.0.1:5432");
+        .expect("Postgres at DATABASE_URL (default 127.0.0.1:5432)");
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&admin)
         .await
         .expect("create test database");
     admin.close().await;
-    format!("postgres://postgres@127.0.0.1:5432/{name}")
+    with_database(pg_admin(), &name)
 }
 
 pub struct TestFleet {
@@ -131,10 +173,10 @@ impl TestFleet {
                 let url = fresh_pg_database().await;
                 let store = Arc::new(PgStore::connect(&url, 8).await.expect("pg store"));
                 store.migrate().await.expect("migrate");
-                let client = ::redis::Client::open(REDIS).expect("Redis URL");
+                let client = ::redis::Client::open(redis_url()).expect("Redis URL");
                 let redis = RedisBroker::connect(client, prefix, Duration::from_secs(2))
                     .await
-                    .expect("Redis at 127.0.0.1:6379");
+                    .expect("Redis at REDIS_URL (default 127.0.0.1:6379)");
                 let backend = Backend::on_postgres(store, Brokers::new(Arc::new(redis)));
                 (backend, Some(url))
             }
@@ -144,7 +186,7 @@ impl TestFleet {
                 store.migrate().await.expect("migrate");
                 let amqp = stevedore::broker::amqp::AmqpBroker::connect(amqp_config(prefix))
                     .await
-                    .expect("RabbitMQ at 127.0.0.1:5672");
+                    .expect("RabbitMQ at AMQP_URL (default 127.0.0.1:5672)");
                 let backend = Backend::on_postgres(store, Brokers::new(Arc::new(amqp)));
                 (backend, Some(url))
             }
@@ -316,10 +358,10 @@ pub async fn kinds_for(flavor: Flavor, backend: &Backend, prefix: &str) -> steve
     if flavor == Flavor::Sqlite {
         return fleet::backend_kinds(backend);
     }
-    let client = ::redis::Client::open(REDIS).expect("Redis URL");
+    let client = ::redis::Client::open(redis_url()).expect("Redis URL");
     let conn = ::redis::aio::ConnectionManager::new(client)
         .await
-        .expect("Redis at 127.0.0.1:6379");
+        .expect("Redis at REDIS_URL (default 127.0.0.1:6379)");
     let shared = fleet::Shared::Redis {
         conn,
         prefix: prefix.to_owned(),
@@ -331,7 +373,7 @@ pub async fn drop_database(url: &str) {
     let Some(name) = url.rsplit('/').next() else {
         return;
     };
-    if let Ok(admin) = sqlx::PgPool::connect(PG_ADMIN).await {
+    if let Ok(admin) = sqlx::PgPool::connect(pg_admin()).await {
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .execute(&admin)
             .await;
@@ -354,11 +396,9 @@ where
     }
 }
 
-pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
 pub fn amqp_config(prefix: &str) -> stevedore::broker::amqp::AmqpConfig {
     stevedore::broker::amqp::AmqpConfig {
-        url: AMQP.into(),
+        url: amqp_url().into(),
         prefix: prefix.replace(':', "."),
         quorum: false,
         tls: Default::default(),
@@ -370,7 +410,7 @@ pub async fn delete_amqp(prefix: &str, pools: &[&str]) {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let prefix = prefix.replace(':', ".");
     let props = lapin::ConnectionProperties::default();
-    let Ok(conn) = lapin::Connection::connect(AMQP, props).await else {
+    let Ok(conn) = lapin::Connection::connect(amqp_url(), props).await else {
         return;
     };
     if let Ok(ch) = conn.create_channel().await {
@@ -495,11 +535,16 @@ impl SseClient {
 
 /// Submits `n` no-op probe jobs in batches; returns their ids.
 pub async fn submit_probes(f: &TestFleet, n: usize) -> Vec<Uuid> {
+    submit_probes_at(f, n, 0).await
+}
+
+/// Submits `n` no-op probe jobs at `priority` in batches; returns their ids.
+pub async fn submit_probes_at(f: &TestFleet, n: usize, priority: i32) -> Vec<Uuid> {
     let mut ids = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(250) {
         let jobs: Vec<Value> = chunk
             .iter()
-            .map(|_| json!({"kind": "probe", "payload": {}}))
+            .map(|_| json!({"kind": "probe", "payload": {}, "priority": priority}))
             .collect();
         let (status, v) = f.post("/v1/jobs/batch", json!({"jobs": jobs})).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{v}");

@@ -32,15 +32,7 @@ impl PgStore {
         .bind(ms(alive) as f64)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(name, paused, workers, concurrency)| PoolState {
-                name,
-                paused,
-                workers,
-                concurrency,
-            })
-            .collect())
+        Ok(rows.into_iter().map(PoolState::from).collect())
     }
 
     pub(super) async fn seen(

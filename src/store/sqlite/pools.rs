@@ -34,15 +34,7 @@ impl SqliteStore {
         .bind(now_ms() - ms(alive))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(name, paused, workers, concurrency)| PoolState {
-                name,
-                paused,
-                workers,
-                concurrency,
-            })
-            .collect())
+        Ok(rows.into_iter().map(PoolState::from).collect())
     }
 
     pub(super) async fn seen(

@@ -67,7 +67,7 @@ pub fn unique_prefix(test: &str) -> String {
 }
 
 pub async fn redis() -> redis::aio::ConnectionManager {
-    let client = redis::Client::open("redis://127.0.0.1:6379/").expect("redis url");
+    let client = redis::Client::open(redis_url().as_str()).expect("redis url");
     redis::aio::ConnectionManager::new(client)
         .await
         .expect("Redis at 127.0.0.1:6379 (start it with scripts/services.sh)")
@@ -87,4 +87,13 @@ pub async fn cleanup(conn: &mut redis::aio::ConnectionManager, prefix: &str) {
 
 pub fn ctx(attempt: u32) -> JobContext {
     JobContext::new(Uuid::now_v7(), attempt, CancellationToken::new())
+}
+
+/// Redis from `REDIS_URL` as the services script reads it, the local one
+/// when unset.
+fn redis_url() -> String {
+    std::env::var("REDIS_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379/".to_owned())
 }

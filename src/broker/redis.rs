@@ -427,13 +427,11 @@ impl Consumer for RedisConsumer {
         if !claimed.is_empty() {
             return Ok(claimed);
         }
-        match self.take(max).await {
-            Ok(d) if !d.is_empty() => return Ok(d),
-            Ok(_) => {}
-            Err(e) => {
-                self.reader = None;
-                return Err(e);
-            }
+        // The script runs on the shared connection; the blocking reader is
+        // only wait_for_any's, which drops it when it fails.
+        let taken = self.take(max).await?;
+        if !taken.is_empty() {
+            return Ok(taken);
         }
         self.wait_for_any(max, wait).await
     }

@@ -63,19 +63,23 @@ pub struct DeadFilterArgs {
 
 impl DeadFilterArgs {
     fn body(&self) -> Option<Value> {
-        let mut m = serde_json::Map::new();
-        for (k, v) in [
-            ("kind", &self.kind),
-            ("error_contains", &self.error_contains),
-            ("since", &self.since),
-            ("until", &self.until),
-        ] {
-            if let Some(v) = v {
-                m.insert(k.to_owned(), v.clone().into());
-            }
-        }
-        (!m.is_empty()).then_some(Value::Object(m))
+        filter_body(&[
+            ("kind", self.kind.as_deref()),
+            ("error_contains", self.error_contains.as_deref()),
+            ("since", self.since.as_deref()),
+            ("until", self.until.as_deref()),
+        ])
     }
+}
+
+/// A bulk action's filter as the API takes it: the fields given, or
+/// `None` when none is.
+fn filter_body(fields: &[(&str, Option<&str>)]) -> Option<Value> {
+    let m: serde_json::Map<String, Value> = fields
+        .iter()
+        .filter_map(|(k, v)| Some(((*k).to_owned(), Value::from((*v)?))))
+        .collect();
+    (!m.is_empty()).then_some(Value::Object(m))
 }
 
 /// The one job named, or the filter: exactly one of them.
@@ -299,16 +303,9 @@ pub async fn cancel(
         output(c, &v, |v| println!("{} {}", s(v, "id"), s(v, "status")));
         return Ok(());
     }
-    if kind.is_none() && status.is_none() {
+    let Some(body) = filter_body(&[("kind", kind), ("status", status)]) else {
         bail!("give a job id, or --kind and/or --status to cancel every job they take");
-    }
-    let mut body = serde_json::Map::new();
-    if let Some(k) = kind {
-        body.insert("kind".into(), k.into());
-    }
-    if let Some(st) = status {
-        body.insert("status".into(), st.into());
-    }
+    };
     let v = call(http.post(format!("{}/v1/jobs/cancel", c.url)).json(&body)).await?;
     output(c, &v, |v| {
         println!(

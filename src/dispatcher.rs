@@ -1,20 +1,22 @@
 //! The dispatcher: small named services that keep jobs moving when nothing
 //! else would. `OutboxRelay` publishes committed jobs (and due retries and
 //! delayed jobs) to their broker; `LeaseRescuer` returns jobs whose worker
-//! died; `LostMessageRepair` re-sends jobs a broker forgot. Each has a
+//! died; `LostMessageRepair` re-sends jobs a broker forgot;
+//! `ScheduleFirer` makes the jobs of due cron schedules. Each has a
 //! `run_once` that tests call directly. Several dispatchers may run at once:
 //! the store takes rows with `FOR UPDATE SKIP LOCKED`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use rand::Rng as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Brokers;
 use crate::metrics;
-use crate::model::JobStatus;
+use crate::model::{schedule, JobStatus};
 use crate::store::{Store, StoreResult};
 
 #[derive(Debug, Clone)]
@@ -49,6 +51,10 @@ pub const RETAIN_DEAD: Duration = Duration::from_secs(30 * 86_400);
 /// Jobs one prune statement deletes; small, so it never holds many locks
 /// or writes a burst of WAL beside the hot path.
 const PRUNE_BATCH: i64 = 500;
+/// How often due schedules are looked for: a per-second schedule fires
+/// within this of its time.
+pub const SCHEDULE_POLL: Duration = Duration::from_millis(250);
+const SCHEDULE_BATCH: i64 = 100;
 
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -122,6 +128,36 @@ impl Dispatcher {
             tracing::info!(jobs = n, "Jobs re-sent after their message was lost.");
         }
         Ok(n)
+    }
+
+    /// ScheduleFirer: one job for each due schedule (the latest fire time
+    /// it missed, if it missed several); answers how many schedules fired.
+    pub async fn fire_schedules_once(&self) -> StoreResult<usize> {
+        let now = chrono::Utc::now();
+        let fired = self
+            .store
+            .fire_schedules(now, SCHEDULE_BATCH, &move |s| {
+                let jitter = match s.jitter_secs {
+                    0 => 0,
+                    j => rand::rng().random_range(0..=j),
+                };
+                schedule::fire(s, now, chrono::Duration::seconds(i64::from(jitter)))
+            })
+            .await?;
+        for f in &fired {
+            if f.job_id.is_some() {
+                metrics::SCHEDULE_FIRES.with_label_values(&["job"]).inc();
+            }
+            if let Some(e) = &f.error {
+                metrics::SCHEDULE_FIRES.with_label_values(&["error"]).inc();
+                tracing::warn!(tenant = %f.tenant, schedule = %f.name, error = %e,
+                    "A schedule fired but made no job.");
+            }
+        }
+        if fired.iter().any(|f| f.job_id.is_some()) {
+            self.wake.notify_one();
+        }
+        Ok(fired.len())
     }
 
     async fn refresh_gauges(&self) -> StoreResult<()> {
@@ -204,6 +240,14 @@ impl Dispatcher {
             let me = me.clone();
             async move {
                 me.repair_once().await?;
+                Ok(())
+            }
+        }));
+        let me = self.clone();
+        tracker.spawn(periodic(stop.clone(), SCHEDULE_POLL, move || {
+            let me = me.clone();
+            async move {
+                while me.fire_schedules_once().await? as i64 >= SCHEDULE_BATCH {}
                 Ok(())
             }
         }));

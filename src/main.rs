@@ -167,6 +167,13 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Cron schedules: jobs submitted on a timetable.
+    Schedules {
+        #[command(subcommand)]
+        command: cli::schedules::SchedulesCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Run api, dispatcher and N workers per pool as child processes (like compose --scale).
     Up {
         /// Worker processes per pool, e.g. probe=2,scrape=1,analyze=2.
@@ -443,6 +450,7 @@ async fn main() -> anyhow::Result<()> {
             client,
         } => cli::cancel(&client, id.as_deref(), kind.as_deref(), status.as_deref()).await,
         Command::Pools { command, client } => cli::pools::run(&client, command).await,
+        Command::Schedules { command, client } => cli::schedules::run(&client, command).await,
         Command::Up {
             scale,
             listen,

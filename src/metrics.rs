@@ -118,6 +118,13 @@ pub static REPAIRED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["service"],
     )
 });
+pub static SCHEDULE_FIRES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "stevedore_schedule_fires_total",
+        "Cron schedule fires: `job` made a job, `error` could not (the schedule says why).",
+        &["outcome"],
+    )
+});
 
 pub static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(

@@ -237,6 +237,94 @@ async fn pools_pause_and_resume_and_submit_with_a_priority() {
     f.shutdown().await;
 }
 
+/// `stevedore schedules ...` as the README types them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_create_list_pause_resume_and_delete() {
+    let f = TestFleet::start(Flavor::Sqlite).await;
+    let created = cli(
+        &f,
+        &[
+            "schedules",
+            "create",
+            "heartbeat",
+            "--cron",
+            "* * * * * *",
+            "--kind",
+            "probe",
+            "--jitter",
+            "0",
+        ],
+    )
+    .await;
+    assert!(created.ok, "{}", created.stderr);
+    assert!(
+        created.stdout.contains("heartbeat") && created.stdout.contains("active"),
+        "{}",
+        created.stdout
+    );
+    eventually(10, "the schedule made a job", || async {
+        let (_, v) = f.get("/v1/jobs?kind=probe").await;
+        v["jobs"]
+            .as_array()
+            .is_some_and(|j| j.iter().any(|j| j["schedule"] == "heartbeat"))
+    })
+    .await;
+    let list = cli(&f, &["schedules", "list"]).await;
+    assert!(list.ok, "{}", list.stderr);
+    assert!(list.stdout.contains("active"), "{}", list.stdout);
+
+    let paused = cli(&f, &["schedules", "pause", "heartbeat"]).await;
+    assert!(
+        paused.ok && paused.stdout.contains("paused"),
+        "{}{}",
+        paused.stdout,
+        paused.stderr
+    );
+    let shown = cli(&f, &["schedules", "show", "heartbeat"]).await;
+    let v: serde_json::Value = serde_json::from_str(&shown.stdout).expect("JSON");
+    assert_eq!(
+        (&v["paused"], &v["cron"]),
+        (&json!(true), &json!("* * * * * *")),
+        "{v}"
+    );
+    assert!(v["last_job_id"].is_string(), "{v}");
+    let resumed = cli(&f, &["schedules", "resume", "heartbeat"]).await;
+    assert!(
+        resumed.ok && resumed.stdout.contains("active"),
+        "{}",
+        resumed.stdout
+    );
+
+    let bad = cli(
+        &f,
+        &[
+            "schedules",
+            "create",
+            "x",
+            "--cron",
+            "nope",
+            "--kind",
+            "probe",
+        ],
+    )
+    .await;
+    assert!(
+        !bad.ok && bad.stderr.contains("(field cron)"),
+        "{}",
+        bad.stderr
+    );
+    let deleted = cli(&f, &["schedules", "delete", "heartbeat"]).await;
+    assert_eq!(
+        deleted.stdout.trim(),
+        "deleted heartbeat",
+        "{}",
+        deleted.stderr
+    );
+    let gone = cli(&f, &["schedules", "show", "heartbeat"]).await;
+    assert!(!gone.ok && gone.stderr.contains("404"), "{}", gone.stderr);
+    f.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_follows_one_kind() {
     let f = TestFleet::start_with(

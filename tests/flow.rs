@@ -1,7 +1,8 @@
 //! Flow control as an operator uses it, on each store and broker: pausing a
 //! pool holds its jobs (across restarts of every role) while submits go
 //! on, and on resume the most urgent start first; bulk actions by filter
-//! take exactly the jobs the filter names.
+//! take exactly the jobs the filter names; cron schedules submit one job
+//! per fire time, hold while paused and say which fire made each job.
 
 mod support;
 
@@ -293,8 +294,129 @@ async fn the_dispatcher_prunes_what_is_past_its_retention(flavor: Flavor) {
     f.shutdown().await;
 }
 
+/// Jobs the schedule `name` made so far, by the API's job list.
+async fn scheduled_jobs(f: &TestFleet, name: &str) -> Vec<Value> {
+    let (status, v) = f.get("/v1/jobs?kind=probe&limit=500").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter(|j| j["schedule"] == name)
+        .cloned()
+        .collect()
+}
+
+async fn a_schedule_submits_jobs_on_its_timetable(flavor: Flavor) {
+    let f = TestFleet::start(flavor).await;
+    let job = json!({"kind": "probe", "payload": {}, "priority": 5});
+    for (body, field) in [
+        (json!({"name": "tick", "cron": "* * *", "job": job}), "cron"),
+        (
+            json!({"name": "tick", "cron": "* * * * *", "timezone": "Mars/Base", "job": job}),
+            "timezone",
+        ),
+        (
+            json!({"name": "a/b", "cron": "* * * * *", "job": job}),
+            "name",
+        ),
+        (
+            json!({"name": "tick", "cron": "* * * * *", "jitter_secs": 100000, "job": job}),
+            "jitter_secs",
+        ),
+        (
+            json!({"name": "tick", "cron": "* * * * *", "job": {"kind": "nope", "payload": {}}}),
+            "job.kind",
+        ),
+        (
+            json!({"name": "tick", "cron": "* * * * *",
+                   "job": {"kind": "probe", "payload": {}, "run_at": "2030-01-01T00:00:00Z"}}),
+            "job.run_at",
+        ),
+    ] {
+        let (status, v) = f.post("/v1/schedules", body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+        assert_eq!(v["error"]["field"], field, "{v}");
+    }
+
+    let body =
+        json!({"name": "tick", "cron": "* * * * * *", "timezone": "Europe/Berlin", "job": job});
+    let (status, v) = f.post("/v1/schedules", body.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert!(v["next_fire_at"].is_string(), "{v}");
+    let (status, _) = f.post("/v1/schedules", body).await;
+    assert_eq!(status, StatusCode::OK, "the same name replaces it");
+
+    // It fires every second; its jobs run and say where they came from.
+    eventually(10, "the schedule makes a job", || async {
+        !scheduled_jobs(&f, "tick").await.is_empty()
+    })
+    .await;
+    let first = scheduled_jobs(&f, "tick")
+        .await
+        .pop()
+        .expect("a scheduled job");
+    let id: Uuid = first["id"].as_str().expect("id").parse().expect("uuid");
+    let done = f.wait_status(id, "succeeded", 10).await;
+    assert_eq!(done["priority"], 5, "{done}");
+    let fired: DateTime<Utc> = done["scheduled_for"]
+        .as_str()
+        .expect("fire time")
+        .parse()
+        .expect("time");
+    assert_eq!(
+        fired.timestamp_subsec_nanos(),
+        0,
+        "fire times are whole seconds: {fired}"
+    );
+
+    let (_, paused) = f.post("/v1/schedules/tick/pause", json!({})).await;
+    assert_eq!(
+        (&paused["paused"], &paused["next_fire_at"]),
+        (&json!(true), &Value::Null),
+        "{paused}"
+    );
+    let made = scheduled_jobs(&f, "tick").await;
+    let times: std::collections::HashSet<&str> = made
+        .iter()
+        .filter_map(|j| j["scheduled_for"].as_str())
+        .collect();
+    assert_eq!(times.len(), made.len(), "one job per fire time: {made:?}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        scheduled_jobs(&f, "tick").await.len(),
+        made.len(),
+        "nothing fires while paused"
+    );
+
+    let (status, resumed) = f.post("/v1/schedules/tick/resume", json!({})).await;
+    assert_eq!(
+        (status, &resumed["paused"]),
+        (StatusCode::OK, &json!(false)),
+        "{resumed}"
+    );
+    eventually(10, "it fires again after resume", || async {
+        scheduled_jobs(&f, "tick").await.len() > made.len()
+    })
+    .await;
+    let (_, list) = f.get("/v1/schedules").await;
+    assert_eq!(list["schedules"][0]["name"], "tick", "{list}");
+    assert_eq!(list["schedules"][0]["timezone"], "Europe/Berlin", "{list}");
+
+    assert_eq!(f.delete("/v1/schedules/tick").await, StatusCode::NO_CONTENT);
+    assert_eq!(f.get("/v1/schedules/tick").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(f.delete("/v1/schedules/tick").await, StatusCode::NOT_FOUND);
+    assert_eq!(f.job(id).await["schedule"], "tick", "its jobs stay");
+    f.shutdown().await;
+}
+
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_schedule_submits_jobs_on_its_timetable() {
+        super::a_schedule_submits_jobs_on_its_timetable(Flavor::Postgres).await
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_dispatcher_prunes_what_is_past_its_retention() {
@@ -329,6 +451,11 @@ mod amqp {
 
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_schedule_submits_jobs_on_its_timetable() {
+        super::a_schedule_submits_jobs_on_its_timetable(Flavor::Sqlite).await
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_dispatcher_prunes_what_is_past_its_retention() {

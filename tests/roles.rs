@@ -214,3 +214,60 @@ async fn two_dispatchers_share_the_work_and_send_each_job_once() {
     db.close().await;
     support::drop_database(&e.db).await;
 }
+
+/// A schedule that fires every second, with two dispatchers and one of
+/// them killed (SIGKILL) midway: each second from the first fire to the
+/// last made exactly one job, the killed one's share included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatchers_fire_a_schedule_once_per_second_when_one_is_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = env(support::redis_url()).await;
+    let (_api, port) = role(&["api", "--no-dispatcher"], &e.vars, dir.path(), "api").await;
+    let (d1, _) = role(&["dispatcher"], &e.vars, dir.path(), "dispatcher-1").await;
+    let (d2, _) = role(&["dispatcher"], &e.vars, dir.path(), "dispatcher-2").await;
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/schedules");
+    let body = json!({"name": "tick", "cron": "* * * * * *",
+                      "job": {"kind": "probe", "payload": {}}});
+    let r = http.post(&url).json(&body).send().await.expect("create");
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    d1.signal(nix::sys::signal::Signal::SIGKILL);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let r = http
+        .post(format!("{url}/tick/pause"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("pause");
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    // A fire that took the row just before the pause commits after it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let db = sqlx::PgPool::connect(&e.db).await.expect("db");
+    let fired: Vec<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT scheduled_for FROM jobs WHERE schedule = 'tick' ORDER BY scheduled_for",
+    )
+    .fetch_all(&db)
+    .await
+    .expect("jobs");
+    assert!(
+        fired.len() >= 8,
+        "about ten fires in ten seconds: {fired:?}"
+    );
+    for pair in fired.windows(2) {
+        assert_eq!(
+            pair[1] - pair[0],
+            chrono::Duration::seconds(1),
+            "one job per second, none missed or doubled: {fired:?}"
+        );
+    }
+    assert!(
+        !d2.log().contains("Dispatcher service failed"),
+        "the survivor never failed a round:\n{}",
+        d2.log()
+    );
+    db.close().await;
+    support::drop_database(&e.db).await;
+}

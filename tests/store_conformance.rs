@@ -16,6 +16,7 @@ use chrono::Utc;
 use serde_json::json;
 use stevedore::model::job::{Backoff, NewJob};
 use stevedore::model::lifecycle::{next, Outcome, Transition};
+use stevedore::model::schedule::{self, NewSchedule};
 use stevedore::model::JobStatus;
 use stevedore::store::postgres::PgStore;
 use stevedore::store::sqlite::SqliteStore;
@@ -119,6 +120,7 @@ fn new_job(key: Option<&str>) -> NewJob {
         webhook: None,
         priority: 0,
         tenant: "default".into(),
+        scheduled: None,
     }
 }
 
@@ -874,6 +876,127 @@ async fn an_idempotency_key_belongs_to_its_tenant() {
     db.close().await;
 }
 
+fn schedule(name: &str, cron: &str, next: chrono::DateTime<Utc>) -> NewSchedule {
+    NewSchedule {
+        name: name.into(),
+        tenant: "acme".into(),
+        cron: cron.into(),
+        timezone: "UTC".into(),
+        jitter_secs: 0,
+        job: serde_json::from_value(json!({"kind": "probe", "payload": {"n": 1}, "priority": 7}))
+            .expect("submit body"),
+        next_fire_at: Some(next),
+    }
+}
+
+async fn fire_now(
+    store: &dyn Store,
+    now: chrono::DateTime<Utc>,
+    pause: Duration,
+) -> Vec<stevedore::store::Fired> {
+    store
+        .fire_schedules(now, 10, &move |s| {
+            // Holds the schedule mid-fire, as a slow or dying dispatcher would.
+            std::thread::sleep(pause);
+            schedule::fire(s, now, chrono::Duration::zero())
+        })
+        .await
+        .expect("fire")
+}
+
+async fn schedules_make_one_job_per_fire_time_and_only_the_latest_missed(kind: Kind) {
+    let db = Db::open(kind).await;
+    let s = db.store.as_ref();
+    let now = Utc::now();
+    // Due for an hour: a dispatcher coming back runs it once, for the
+    // latest five-minute mark, and moves on to the next one.
+    let hour_ago = now - chrono::Duration::hours(1);
+    assert!(s
+        .put_schedule(&schedule("five", "*/5 * * * *", hour_ago))
+        .await
+        .expect("put"));
+    let fired = fire_now(s, now, Duration::ZERO).await;
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    let id = fired[0].job_id.expect("a job");
+    let job = s.get_job(id).await.expect("get").expect("job");
+    let plan = schedule::Plan::parse("*/5 * * * *", "UTC").expect("plan");
+    let latest = plan.latest_due(hour_ago, now).expect("latest");
+    assert!(now - latest < chrono::Duration::minutes(5));
+    assert_eq!(job.schedule.as_deref(), Some("five"));
+    assert_eq!(job.scheduled_for, Some(latest));
+    assert_eq!(
+        (job.tenant.as_str(), job.priority, job.status),
+        ("acme", 7, JobStatus::Queued)
+    );
+    let shown = s
+        .schedule("acme", "five")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(shown.last_job_id, Some(id));
+    assert_eq!(shown.last_fire_at, Some(latest));
+    assert!(shown.next_fire_at.is_some_and(|n| n > now), "{shown:?}");
+    assert!(
+        fire_now(s, now, Duration::ZERO).await.is_empty(),
+        "fired once"
+    );
+
+    // Two dispatchers at once: the one that finds the schedule taken by the
+    // other (locked, or already moved on) makes nothing.
+    let due = now - chrono::Duration::seconds(1);
+    assert!(s
+        .put_schedule(&schedule("tick", "* * * * * *", due))
+        .await
+        .expect("put"));
+    let (a, b) = tokio::join!(fire_now(s, now, Duration::from_millis(300)), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fire_now(s, now, Duration::ZERO).await
+    });
+    let made: Vec<_> = a.iter().chain(&b).filter_map(|f| f.job_id).collect();
+    assert_eq!(made.len(), 1, "one job for one fire time: {a:?} {b:?}");
+
+    // Pausing holds it; replacing keeps it paused; tenants see their own.
+    assert!(s
+        .set_schedule_paused("acme", "tick", None)
+        .await
+        .expect("pause"));
+    assert!(!s
+        .put_schedule(&schedule("tick", "*/2 * * * * *", due))
+        .await
+        .expect("replace"));
+    let tick = s
+        .schedule("acme", "tick")
+        .await
+        .expect("get")
+        .expect("exists");
+    assert!(tick.paused && tick.next_fire_at.is_none(), "{tick:?}");
+    assert_eq!(tick.cron, "*/2 * * * * *");
+    assert!(
+        fire_now(s, now + chrono::Duration::hours(1), Duration::ZERO)
+            .await
+            .iter()
+            .all(|f| f.name != "tick")
+    );
+    assert!(s.schedule("other", "tick").await.expect("get").is_none());
+    assert!(s.schedules("other").await.expect("list").is_empty());
+    let names: Vec<String> = s
+        .schedules("acme")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|x| x.name)
+        .collect();
+    assert_eq!(names, ["five", "tick"]);
+    assert!(!s.delete_schedule("other", "tick").await.expect("delete"));
+    assert!(s.delete_schedule("acme", "tick").await.expect("delete"));
+    assert!(s.schedule("acme", "tick").await.expect("get").is_none());
+    assert!(
+        s.get_job(made[0]).await.expect("get").is_some(),
+        "its jobs stay"
+    );
+    db.close().await;
+}
+
 macro_rules! both_stores {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -901,4 +1024,5 @@ both_stores!(
     tenants_keep_their_jobs_and_children_follow_their_parent,
     a_paused_pool_keeps_its_outbox_and_the_most_urgent_go_first,
     pruning_removes_old_finished_jobs_and_their_events_and_keeps_the_rest,
+    schedules_make_one_job_per_fire_time_and_only_the_latest_missed,
 );

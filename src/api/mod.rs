@@ -1,7 +1,8 @@
 //! The HTTP API (axum): routes, shared state and the request-body rules
 //! (1 MiB limit, strict JSON). Handlers live in `jobs`, `dlq`, `stream`
 //! (SSE and WebSocket), `webhooks`, `display` (the live page) and `console`
-//! (the operator console and its job-events route), `pools` (pausing), `bulk` (actions by filter); the OpenAPI document is
+//! (the operator console and its job-events route), `pools` (pausing),
+//! `bulk` (actions by filter), `schedules` (cron); the OpenAPI document is
 //! assembled in `openapi`; keys, scopes and the browser rules are checked in
 //! `auth`; request ids and request metrics are layered on in `observe`.
 
@@ -16,6 +17,7 @@ pub mod limits;
 mod observe;
 mod openapi;
 mod pools;
+mod schedules;
 mod stream;
 mod webhooks;
 
@@ -87,6 +89,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pools", get(pools::list))
         .route("/v1/pools/{pool}/pause", post(pools::pause))
         .route("/v1/pools/{pool}/resume", post(pools::resume))
+        .route("/v1/schedules", post(schedules::put).get(schedules::list))
+        .route(
+            "/v1/schedules/{name}",
+            get(schedules::get).delete(schedules::remove),
+        )
+        .route("/v1/schedules/{name}/pause", post(schedules::pause))
+        .route("/v1/schedules/{name}/resume", post(schedules::resume))
         .route("/v1/events", get(stream::sse))
         .route("/v1/stream", get(stream::ws))
         .route("/v1/stream-tickets", post(auth::stream_ticket))

@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 #[openapi(
     info(
         title = "Stevedore",
-        description = "Submit jobs, follow them, manage dead letters."
+        description = "Submit jobs, follow them, schedule them, manage dead letters."
     ),
     paths(
         super::jobs::submit,
@@ -29,6 +29,12 @@ use utoipa::{Modify, OpenApi};
         super::pools::list,
         super::pools::pause,
         super::pools::resume,
+        super::schedules::put,
+        super::schedules::list,
+        super::schedules::get,
+        super::schedules::remove,
+        super::schedules::pause,
+        super::schedules::resume,
         super::auth::stream_ticket,
         super::healthz,
         super::readyz

@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod keys;
 pub mod notify;
 pub mod pools;
+pub mod schedules;
 
 use std::time::Duration;
 

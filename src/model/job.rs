@@ -34,7 +34,8 @@ impl Default for Backoff {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AttemptError {
     pub attempt: i32,
-    /// `retryable` or `permanent`.
+    /// `retryable`, `permanent`, or `snoozed` (the handler asked to run
+    /// again later; no attempt was used).
     pub class: String,
     pub message: String,
     pub at: DateTime<Utc>,
@@ -100,6 +101,8 @@ pub struct NewJob {
     /// Whose job it is: the submitting key's tenant. A child takes its
     /// parent's tenant from the database, whatever this says.
     pub tenant: String,
+    /// The schedule and fire time that made it, for scheduled jobs.
+    pub scheduled: Option<(String, DateTime<Utc>)>,
 }
 
 impl NewJob {
@@ -122,6 +125,12 @@ impl NewJob {
             };
             FieldError::new(field, e.message)
         })?;
+        Self::checked(req)
+    }
+
+    /// Every check but the kind's own: for a body that passed [`Self::parse`]
+    /// once already (a schedule's job, at each fire).
+    pub fn checked(req: SubmitRequest) -> Result<Self, FieldError> {
         let max_attempts = req.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if !(1..=25).contains(&max_attempts) {
             return Err(FieldError::new("max_attempts", "must be between 1 and 25"));
@@ -185,6 +194,7 @@ impl NewJob {
             webhook: req.webhook,
             priority,
             tenant: crate::auth::DEFAULT_TENANT.to_owned(),
+            scheduled: None,
         })
     }
 
@@ -255,6 +265,11 @@ pub struct Job {
     pub errors: Vec<AttemptError>,
     pub parent_id: Option<Uuid>,
     pub children: Vec<ChildRef>,
+    /// The schedule that made the job, and the fire time it was made for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<DateTime<Utc>>,
     pub cancel_requested: bool,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,

@@ -27,6 +27,7 @@ fn outcomes() -> Vec<Outcome> {
         },
         Outcome::Failed(JobError::retryable("flaky")),
         Outcome::Failed(JobError::permanent("bad input")),
+        Outcome::Failed(JobError::snooze("not ready", Duration::from_secs(5))),
         Outcome::HandedBack,
         Outcome::StoppedForCancel,
         Outcome::LeaseExpired,
@@ -44,7 +45,7 @@ fn every_state_and_outcome_pair_is_decided() {
     for from in JobStatus::ALL {
         for outcome in outcomes() {
             let name = outcome.name();
-            let permanent = matches!(&outcome, Outcome::Failed(e) if !e.is_retryable());
+            let permanent = matches!(&outcome, Outcome::Failed(JobError::Permanent { .. }));
             let expected: Option<JobStatus> = match (from, &outcome) {
                 (Running, Outcome::Succeeded { .. }) => Some(Succeeded),
                 (Running, Outcome::Failed(_)) if permanent => Some(Dead),
@@ -95,6 +96,7 @@ fn success_keeps_the_result_and_its_children() {
         webhook: None,
         priority: 0,
         tenant: "default".into(),
+        scheduled: None,
     };
     let t = next(
         &state(JobStatus::Running, 1, 3),
@@ -123,6 +125,35 @@ fn delay_is_jittered_below_the_ceiling() {
     assert!(draws.iter().all(|d| *d <= Duration::from_millis(400)));
     let distinct: std::collections::HashSet<_> = draws.iter().collect();
     assert!(distinct.len() > 20, "full jitter spreads the delays");
+}
+
+#[test]
+fn a_snooze_waits_as_asked_without_using_an_attempt() {
+    let now = Utc::now();
+    let snooze = |secs| Outcome::Failed(JobError::snooze("not ready", Duration::from_secs(secs)));
+    // On the last allowed attempt, where a failure would be dead.
+    let t = next(&state(JobStatus::Running, 3, 3), snooze(90), now).expect("legal");
+    let at = now + chrono::Duration::seconds(90);
+    assert_eq!(
+        (t.to, t.attempt_limit, t.next_run_at, t.enqueue),
+        (
+            JobStatus::Retrying,
+            Some(4),
+            Some(at),
+            Some(Enqueue::At(at))
+        )
+    );
+    let e = t.error.expect("recorded in the history");
+    assert_eq!(
+        (e.class.as_str(), e.message.as_str(), e.retry_at),
+        ("snoozed", "not ready", Some(at))
+    );
+    let t = next(&state(JobStatus::Running, 1, 3), snooze(30 * 86_400), now).expect("legal");
+    assert_eq!(
+        t.next_run_at,
+        Some(now + chrono::Duration::from_std(SNOOZE_MAX).expect("max")),
+        "a snooze is capped"
+    );
 }
 
 #[test]

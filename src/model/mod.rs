@@ -1,11 +1,13 @@
 //! The job model, with no I/O: statuses and event types ([`status`]), what
 //! a job is ([`job`]), every lifecycle rule as a function that returns the
 //! transition a store applies ([`lifecycle`]), what watchers see
-//! ([`event`]) and webhook signing keys ([`secret`]).
+//! ([`event`]), webhook signing keys ([`secret`]) and when cron schedules
+//! fire ([`schedule`]).
 
 pub mod event;
 pub mod job;
 pub mod lifecycle;
+pub mod schedule;
 pub mod secret;
 pub mod status;
 

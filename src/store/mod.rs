@@ -16,10 +16,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::job::{Backoff, Inserted, Job, NewJob};
 use crate::model::lifecycle::{Illegal, JobState, Outcome, Transition};
+use crate::model::schedule::{Firing, NewSchedule, Schedule};
 use crate::model::{EventType, JobStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -333,6 +335,33 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> StoreResult<u64>;
 
+    /// Creates a tenant's schedule or replaces the one of the same name
+    /// (keeping its history and paused flag); answers whether it is new.
+    async fn put_schedule(&self, s: &NewSchedule) -> StoreResult<bool>;
+    /// A tenant's schedules by name.
+    async fn schedules(&self, tenant: &str) -> StoreResult<Vec<Schedule>>;
+    async fn schedule(&self, tenant: &str, name: &str) -> StoreResult<Option<Schedule>>;
+    /// Answers whether there was one. Jobs it made stay.
+    async fn delete_schedule(&self, tenant: &str, name: &str) -> StoreResult<bool>;
+    /// Pauses (`next_fire_at` none) or resumes a schedule from the given
+    /// next fire time; answers whether it exists.
+    async fn set_schedule_paused(
+        &self,
+        tenant: &str,
+        name: &str,
+        next_fire_at: Option<DateTime<Utc>>,
+    ) -> StoreResult<bool>;
+    /// Fires up to `limit` schedules due at `now`, each as `fire` decides,
+    /// in one transaction: the jobs are inserted and each schedule's next
+    /// fire time set together. A schedule another dispatcher is firing is
+    /// skipped, so a fire time makes one job however many dispatchers run.
+    async fn fire_schedules(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+        fire: &FireFn,
+    ) -> StoreResult<Vec<Fired>>;
+
     async fn cancel(&self, id: Uuid) -> StoreResult<CancelOutcome> {
         Ok(match self.decide(id, Outcome::Cancel).await? {
             Decision::Applied(t) if t.to == JobStatus::Cancelled => CancelOutcome::Cancelled,
@@ -348,6 +377,32 @@ pub trait Store: Send + Sync + 'static {
             Decision::Illegal(e) => DeadLetterOutcome::NotDead(e.from),
             Decision::NotFound => DeadLetterOutcome::NotFound,
         })
+    }
+}
+
+/// How [`Store::fire_schedules`] is told to fire one schedule
+/// ([`crate::model::schedule::fire`] with the time and a jitter draw).
+pub type FireFn = dyn Fn(&Schedule) -> Firing + Send + Sync;
+
+/// One schedule a [`Store::fire_schedules`] call fired.
+#[derive(Debug, Clone)]
+pub struct Fired {
+    pub tenant: String,
+    pub name: String,
+    pub fire_at: Option<DateTime<Utc>>,
+    /// The job made, or the one an earlier fire of the same time made.
+    pub job_id: Option<Uuid>,
+    pub error: Option<String>,
+}
+
+/// What a store records on a schedule after firing it (both dialects).
+pub(crate) fn fired(s: &Schedule, f: &Firing, job_id: Option<Uuid>) -> Fired {
+    Fired {
+        tenant: s.tenant.clone(),
+        name: s.name.clone(),
+        fire_at: f.fire_at,
+        job_id,
+        error: f.error.clone(),
     }
 }
 

@@ -55,6 +55,14 @@ pub(super) async fn insert_in(
     let parents: Vec<Option<Uuid>> = jobs.iter().map(|j| j.parent_id).collect();
     let tenants: Vec<&str> = jobs.iter().map(|j| j.tenant.as_str()).collect();
     let priorities: Vec<i16> = jobs.iter().map(|j| j.priority).collect();
+    let schedules: Vec<Option<&str>> = jobs
+        .iter()
+        .map(|j| j.scheduled.as_ref().map(|(n, _)| n.as_str()))
+        .collect();
+    let fire_times: Vec<Option<DateTime<Utc>>> = jobs
+        .iter()
+        .map(|j| j.scheduled.as_ref().map(|(_, at)| *at))
+        .collect();
     let hooks: Vec<Option<serde_json::Value>> = jobs
         .iter()
         .map(|j| j.webhook.as_ref().map(serde_json::to_value).transpose())
@@ -64,16 +72,18 @@ pub(super) async fn insert_in(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int[], $5::int[],
                                  $6::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::uuid[],
-                                 $11::jsonb[], $14::text[], $15::smallint[])
+                                 $11::jsonb[], $14::text[], $15::smallint[], $16::text[],
+                                 $17::timestamptz[])
               AS t(id, kind, payload, max_attempts, timeout_secs, base_ms, max_ms, run_at, idem, parent_id,
-                   webhook, tenant, priority)
+                   webhook, tenant, priority, schedule, scheduled_for)
          ), ins AS (
             INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
                               backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
-                              webhook, tenant, priority)
+                              webhook, tenant, priority, schedule, scheduled_for)
             SELECT i.id, i.kind, i.payload, $12, i.max_attempts, i.max_attempts, i.base_ms, i.max_ms,
                    i.timeout_secs, i.run_at, i.run_at, i.idem, i.parent_id, i.webhook,
-                   coalesce(p.tenant, i.tenant), coalesce(p.priority, i.priority)
+                   coalesce(p.tenant, i.tenant), coalesce(p.priority, i.priority), i.schedule,
+                   i.scheduled_for
             FROM input i LEFT JOIN jobs p ON p.id = i.parent_id
             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING id, kind, status, attempt, next_run_at, parent_id, priority
@@ -101,6 +111,8 @@ pub(super) async fn insert_in(
     .bind(EventType::Queued.as_str())
     .bind(&tenants)
     .bind(&priorities)
+    .bind(&schedules)
+    .bind(&fire_times)
     .fetch_all(&mut *conn)
     .await?;
 

@@ -35,6 +35,8 @@ fn row_to_job(r: &PgRow) -> anyhow::Result<Job> {
         errors: serde_json::from_value(errors).context("errors column")?,
         parent_id: r.try_get("parent_id")?,
         children: vec![],
+        schedule: r.try_get("schedule")?,
+        scheduled_for: r.try_get("scheduled_for")?,
         cancel_requested: r.try_get("cancel_requested")?,
         created_at: r.try_get("created_at")?,
         started_at: r.try_get("started_at")?,

@@ -1,6 +1,7 @@
 //! The Postgres store: production source of truth. `apply.rs` writes the
-//! lifecycle, `claim.rs` claims and extends leases, `jobs.rs` reads jobs, `maintenance.rs` holds the dispatcher's
-//! queries, `events.rs` the notifier's and `keys.rs` the API keys.
+//! lifecycle, `claim.rs` claims and extends leases, `jobs.rs` reads jobs,
+//! `maintenance.rs` holds the dispatcher's queries, `schedules.rs` the cron
+//! schedules, `events.rs` the notifier's and `keys.rs` the API keys.
 
 mod apply;
 mod bulk;
@@ -10,11 +11,13 @@ mod jobs;
 mod keys;
 mod maintenance;
 mod pools;
+mod schedules;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -261,5 +264,43 @@ impl Store for PgStore {
         limit: i64,
     ) -> StoreResult<u64> {
         self.prune_jobs(statuses, older_than, limit).await
+    }
+
+    async fn put_schedule(&self, s: &crate::model::schedule::NewSchedule) -> StoreResult<bool> {
+        self.upsert_schedule(s).await
+    }
+
+    async fn schedules(&self, tenant: &str) -> StoreResult<Vec<crate::model::schedule::Schedule>> {
+        self.schedules_of(tenant, None).await
+    }
+
+    async fn schedule(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> StoreResult<Option<crate::model::schedule::Schedule>> {
+        Ok(self.schedules_of(tenant, Some(name)).await?.pop())
+    }
+
+    async fn delete_schedule(&self, tenant: &str, name: &str) -> StoreResult<bool> {
+        self.remove_schedule(tenant, name).await
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        tenant: &str,
+        name: &str,
+        next_fire_at: Option<DateTime<Utc>>,
+    ) -> StoreResult<bool> {
+        self.pause_schedule(tenant, name, next_fire_at).await
+    }
+
+    async fn fire_schedules(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+        fire: &super::FireFn,
+    ) -> StoreResult<Vec<super::Fired>> {
+        self.fire_due(now, limit, fire).await
     }
 }

@@ -36,6 +36,8 @@ fn row_to_job(r: &SqliteRow) -> anyhow::Result<Job> {
         errors: serde_json::from_str(&errors)?,
         parent_id: parent.as_deref().map(parse_id).transpose()?,
         children: vec![],
+        schedule: r.try_get("schedule")?,
+        scheduled_for: from_ms(r.try_get("scheduled_for")?),
         cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
         created_at: from_ms(r.try_get("created_at")?).unwrap_or_default(),
         started_at: from_ms(r.try_get("started_at")?),

@@ -4,9 +4,10 @@
 //! transactions; batches loop over rows inside one transaction, which on
 //! SQLite costs little because the commit is the expensive part.
 //! `apply.rs` writes the lifecycle, `claim.rs` claims and extends leases,
-//! `jobs.rs` reads, `maintenance.rs` serves the dispatcher, `events.rs` the
-//! notifier, `queue.rs` the embedded broker, `keys.rs` the API keys and
-//! `analyze.rs` the analyze kind's limits and cache.
+//! `jobs.rs` reads, `maintenance.rs` serves the dispatcher, `schedules.rs`
+//! keeps the cron schedules, `events.rs` the notifier, `queue.rs` the
+//! embedded broker, `keys.rs` the API keys and `analyze.rs` the analyze
+//! kind's limits and cache.
 
 pub mod analyze;
 mod apply;
@@ -18,6 +19,7 @@ mod keys;
 mod maintenance;
 mod pools;
 pub mod queue;
+mod schedules;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -261,5 +263,43 @@ impl Store for SqliteStore {
         limit: i64,
     ) -> StoreResult<u64> {
         self.prune_jobs(statuses, older_than, limit).await
+    }
+
+    async fn put_schedule(&self, s: &crate::model::schedule::NewSchedule) -> StoreResult<bool> {
+        self.upsert_schedule(s).await
+    }
+
+    async fn schedules(&self, tenant: &str) -> StoreResult<Vec<crate::model::schedule::Schedule>> {
+        self.schedules_of(tenant, None).await
+    }
+
+    async fn schedule(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> StoreResult<Option<crate::model::schedule::Schedule>> {
+        Ok(self.schedules_of(tenant, Some(name)).await?.pop())
+    }
+
+    async fn delete_schedule(&self, tenant: &str, name: &str) -> StoreResult<bool> {
+        self.remove_schedule(tenant, name).await
+    }
+
+    async fn set_schedule_paused(
+        &self,
+        tenant: &str,
+        name: &str,
+        next_fire_at: Option<DateTime<Utc>>,
+    ) -> StoreResult<bool> {
+        self.pause_schedule(tenant, name, next_fire_at).await
+    }
+
+    async fn fire_schedules(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+        fire: &super::FireFn,
+    ) -> StoreResult<Vec<super::Fired>> {
+        self.fire_due(now, limit, fire).await
     }
 }

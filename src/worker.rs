@@ -394,7 +394,11 @@ async fn run_attempt(
         (Some(Interrupt::HandBack), _) => Some(Outcome::HandedBack),
         (None, Ok(result)) => Some(success(&kinds, &job, result, &ctx)),
         (None, Err(e)) => {
-            tracing::info!(error = %e, retryable = e.is_retryable(), "Attempt failed.");
+            if matches!(e, JobError::Snooze { .. }) {
+                tracing::info!(reason = %e, "Attempt snoozed.");
+            } else {
+                tracing::info!(error = %e, retryable = e.is_retryable(), "Attempt failed.");
+            }
             Some(Outcome::Failed(e))
         }
     };

@@ -455,6 +455,47 @@ async fn stopping_a_worker_finishes_short_jobs_and_hands_back_long_ones(flavor: 
     f.shutdown().await;
 }
 
+/// A handler that snoozes runs again after the delay it asked for, as often
+/// as it asks, without coming closer to the dead letters: one allowed
+/// attempt, two snoozes, then success.
+async fn a_snoozed_job_runs_again_later_without_using_its_attempts(flavor: Flavor) {
+    let f = TestFleet::start(flavor).await;
+    let id = f
+        .probe(
+            json!({"snooze_attempts": 2, "snooze_ms": 400}),
+            json!({"max_attempts": 1}),
+        )
+        .await;
+    let job = f.wait_status(id, "succeeded", 30).await;
+    assert_eq!(
+        (&job["attempt"], &job["attempt_limit"]),
+        (&json!(3), &json!(3)),
+        "{job}"
+    );
+    let errors = job["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 2, "{job}");
+    let started: Vec<DateTime<Utc>> = f
+        .store()
+        .job_events(id)
+        .await
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind == "job.started")
+        .map(|e| e.at)
+        .collect();
+    for (n, e) in errors.iter().enumerate() {
+        assert_eq!(e["class"], "snoozed", "{e}");
+        let at = ts(&e["at"]);
+        let retry_at = ts(&e["retry_at"]);
+        assert_eq!(retry_at - at, chrono::Duration::milliseconds(400), "{e}");
+        assert!(
+            started[n + 1] + chrono::Duration::milliseconds(1) >= retry_at,
+            "not started before its snooze ended: {e}"
+        );
+    }
+    f.shutdown().await;
+}
+
 both_flavors!(
     stopping_a_worker_finishes_short_jobs_and_hands_back_long_ones,
     successful_job_records_its_result_and_events,
@@ -468,6 +509,7 @@ both_flavors!(
     a_paused_worker_cannot_overwrite_the_newer_attempt,
     a_delayed_job_does_not_start_early,
     batch_submit_and_pagination,
+    a_snoozed_job_runs_again_later_without_using_its_attempts,
 );
 
 /// Postgres + Redis only: Redis forgets every queued message; the

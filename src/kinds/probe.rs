@@ -1,6 +1,7 @@
 //! The `probe` kind: a real job for synthetic end-to-end checks, drills and
-//! benchmarks. It sleeps, then fails while the attempt number (all attempts
-//! ever made, replays included) is at most `fail_attempts`.
+//! benchmarks. It sleeps, snoozes for `snooze_ms` while the attempt number
+//! (all attempts ever made, replays and snoozes included) is at most
+//! `snooze_attempts`, then fails while it is at most `fail_attempts`.
 
 use std::time::Duration;
 
@@ -24,12 +25,22 @@ pub struct ProbePayload {
     pub fail_attempts: u32,
     #[serde(default)]
     pub failure: FailureClass,
+    #[serde(default)]
+    pub snooze_attempts: u32,
+    #[serde(default)]
+    pub snooze_ms: u64,
 }
 
 impl Payload for ProbePayload {
     fn validate(&self) -> Result<(), FieldError> {
         if self.sleep_ms > 3_600_000 {
             return Err(FieldError::new("sleep_ms", "must be at most 3600000"));
+        }
+        if self.snooze_attempts > 1_000 {
+            return Err(FieldError::new("snooze_attempts", "must be at most 1000"));
+        }
+        if self.snooze_ms > 3_600_000 {
+            return Err(FieldError::new("snooze_ms", "must be at most 3600000"));
         }
         if self.fail_attempts > 1_000 {
             return Err(FieldError::new("fail_attempts", "must be at most 1000"));
@@ -54,6 +65,12 @@ impl Handler for Probe {
     async fn run(&self, ctx: &JobContext, p: ProbePayload) -> Result<ProbeOutput, JobError> {
         if p.sleep_ms > 0 {
             tokio::time::sleep(Duration::from_millis(p.sleep_ms)).await;
+        }
+        if ctx.attempt <= p.snooze_attempts {
+            return Err(JobError::snooze(
+                format!("probe snooze on attempt {}", ctx.attempt),
+                Duration::from_millis(p.snooze_ms),
+            ));
         }
         if ctx.attempt <= p.fail_attempts {
             let msg = format!(

@@ -22,6 +22,9 @@ use super::status::{EventType, JobStatus};
 pub const LEASE_EXPIRED: &str =
     "lease expired: the worker stopped heartbeating (killed, paused or cut off)";
 
+/// The longest a handler may snooze a job at once.
+pub const SNOOZE_MAX: Duration = Duration::from_secs(7 * 86_400);
+
 /// What the rules need to know of a stored job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobState {
@@ -201,8 +204,29 @@ pub fn next(s: &JobState, outcome: Outcome, now: DateTime<Utc>) -> Result<Transi
 
 /// A permanent error, or a retryable one on the last allowed attempt, goes
 /// to the dead letters; otherwise the job waits out its backoff (or the
-/// delay the remote side asked for).
+/// delay the remote side asked for). A snooze waits as long as it asked,
+/// without using the attempt.
 fn after_failure(s: &JobState, err: &JobError, now: DateTime<Utc>) -> Transition {
+    if let JobError::Snooze { reason, after } = err {
+        // The attempt is given back, as on a hand-back: a job may snooze
+        // as often as it needs without coming closer to the dead letters.
+        let after = chrono::Duration::from_std((*after).min(SNOOZE_MAX))
+            .unwrap_or(chrono::Duration::zero());
+        let at = now.checked_add_signed(after).unwrap_or(now);
+        return Transition {
+            attempt_limit: Some(s.attempt_limit + 1),
+            error: Some(AttemptError {
+                attempt: s.attempt,
+                class: "snoozed".into(),
+                message: reason.clone(),
+                at: now,
+                retry_at: Some(at),
+            }),
+            next_run_at: Some(at),
+            enqueue: Some(Enqueue::At(at)),
+            ..Transition::from_state(s, JobStatus::Retrying)
+        };
+    }
     let mut error = AttemptError {
         attempt: s.attempt,
         class: if err.is_retryable() {

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 ///
 /// ```text
 /// queued ──claim──▶ running ──ok──▶ succeeded
-///    ▲                 │ ├──retryable──▶ retrying ──due+claim──▶ running
+///    ▲                 │ ├──retryable, snooze──▶ retrying ──due+claim──▶ running
 ///    │                 │ └──permanent / last attempt──▶ dead ──replay──▶ queued
 ///    └── hand back ────┘
 /// queued | retrying | running(at next lease check) ──cancel──▶ cancelled

@@ -66,6 +66,10 @@ pub enum JobError {
     /// Bad input, 4xx, nothing to extract: the job goes to the dead letters.
     #[error("{message}")]
     Permanent { message: String },
+    /// Not a failure: run again after `after` without using an attempt (a
+    /// page that is not ready yet, a quota that resets at a known time).
+    #[error("snoozed for {after:?}: {reason}")]
+    Snooze { reason: String, after: Duration },
 }
 
 impl JobError {
@@ -86,6 +90,13 @@ impl JobError {
     pub fn permanent(message: impl Into<String>) -> Self {
         Self::Permanent {
             message: message.into(),
+        }
+    }
+
+    pub fn snooze(reason: impl Into<String>, after: Duration) -> Self {
+        Self::Snooze {
+            reason: reason.into(),
+            after,
         }
     }
 

@@ -84,8 +84,16 @@ impl Dispatcher {
         self.store.relay_outbox(self.cfg.batch, &self.brokers).await
     }
 
-    /// LeaseRescuer: one batch of expired leases.
+    /// LeaseRescuer: one batch of expired leases; and held jobs whose
+    /// concurrency key has room again.
     pub async fn rescue_once(&self) -> StoreResult<usize> {
+        let released = self.store.release_held().await?;
+        if released > 0 {
+            metrics::REPAIRED
+                .with_label_values(&["held_release"])
+                .inc_by(released);
+            self.wake.notify_one();
+        }
         let n = self.store.rescue_expired(self.cfg.batch).await?;
         if n > 0 {
             metrics::REPAIRED

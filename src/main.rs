@@ -150,6 +150,9 @@ enum Command {
         /// Every job in this state: queued, retrying or running.
         #[arg(long)]
         status: Option<String>,
+        /// Every active job with this concurrency key.
+        #[arg(long)]
+        concurrency_key: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -164,6 +167,13 @@ enum Command {
     Pools {
         #[command(subcommand)]
         command: cli::pools::PoolsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Concurrency limits: how many jobs of one key run at once, fleet-wide.
+    Limits {
+        #[command(subcommand)]
+        command: cli::limits::LimitsCommand,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -447,10 +457,19 @@ async fn main() -> anyhow::Result<()> {
             id,
             kind,
             status,
+            concurrency_key,
             client,
-        } => cli::cancel(&client, id.as_deref(), kind.as_deref(), status.as_deref()).await,
+        } => {
+            let filter = [
+                ("kind", kind.as_deref()),
+                ("status", status.as_deref()),
+                ("concurrency_key", concurrency_key.as_deref()),
+            ];
+            cli::cancel(&client, id.as_deref(), &filter).await
+        }
         Command::Pools { command, client } => cli::pools::run(&client, command).await,
         Command::Schedules { command, client } => cli::schedules::run(&client, command).await,
+        Command::Limits { command, client } => cli::limits::run(&client, command).await,
         Command::Up {
             scale,
             listen,

@@ -97,6 +97,8 @@ fn interrupt(map: &RunningMap, id: Uuid, why: Interrupt) {
 /// lease was lost, since it would be refused anyway) and the message to ack.
 struct Done {
     cmd: Option<Transition>,
+    /// The remote side asked every job of this key to wait until then.
+    cool: Option<(String, chrono::DateTime<chrono::Utc>)>,
     kind: String,
     tag: Tag,
     /// Released only once the finish is committed, so the jobs the
@@ -284,6 +286,7 @@ impl Intake {
             let Some(job) = by_id.remove(&d.job_id) else {
                 let _ = self.done.send(Done {
                     cmd: None,
+                    cool: None,
                     kind: String::new(),
                     tag: d.tag,
                     _permit: None,
@@ -385,6 +388,19 @@ async fn run_attempt(
         }
     };
     let why = lock(&running).remove(&job.id).and_then(|r| r.why);
+    let cool = match (&outcome, &job.concurrency_key) {
+        (
+            Err(JobError::Retryable {
+                retry_after: Some(after),
+                ..
+            }),
+            Some(key),
+        ) => chrono::Duration::from_std(*after)
+            .ok()
+            .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+            .map(|until| (key.clone(), until)),
+        _ => None,
+    };
     metrics::RUN_SECONDS
         .with_label_values(&[&job.kind])
         .observe(started.elapsed().as_secs_f64());
@@ -415,6 +431,7 @@ async fn run_attempt(
     );
     let _ = done.send(Done {
         cmd,
+        cool,
         kind: job.kind,
         tag: delivery.tag,
         _permit: Some(permit),
@@ -444,6 +461,13 @@ async fn finisher(
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 512).await > 0 {
+        for (key, until) in batch.iter().filter_map(|d| d.cool.as_ref()) {
+            // Before the finish, so the job's own retry cannot start ahead
+            // of the key's cool-down; losing it only loses politeness.
+            if let Err(e) = store.cool_down(key, *until).await {
+                tracing::warn!(error = %e, %key, "Cool-down not recorded.");
+            }
+        }
         let cmds: Vec<Transition> = batch.iter().filter_map(|d| d.cmd.clone()).collect();
         let applied = (|| store.apply(&cmds))
             .retry(retry_policy())

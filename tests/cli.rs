@@ -325,6 +325,55 @@ async fn schedules_create_list_pause_resume_and_delete() {
     f.shutdown().await;
 }
 
+/// `stevedore limits ...` and `stevedore cancel --concurrency-key` as typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_set_list_remove_and_cancel_by_key() {
+    let f = TestFleet::start(Flavor::Sqlite).await;
+    let set = cli(&f, &["limits", "set", "tenant:", "1"]).await;
+    assert!(set.ok, "{}", set.stderr);
+    assert!(set.stdout.contains("tenant:"), "{}", set.stdout);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (_, v) = f
+            .post(
+                "/v1/jobs",
+                json!({"kind": "probe", "payload": {"sleep_ms": 30000}, "concurrency_key": "tenant:x"}),
+            )
+            .await;
+        ids.push(v["id"].as_str().expect("id").to_owned());
+    }
+    eventually(10, "one runs, the other waits for room", || async {
+        let list = cli(&f, &["limits", "list"]).await;
+        list.stdout
+            .lines()
+            .find(|l| l.starts_with("tenant:"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .is_some_and(|row| row[1..] == ["1", "1", "1"])
+    })
+    .await;
+    let cancel = cli(&f, &["cancel", "--concurrency-key", "tenant:x"]).await;
+    assert_eq!(
+        cancel.stdout.trim(),
+        "1 cancelled, 1 running told to stop",
+        "{}",
+        cancel.stderr
+    );
+    let removed = cli(&f, &["limits", "remove", "tenant:"]).await;
+    assert_eq!(
+        removed.stdout.trim(),
+        "removed tenant:",
+        "{}",
+        removed.stderr
+    );
+    let again = cli(&f, &["limits", "remove", "tenant:"]).await;
+    assert!(
+        !again.ok && again.stderr.contains("404"),
+        "{}",
+        again.stderr
+    );
+    f.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_follows_one_kind() {
     let f = TestFleet::start_with(

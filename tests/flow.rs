@@ -410,8 +410,119 @@ async fn a_schedule_submits_jobs_on_its_timetable(flavor: Flavor) {
     f.shutdown().await;
 }
 
+/// The most jobs of one key that were running at any instant, from their
+/// start and finish times (a finish at the same instant as a start counts
+/// first).
+fn most_at_once(jobs: &[Value]) -> usize {
+    let mut edges: Vec<(DateTime<Utc>, i32)> = Vec::new();
+    for j in jobs {
+        let at = |k: &str| -> DateTime<Utc> { j[k].as_str().expect(k).parse().expect("time") };
+        edges.push((at("started_at"), 1));
+        edges.push((at("finished_at"), -1));
+    }
+    edges.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+async fn a_concurrency_key_caps_its_jobs_across_workers_while_others_flow(flavor: Flavor) {
+    let f = TestFleet::start(flavor).await;
+    let _w2 = f.start_workers("probe", 8).await;
+    let _w3 = f.start_workers("probe", 8).await;
+    let r = f
+        .http
+        .put(format!("{}/v1/concurrency-limits/tenant:", f.url))
+        .json(&json!({"max_running": 2}))
+        .send()
+        .await
+        .expect("limit");
+    assert_eq!(r.status(), StatusCode::OK);
+    let keyed =
+        |key: &str| json!({"kind": "probe", "payload": {"sleep_ms": 200}, "concurrency_key": key});
+    let busy: Vec<Value> = (0..10).map(|_| keyed("tenant:busy")).collect();
+    let calm: Vec<Value> = (0..4).map(|_| keyed("tenant:calm")).collect();
+    let mut ids = Vec::new();
+    for batch in [busy, calm] {
+        let (status, v) = f.post("/v1/jobs/batch", json!({"jobs": batch})).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        ids.push(
+            v["jobs"]
+                .as_array()
+                .expect("jobs")
+                .iter()
+                .map(|j| j["id"].as_str().expect("id").parse::<Uuid>().expect("uuid"))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let mut done: Vec<Vec<Value>> = Vec::new();
+    for group in &ids {
+        let mut jobs = Vec::new();
+        for id in group {
+            jobs.push(f.wait_status(*id, "succeeded", 30).await);
+        }
+        done.push(jobs);
+    }
+    let (busy, calm) = (&done[0], &done[1]);
+    assert_eq!(
+        most_at_once(busy),
+        2,
+        "tenant:busy ran at most 2 at once, and did run 2"
+    );
+    assert!(most_at_once(calm) <= 2);
+    let last = |jobs: &[Value], k: &str| -> DateTime<Utc> {
+        jobs.iter()
+            .map(|j| {
+                j[k].as_str()
+                    .expect(k)
+                    .parse::<DateTime<Utc>>()
+                    .expect("time")
+            })
+            .max()
+            .expect("jobs")
+    };
+    assert!(
+        last(calm, "finished_at") < last(busy, "started_at"),
+        "tenant:calm did not wait behind tenant:busy's backlog"
+    );
+    let (_, limits) = f.get("/v1/concurrency-limits").await;
+    let tenant = limits["limits"]
+        .as_array()
+        .expect("limits")
+        .iter()
+        .find(|l| l["prefix"] == "tenant:")
+        .cloned()
+        .expect("the limit is listed");
+    assert_eq!(
+        (&tenant["running"], &tenant["held"]),
+        (&json!(0), &json!(0)),
+        "{limits}"
+    );
+    let (status, v) = f
+        .post(
+            "/v1/jobs",
+            json!({"kind": "probe", "payload": {}, "concurrency_key": ""}),
+        )
+        .await;
+    assert_eq!(
+        (status, &v["error"]["field"]),
+        (StatusCode::UNPROCESSABLE_ENTITY, &json!("concurrency_key")),
+        "{v}"
+    );
+    f.shutdown().await;
+}
+
 mod postgres {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_concurrency_key_caps_its_jobs_across_workers_while_others_flow() {
+        super::a_concurrency_key_caps_its_jobs_across_workers_while_others_flow(Flavor::Postgres)
+            .await
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_schedule_submits_jobs_on_its_timetable() {
@@ -451,6 +562,12 @@ mod amqp {
 
 mod sqlite {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_concurrency_key_caps_its_jobs_across_workers_while_others_flow() {
+        super::a_concurrency_key_caps_its_jobs_across_workers_while_others_flow(Flavor::Sqlite)
+            .await
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_schedule_submits_jobs_on_its_timetable() {

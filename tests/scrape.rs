@@ -12,6 +12,7 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use axum::response::IntoResponse;
 use axum::routing::get;
 use serde_json::json;
 use stevedore::config::KindsArgs;
@@ -260,4 +261,80 @@ async fn the_old_allowlist_counts_for_both_with_a_warning_and_never_admits_the_a
         log.contains("STEVEDORE_ALLOW_HOSTS is deprecated"),
         "the old setting is warned about: {log}"
     );
+}
+
+/// A site that answers 429 with `Retry-After: 5` gets no request from any
+/// worker for those 5 s: its jobs share the key `host:127.0.0.1`, limited to
+/// one at a time here, and the 429 cools the key down for the whole fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_answers_429_is_left_alone_for_its_retry_after() {
+    let seen: Arc<std::sync::Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let s = seen.clone();
+    let app = axum::Router::new().route(
+        "/busy",
+        get(move || {
+            let s = s.clone();
+            async move {
+                let mut seen = s.lock().expect("lock");
+                seen.push(std::time::Instant::now());
+                if seen.len() == 1 {
+                    axum::response::Response::builder()
+                        .status(429)
+                        .header("retry-after", "5")
+                        .body(axum::body::Body::from("slow down"))
+                        .expect("response")
+                } else {
+                    axum::response::Html(include_str!("../fixtures/quiz/moodle-multichoice.html"))
+                        .into_response()
+                }
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let args = KindsArgs {
+        scrape_allow_hosts: format!("127.0.0.1:{port}"),
+        ..KindsArgs::default()
+    };
+    fleet::kinds(&args, fleet::Shared::InProcess).expect("kinds");
+    let f = TestFleet::start_with(
+        Flavor::Sqlite,
+        Opts {
+            workers: vec![("scrape".into(), 4)],
+            ..Opts::default()
+        },
+    )
+    .await;
+    let _second = f.start_workers("scrape", 4).await;
+    let r = f
+        .http
+        .put(format!("{}/v1/concurrency-limits/host:", f.url))
+        .json(&json!({"max_running": 1}))
+        .send()
+        .await
+        .expect("limit");
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+
+    let url = format!("http://127.0.0.1:{port}/busy");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(submit(&f, json!({"url": url, "render": "http"})).await);
+    }
+    for id in &ids {
+        let job = f.wait_status(*id, "succeeded", 30).await;
+        assert_eq!(job["concurrency_key"], "host:127.0.0.1", "{job}");
+    }
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 4, "one 429, its retry and two more pages");
+    for later in &seen[1..] {
+        let waited = later.duration_since(seen[0]);
+        assert!(
+            waited >= std::time::Duration::from_millis(4_950),
+            "a request came {waited:?} after the 429 asked for 5 s"
+        );
+    }
+    f.shutdown().await;
 }

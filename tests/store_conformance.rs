@@ -121,6 +121,7 @@ fn new_job(key: Option<&str>) -> NewJob {
         priority: 0,
         tenant: "default".into(),
         scheduled: None,
+        concurrency_key: None,
     }
 }
 
@@ -997,6 +998,110 @@ async fn schedules_make_one_job_per_fire_time_and_only_the_latest_missed(kind: K
     db.close().await;
 }
 
+async fn concurrency_keys_cap_running_jobs_per_key_and_release_on_finish(kind: Kind) {
+    let db = Db::open(kind).await;
+    let s = &db.store;
+    let r = Recorder::default();
+    let sent = |r: &Recorder| -> Vec<Uuid> {
+        let ids = r.sent.lock().expect("lock").iter().map(|s| s.1).collect();
+        r.sent.lock().expect("lock").clear();
+        ids
+    };
+    assert!(!s.set_concurrency_limit("k:", Some(2)).await.expect("limit"));
+    let keyed = |key: &str, priority: i16| NewJob {
+        concurrency_key: Some(key.into()),
+        priority,
+        ..new_job(None)
+    };
+    let a: Vec<NewJob> = (0..5).map(|i| keyed("k:a", i)).collect();
+    let b = keyed("k:b", 0);
+    let plain = new_job(None);
+    let all: Vec<NewJob> = a
+        .iter()
+        .cloned()
+        .chain([b.clone(), plain.clone()])
+        .collect();
+    s.insert_jobs(&all).await.expect("insert");
+    assert_eq!(s.relay_outbox(100, &r).await.expect("relay"), 7);
+    let ids = sent(&r);
+
+    // Handed all seven: two of k:a (the most urgent), k:b and the plain one
+    // start; three of k:a wait held on their key.
+    let claimed = s.claim(&ids, "w", LEASE).await.expect("claim");
+    let mut started: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
+    started.sort();
+    let mut want = vec![a[4].id, a[3].id, b.id, plain.id];
+    want.sort();
+    assert_eq!(started, want);
+    assert_eq!(s.relay_outbox(100, &r).await.expect("relay"), 0, "held");
+    let limits = s.concurrency_limits().await.expect("limits");
+    let k = limits
+        .iter()
+        .find(|l| l.prefix == "k:")
+        .expect("k: is listed");
+    assert_eq!((k.max_running, k.running, k.held), (2, 3, 3), "{limits:?}");
+    assert!(
+        limits
+            .iter()
+            .any(|l| l.prefix == "host:" && l.max_running == 4),
+        "sites get a limit by default: {limits:?}"
+    );
+    // The safety net finds no room on k:a.
+    assert_eq!(s.release_held().await.expect("release"), 0);
+
+    // One of k:a ends: the most urgent held one goes to the relay, and may
+    // start.
+    let done = claimed.iter().find(|c| c.id == a[4].id).expect("a4");
+    s.apply(&[success(done, 1)]).await.expect("finish");
+    assert_eq!(s.relay_outbox(100, &r).await.expect("relay"), 1);
+    assert_eq!(sent(&r), [a[2].id], "the most urgent held job");
+    assert_eq!(
+        s.claim(&[a[2].id], "w", LEASE).await.expect("claim").len(),
+        1
+    );
+
+    // A cool-down on k:b: its next job waits it out, in the outbox.
+    s.cool_down("k:b", Utc::now() + chrono::Duration::seconds(30))
+        .await
+        .expect("cool");
+    let b2 = keyed("k:b", 0);
+    s.insert_jobs(std::slice::from_ref(&b2))
+        .await
+        .expect("insert");
+    assert_eq!(s.relay_outbox(100, &r).await.expect("relay"), 1);
+    assert!(s
+        .claim(&sent(&r), "w", LEASE)
+        .await
+        .expect("claim")
+        .is_empty());
+    assert_eq!(s.relay_outbox(100, &r).await.expect("relay"), 0, "delayed");
+    assert_eq!(
+        s.get_job(b2.id).await.expect("get").expect("job").status,
+        JobStatus::Queued
+    );
+
+    // A raised limit lets the rest of k:a go at once.
+    assert!(s
+        .set_concurrency_limit("k:", Some(10))
+        .await
+        .expect("limit"));
+    assert_eq!(s.relay_outbox(100, &r).await.expect("relay"), 2);
+    let mut rest = sent(&r);
+    rest.sort();
+    let mut want = vec![a[0].id, a[1].id];
+    want.sort();
+    assert_eq!(rest, want);
+    assert!(s.set_concurrency_limit("k:", None).await.expect("remove"));
+    assert!(!s.set_concurrency_limit("k:", None).await.expect("remove"));
+    assert!(s
+        .concurrency_limits()
+        .await
+        .expect("limits")
+        .iter()
+        .all(|l| l.prefix != "k:"));
+    db.close().await;
+}
+
 macro_rules! both_stores {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -1025,4 +1130,5 @@ both_stores!(
     a_paused_pool_keeps_its_outbox_and_the_most_urgent_go_first,
     pruning_removes_old_finished_jobs_and_their_events_and_keeps_the_rest,
     schedules_make_one_job_per_fire_time_and_only_the_latest_missed,
+    concurrency_keys_cap_running_jobs_per_key_and_release_on_finish,
 );

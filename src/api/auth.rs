@@ -136,6 +136,7 @@ pub fn required(method: &Method, route: &str) -> Option<Scope> {
     let admin = route.starts_with("/v1/webhook")
         || route.starts_with("/v1/keys")
         || route.starts_with("/v1/pools")
+        || route.starts_with("/v1/concurrency-limits")
         || (route.starts_with("/v1/dead-letters") && !reading);
     Some(if admin {
         Scope::Admin
@@ -206,7 +207,9 @@ pub async fn gate(State(s): State<AppState>, mut req: Request, next: Next) -> Re
     };
     // A form on any web page can POST to a local API; it cannot send JSON
     // without a CORS preflight this API never grants.
-    if (method == Method::POST || method == Method::DELETE) && !is_json(req.headers()) {
+    if (method == Method::POST || method == Method::PUT || method == Method::DELETE)
+        && !is_json(req.headers())
+    {
         return refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",

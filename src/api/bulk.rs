@@ -41,6 +41,8 @@ pub struct ActiveFilter {
     pub kind: Option<String>,
     /// `queued`, `retrying` or `running`; all three when absent.
     pub status: Option<JobStatus>,
+    /// Only jobs with this concurrency key.
+    pub concurrency_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -80,6 +82,7 @@ impl DeadFilter {
             since: self.since,
             until: self.until,
             tenant: Some(who.tenant.clone()),
+            concurrency_key: None,
         })
     }
 }
@@ -172,6 +175,7 @@ pub async fn cancel(
     let sel = Selection {
         statuses,
         kind: f.kind,
+        concurrency_key: f.concurrency_key,
         tenant: Some(who.tenant.clone()),
         ..Selection::default()
     };

@@ -2,12 +2,14 @@
 //! (1 MiB limit, strict JSON). Handlers live in `jobs`, `dlq`, `stream`
 //! (SSE and WebSocket), `webhooks`, `display` (the live page) and `console`
 //! (the operator console and its job-events route), `pools` (pausing),
-//! `bulk` (actions by filter), `schedules` (cron); the OpenAPI document is
+//! `bulk` (actions by filter), `schedules` (cron), `concurrency` (limits per
+//! concurrency key); the OpenAPI document is
 //! assembled in `openapi`; keys, scopes and the browser rules are checked in
 //! `auth`; request ids and request metrics are layered on in `observe`.
 
 pub mod auth;
 mod bulk;
+mod concurrency;
 mod console;
 mod display;
 mod dlq;
@@ -89,6 +91,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pools", get(pools::list))
         .route("/v1/pools/{pool}/pause", post(pools::pause))
         .route("/v1/pools/{pool}/resume", post(pools::resume))
+        .route("/v1/concurrency-limits", get(concurrency::list))
+        .route(
+            "/v1/concurrency-limits/{prefix}",
+            axum::routing::put(concurrency::put).delete(concurrency::remove),
+        )
         .route("/v1/schedules", post(schedules::put).get(schedules::list))
         .route(
             "/v1/schedules/{name}",

@@ -39,7 +39,7 @@ pub struct PoolList {
 /// A worker process that has not said it is alive for this long is gone.
 const ALIVE: Duration = Duration::from_secs(PAUSE_POLL.as_secs() * 5);
 
-fn operator(who: &Principal) -> Result<(), ApiError> {
+pub(super) fn operator(who: &Principal) -> Result<(), ApiError> {
     if who.tenant == DEFAULT_TENANT {
         Ok(())
     } else {

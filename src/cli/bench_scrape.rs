@@ -50,8 +50,6 @@ fn handler(
 ) -> anyhow::Result<ScrapeHandler> {
     let mut cfg = ScrapeConfig {
         allow_hosts: allow.to_owned(),
-        // One host on purpose; the politeness cap would measure itself.
-        per_host: concurrency,
         ..ScrapeConfig::default()
     };
     cfg.browser.chrome = args.chrome.clone();

@@ -7,6 +7,7 @@ pub mod bench_scrape;
 pub mod demo_pages;
 pub mod doctor;
 pub mod keys;
+pub mod limits;
 pub mod notify;
 pub mod pools;
 pub mod schedules;
@@ -292,20 +293,19 @@ pub async fn submit(
 pub async fn cancel(
     c: &ClientArgs,
     id: Option<&str>,
-    kind: Option<&str>,
-    status: Option<&str>,
+    filter: &[(&str, Option<&str>)],
 ) -> anyhow::Result<()> {
     let http = client(c.api_key.as_deref())?;
     if let Some(id) = id {
-        if kind.is_some() || status.is_some() {
-            bail!("give a job id or --kind/--status, not both");
+        if filter.iter().any(|(_, v)| v.is_some()) {
+            bail!("give a job id or --kind/--status/--concurrency-key, not both");
         }
         let v = call(http.post(format!("{}/v1/jobs/{id}/cancel", c.url))).await?;
         output(c, &v, |v| println!("{} {}", s(v, "id"), s(v, "status")));
         return Ok(());
     }
-    let Some(body) = filter_body(&[("kind", kind), ("status", status)]) else {
-        bail!("give a job id, or --kind and/or --status to cancel every job they take");
+    let Some(body) = filter_body(filter) else {
+        bail!("give a job id, or --kind, --status and/or --concurrency-key to cancel every job they take");
     };
     let v = call(http.post(format!("{}/v1/jobs/cancel", c.url)).json(&body)).await?;
     output(c, &v, |v| {

@@ -13,7 +13,9 @@ use stevedore_handler::{parse_payload, FieldError, Handler, JobContext, JobError
 
 /// A handler with its payload and output types erased to JSON.
 pub trait DynHandler: Send + Sync {
-    fn validate(&self, payload: &serde_json::Value) -> Result<(), FieldError>;
+    /// Checks the payload; answers the concurrency key the kind gives a job
+    /// that names none.
+    fn validate(&self, payload: &serde_json::Value) -> Result<Option<String>, FieldError>;
     fn run<'a>(
         &'a self,
         ctx: &'a JobContext,
@@ -23,8 +25,10 @@ pub trait DynHandler: Send + Sync {
 
 impl<H: Handler> DynHandler for H {
     /// The payload's shape, then what the handler's configuration allows.
-    fn validate(&self, payload: &serde_json::Value) -> Result<(), FieldError> {
-        Handler::check(self, &parse_payload::<H::Payload>(payload)?)
+    fn validate(&self, payload: &serde_json::Value) -> Result<Option<String>, FieldError> {
+        let p = parse_payload::<H::Payload>(payload)?;
+        Handler::check(self, &p)?;
+        Ok(Handler::concurrency_key(self, &p))
     }
 
     fn run<'a>(

@@ -62,6 +62,10 @@ pub struct SubmitRequest {
     pub idempotency_key: Option<String>,
     /// -100..=100, default 0: higher runs first; FIFO within one priority.
     pub priority: Option<i32>,
+    /// Jobs with the same key share its limit on how many run at once
+    /// (`PUT /v1/concurrency-limits/{prefix}`), across every worker. 1 to
+    /// 200 characters, e.g. `tenant:acme`.
+    pub concurrency_key: Option<String>,
     /// Where to POST this job's terminal event (signed with `secret`, or the
     /// deployment's `STEVEDORE_WEBHOOK_SECRET` when it brings none).
     pub webhook: Option<JobWebhook>,
@@ -98,6 +102,7 @@ pub struct NewJob {
     pub webhook: Option<JobWebhook>,
     /// Higher first. A child takes its parent's from the database.
     pub priority: i16,
+    pub concurrency_key: Option<String>,
     /// Whose job it is: the submitting key's tenant. A child takes its
     /// parent's tenant from the database, whatever this says.
     pub tenant: String,
@@ -117,7 +122,7 @@ impl NewJob {
                 ),
             )
         })?;
-        handler.validate(&req.payload).map_err(|e| {
+        let default_key = handler.validate(&req.payload).map_err(|e| {
             let field = if e.field.is_empty() {
                 "payload".to_owned()
             } else {
@@ -125,7 +130,11 @@ impl NewJob {
             };
             FieldError::new(field, e.message)
         })?;
-        Self::checked(req)
+        let mut job = Self::checked(req)?;
+        if job.concurrency_key.is_none() {
+            job.concurrency_key = default_key;
+        }
+        Ok(job)
     }
 
     /// Every check but the kind's own: for a body that passed [`Self::parse`]
@@ -162,6 +171,14 @@ impl NewJob {
                 .filter(|p| PRIORITIES.contains(p))
                 .ok_or_else(|| FieldError::new("priority", "must be between -100 and 100"))?,
         };
+        if let Some(key) = &req.concurrency_key {
+            if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
+                return Err(FieldError::new(
+                    "concurrency_key",
+                    "must be 1 to 200 characters, none of them control characters",
+                ));
+            }
+        }
         if let Some(key) = &req.idempotency_key {
             if key.is_empty() || key.len() > 200 {
                 return Err(FieldError::new(
@@ -193,6 +210,7 @@ impl NewJob {
             parent_id: None,
             webhook: req.webhook,
             priority,
+            concurrency_key: req.concurrency_key,
             tenant: crate::auth::DEFAULT_TENANT.to_owned(),
             scheduled: None,
         })
@@ -214,6 +232,7 @@ impl NewJob {
             run_at: None,
             idempotency_key: None,
             priority: None,
+            concurrency_key: None,
             webhook: None,
         };
         let mut job = Self::parse(req, kinds)?;
@@ -258,6 +277,8 @@ pub struct Job {
     pub idempotency_key: Option<String>,
     /// Higher runs first (-100..=100).
     pub priority: i16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
     /// The tenant the job belongs to.
     pub tenant: String,
     #[schema(value_type = Option<Object>)]

@@ -1,9 +1,10 @@
 //! The job model, with no I/O: statuses and event types ([`status`]), what
 //! a job is ([`job`]), every lifecycle rule as a function that returns the
 //! transition a store applies ([`lifecycle`]), what watchers see
-//! ([`event`]), webhook signing keys ([`secret`]) and when cron schedules
-//! fire ([`schedule`]).
+//! ([`event`]), webhook signing keys ([`secret`]), when cron schedules
+//! fire ([`schedule`]) and which keyed jobs may start ([`concurrency`]).
 
+pub mod concurrency;
 pub mod event;
 pub mod job;
 pub mod lifecycle;

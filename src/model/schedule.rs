@@ -131,8 +131,12 @@ impl NewSchedule {
                 ));
             }
         }
-        NewJob::parse(req.job.clone(), kinds)
+        let parsed = NewJob::parse(req.job.clone(), kinds)
             .map_err(|e| FieldError::new(format!("job.{}", e.field), e.message))?;
+        // Each fire builds its job without the kind's handler: keep the key
+        // the kind gives (a scrape's site) in the stored body.
+        let mut job = req.job;
+        job.concurrency_key = parsed.concurrency_key;
         let next_fire_at = plan.next_after(now);
         if next_fire_at.is_none() {
             return Err(FieldError::new(
@@ -146,7 +150,7 @@ impl NewSchedule {
             cron: req.cron,
             timezone,
             jitter_secs,
-            job: req.job,
+            job,
             next_fire_at,
         })
     }

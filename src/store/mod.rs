@@ -94,6 +94,9 @@ pub struct Claimed {
     pub timeout_secs: i32,
     pub backoff: Backoff,
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Its concurrency key: a Retry-After from the remote side cools the
+    /// key down for every worker.
+    pub concurrency_key: Option<String>,
 }
 
 impl Claimed {
@@ -178,6 +181,8 @@ pub struct Selection {
     pub until: Option<chrono::DateTime<chrono::Utc>>,
     /// Only this tenant's jobs.
     pub tenant: Option<String>,
+    /// Only jobs with this concurrency key.
+    pub concurrency_key: Option<String>,
 }
 
 /// How many jobs a bulk action reads and writes at once.
@@ -335,6 +340,23 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> StoreResult<u64>;
 
+    /// Sets (`Some`) or removes (`None`) the limit on running jobs per key
+    /// for keys starting with `prefix`; answers whether one was there.
+    async fn set_concurrency_limit(
+        &self,
+        prefix: &str,
+        max_running: Option<i32>,
+    ) -> StoreResult<bool>;
+    /// Every limit, with the jobs of its keys running and held now.
+    async fn concurrency_limits(&self) -> StoreResult<Vec<LimitState>>;
+    /// Every job of `key` waits until `until` before it starts (a remote
+    /// side answered 429 or 503 with Retry-After); a later cool-down wins.
+    async fn cool_down(&self, key: &str, until: DateTime<Utc>) -> StoreResult<()>;
+    /// Lets go held jobs whose key has room (a limit raised or removed, a
+    /// cool-down over, a release that found a cancelled job): the safety
+    /// net under the release each ending job makes. Answers how many.
+    async fn release_held(&self) -> StoreResult<u64>;
+
     /// Creates a tenant's schedule or replaces the one of the same name
     /// (keeping its history and paused flag); answers whether it is new.
     async fn put_schedule(&self, s: &NewSchedule) -> StoreResult<bool>;
@@ -378,6 +400,18 @@ pub trait Store: Send + Sync + 'static {
             Decision::NotFound => DeadLetterOutcome::NotFound,
         })
     }
+}
+
+/// A concurrency limit as `GET /v1/concurrency-limits` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct LimitState {
+    pub prefix: String,
+    /// Per key: at most this many of a key's jobs run at once.
+    pub max_running: i32,
+    /// Jobs of keys with this prefix running now (all keys together).
+    pub running: i64,
+    /// Jobs of keys with this prefix waiting for room on their key.
+    pub held: i64,
 }
 
 /// How [`Store::fire_schedules`] is told to fire one schedule

@@ -11,6 +11,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
+use super::claim::release;
 use super::parse_status;
 use crate::model::job::{Backoff, Inserted, NewJob};
 use crate::model::lifecycle::{Enqueue, JobState, Transition};
@@ -59,6 +60,7 @@ pub(super) async fn insert_in(
         .iter()
         .map(|j| j.scheduled.as_ref().map(|(n, _)| n.as_str()))
         .collect();
+    let keys_c: Vec<Option<&str>> = jobs.iter().map(|j| j.concurrency_key.as_deref()).collect();
     let fire_times: Vec<Option<DateTime<Utc>>> = jobs
         .iter()
         .map(|j| j.scheduled.as_ref().map(|(_, at)| *at))
@@ -73,17 +75,17 @@ pub(super) async fn insert_in(
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int[], $5::int[],
                                  $6::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::uuid[],
                                  $11::jsonb[], $14::text[], $15::smallint[], $16::text[],
-                                 $17::timestamptz[])
+                                 $17::timestamptz[], $18::text[])
               AS t(id, kind, payload, max_attempts, timeout_secs, base_ms, max_ms, run_at, idem, parent_id,
-                   webhook, tenant, priority, schedule, scheduled_for)
+                   webhook, tenant, priority, schedule, scheduled_for, concurrency_key)
          ), ins AS (
             INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
                               backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
-                              webhook, tenant, priority, schedule, scheduled_for)
+                              webhook, tenant, priority, schedule, scheduled_for, concurrency_key)
             SELECT i.id, i.kind, i.payload, $12, i.max_attempts, i.max_attempts, i.base_ms, i.max_ms,
                    i.timeout_secs, i.run_at, i.run_at, i.idem, i.parent_id, i.webhook,
                    coalesce(p.tenant, i.tenant), coalesce(p.priority, i.priority), i.schedule,
-                   i.scheduled_for
+                   i.scheduled_for, i.concurrency_key
             FROM input i LEFT JOIN jobs p ON p.id = i.parent_id
             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING id, kind, status, attempt, next_run_at, parent_id, priority
@@ -113,6 +115,7 @@ pub(super) async fn insert_in(
     .bind(&priorities)
     .bind(&schedules)
     .bind(&fire_times)
+    .bind(&keys_c)
     .fetch_all(&mut *conn)
     .await?;
 
@@ -207,7 +210,7 @@ pub(super) async fn apply_in(
         .collect();
     let terminal: Vec<bool> = batch.iter().map(|t| t.to.is_terminal()).collect();
     let running: Vec<bool> = batch.iter().map(|t| t.to == JobStatus::Running).collect();
-    let applied: Vec<Uuid> = sqlx::query_scalar(
+    let applied: Vec<(Uuid, Option<String>)> = sqlx::query_as(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::int[],
                                  $6::timestamptz[], $7::bool[], $8::jsonb[], $9::jsonb[], $10::bool[],
@@ -228,7 +231,7 @@ pub(super) async fn apply_in(
             FROM input i
             WHERE j.id = i.id AND j.status = i.from_status AND j.attempt = i.attempt
             RETURNING j.id, j.kind, j.status, j.attempt, j.parent_id, j.priority, i.enqueue,
-                      i.enqueue_at, i.event
+                      i.enqueue_at, i.event, j.concurrency_key, i.from_status
          ), ob AS (
             INSERT INTO outbox (job_id, pool, available_at, priority)
             SELECT id, kind, coalesce(enqueue_at, now()), priority FROM upd WHERE enqueue
@@ -236,7 +239,8 @@ pub(super) async fn apply_in(
             INSERT INTO job_events (job_id, kind, type, status, attempt, parent_id)
             SELECT id, kind, event, status, attempt, parent_id FROM upd WHERE event IS NOT NULL
          )
-         SELECT id FROM upd",
+         SELECT id, CASE WHEN from_status = $15 AND status <> $15 THEN concurrency_key END
+         FROM upd",
     )
     .bind(&ids)
     .bind(&from)
@@ -252,8 +256,17 @@ pub(super) async fn apply_in(
     .bind(&events)
     .bind(&terminal)
     .bind(&running)
+    .bind(JobStatus::Running.as_str())
     .fetch_all(&mut *conn)
     .await?;
+    // A keyed job that stopped running makes room on its key: the most
+    // urgent job held there goes to the relay.
+    let mut freed: HashMap<String, i64> = HashMap::new();
+    for key in applied.iter().filter_map(|(_, k)| k.clone()) {
+        *freed.entry(key).or_default() += 1;
+    }
+    release(conn, &freed.into_iter().collect::<Vec<_>>()).await?;
+    let applied: Vec<Uuid> = applied.into_iter().map(|(id, _)| id).collect();
     // Children are submitted in the same transaction as their parent's
     // success, and only if that success was not fenced.
     let mut parents: HashSet<Uuid> = applied.iter().copied().collect();

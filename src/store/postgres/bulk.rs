@@ -27,6 +27,7 @@ impl PgStore {
                AND ($5::timestamptz IS NULL OR finished_at < $5)
                AND ($6::text IS NULL OR tenant = $6)
                AND ($7::uuid IS NULL OR id > $7)
+               AND ($9::text IS NULL OR concurrency_key = $9)
              ORDER BY id LIMIT $8",
         )
         .bind(&statuses)
@@ -37,6 +38,7 @@ impl PgStore {
         .bind(sel.tenant.as_deref())
         .bind(after)
         .bind(limit)
+        .bind(sel.concurrency_key.as_deref())
         .fetch_all(&self.pool)
         .await?)
     }

@@ -5,13 +5,74 @@
 
 use std::time::Duration;
 
-use sqlx::Row;
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::apply::backoff;
 use super::PgStore;
+use crate::model::concurrency::{self, Admission, KeyState};
 use crate::model::{EventType, JobStatus};
 use crate::store::{ms, sql_list, Claimed, Held, StoreResult};
+
+/// The claim itself: one attempt for each of `$1` that may start, with its
+/// `job.started` event. `extra` narrows it (the fast path leaves keyed
+/// jobs to [`PgStore::claim_keyed`]).
+fn claim_sql(extra: &str) -> String {
+    format!(
+        "WITH c AS (
+            UPDATE jobs SET status = $4, attempt = attempt + 1,
+              lease_until = now() + $3 * interval '1 millisecond', worker = $2,
+              started_at = now(), next_run_at = NULL, updated_at = now()
+            WHERE id = ANY($1) AND status IN {} {extra}
+              AND (next_run_at IS NULL OR next_run_at <= now()) AND NOT cancel_requested
+              AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
+            RETURNING id, kind, payload, status, attempt, attempt_limit, max_attempts, timeout_secs,
+                      backoff_base_ms, backoff_max_ms, created_at, parent_id, concurrency_key
+         ), ev AS (
+            INSERT INTO job_events (job_id, kind, type, status, attempt, parent_id)
+            SELECT id, kind, $5, status, attempt, parent_id FROM c
+         )
+         SELECT * FROM c",
+        sql_list(&JobStatus::CLAIMABLE)
+    )
+}
+
+async fn claim_in(
+    conn: &mut PgConnection,
+    sql: &str,
+    ids: &[Uuid],
+    worker: &str,
+    lease: Duration,
+) -> StoreResult<Vec<Claimed>> {
+    let rows = sqlx::query(sql)
+        .bind(ids)
+        .bind(worker)
+        .bind(ms(lease) as f64)
+        .bind(JobStatus::Running.as_str())
+        .bind(EventType::Started.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Claimed {
+                id: r.try_get("id")?,
+                kind: r.try_get("kind")?,
+                payload: r.try_get("payload")?,
+                attempt: r.try_get("attempt")?,
+                attempt_limit: r.try_get("attempt_limit")?,
+                max_attempts: r.try_get("max_attempts")?,
+                timeout_secs: r.try_get("timeout_secs")?,
+                backoff: backoff(r)?,
+                created_at: r.try_get("created_at")?,
+                concurrency_key: r.try_get("concurrency_key")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Into::into)
+}
 
 impl PgStore {
     pub(super) async fn claim_ids(
@@ -28,49 +89,66 @@ impl PgStore {
         // deadlocking each other.
         let mut ids = ids.to_vec();
         ids.sort_unstable();
-        let rows = sqlx::query(&format!(
-            "WITH c AS (
-                UPDATE jobs SET status = $4, attempt = attempt + 1,
-                  lease_until = now() + $3 * interval '1 millisecond', worker = $2,
-                  started_at = now(), next_run_at = NULL, updated_at = now()
-                WHERE id = ANY($1) AND status IN {}
-                  AND (next_run_at IS NULL OR next_run_at <= now()) AND NOT cancel_requested
-                  AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
-                RETURNING id, kind, payload, status, attempt, attempt_limit, max_attempts, timeout_secs,
-                          backoff_base_ms, backoff_max_ms, created_at, parent_id
-             ), ev AS (
-                INSERT INTO job_events (job_id, kind, type, status, attempt, parent_id)
-                SELECT id, kind, $5, status, attempt, parent_id FROM c
-             )
-             SELECT * FROM c",
+        let sql = claim_sql("AND concurrency_key IS NULL");
+        let mut claimed =
+            claim_in(&mut *self.pool.acquire().await?, &sql, &ids, worker, lease).await?;
+        if claimed.len() < ids.len() {
+            let rest: Vec<Uuid> = ids
+                .iter()
+                .filter(|id| !claimed.iter().any(|c| c.id == **id))
+                .copied()
+                .collect();
+            claimed.extend(self.claim_keyed(&rest, worker, lease).await?);
+            if claimed.len() < ids.len() {
+                self.park_paused(&ids).await?;
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Keyed jobs: under a lock per key (so claims on every worker count
+    /// the same running jobs), start what each key's limit has room for and
+    /// park the rest in the outbox, held on the key or delayed to the end
+    /// of its cool-down ([`concurrency::admit`] decides).
+    async fn claim_keyed(
+        &self,
+        ids: &[Uuid],
+        worker: &str,
+        lease: Duration,
+    ) -> StoreResult<Vec<Claimed>> {
+        let mut tx = self.pool.begin().await?;
+        let cands: Vec<(Uuid, String)> = sqlx::query_as(&format!(
+            "SELECT id, concurrency_key FROM jobs
+             WHERE id = ANY($1) AND concurrency_key IS NOT NULL AND status IN {}
+               AND (next_run_at IS NULL OR next_run_at <= now()) AND NOT cancel_requested
+               AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
+             ORDER BY priority DESC, id",
             sql_list(&JobStatus::CLAIMABLE)
         ))
-        .bind(&ids)
-        .bind(worker)
-        .bind(ms(lease) as f64)
-        .bind(JobStatus::Running.as_str())
-        .bind(EventType::Started.as_str())
-        .fetch_all(&self.pool)
+        .bind(ids)
+        .fetch_all(&mut *tx)
         .await?;
-        if rows.len() < ids.len() {
-            self.park_paused(&ids).await?;
+        if cands.is_empty() {
+            tx.commit().await?;
+            return Ok(vec![]);
         }
-        rows.iter()
-            .map(|r| {
-                Ok(Claimed {
-                    id: r.try_get("id")?,
-                    kind: r.try_get("kind")?,
-                    payload: r.try_get("payload")?,
-                    attempt: r.try_get("attempt")?,
-                    attempt_limit: r.try_get("attempt_limit")?,
-                    max_attempts: r.try_get("max_attempts")?,
-                    timeout_secs: r.try_get("timeout_secs")?,
-                    backoff: backoff(r)?,
-                    created_at: r.try_get("created_at")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        let mut keys: Vec<&str> = cands.iter().map(|(_, k)| k.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        // In key order, so two claims wanting the same keys cannot deadlock.
+        for key in &keys {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 1706))")
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let states = key_states(&mut tx, &keys).await?;
+        let now = chrono::Utc::now();
+        let decided = concurrency::admit(&cands, &states, now);
+        let claimed = claim_in(&mut tx, &claim_sql(""), &decided.start, worker, lease).await?;
+        park(&mut tx, &decided).await?;
+        tx.commit().await?;
+        Ok(claimed)
     }
 
     /// Jobs of a paused pool that a worker received before it knew of the
@@ -123,4 +201,102 @@ impl PgStore {
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
     }
+}
+
+/// Each key's limit, running jobs and cool-down, as a claim or a release
+/// decides from them.
+pub(super) async fn key_states(
+    conn: &mut PgConnection,
+    keys: &[&str],
+) -> StoreResult<HashMap<String, KeyState>> {
+    let limits: Vec<(String, i32)> =
+        sqlx::query_as("SELECT prefix, max_running FROM concurrency_limits")
+            .fetch_all(&mut *conn)
+            .await?;
+    let rows: Vec<(String, i64, Option<DateTime<Utc>>)> = sqlx::query_as(&format!(
+        "SELECT k, (SELECT count(*) FROM jobs j WHERE j.concurrency_key = k AND j.status = '{}'),
+                (SELECT until FROM concurrency_cooldowns c WHERE c.key = k)
+         FROM unnest($1::text[]) AS k",
+        JobStatus::Running.as_str()
+    ))
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(key, running, cool_until)| {
+            let limit = concurrency::limit_for(&key, &limits);
+            (
+                key,
+                KeyState {
+                    limit,
+                    running,
+                    cool_until,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Puts what [`concurrency::admit`] did not start back in the outbox: held
+/// on its key, or due when its key's cool-down ends. The worker then acks
+/// their messages.
+async fn park(conn: &mut PgConnection, a: &Admission) -> StoreResult<()> {
+    if a.hold.is_empty() && a.delay.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = a
+        .hold
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(a.delay.iter().map(|(id, _)| *id))
+        .collect();
+    let held: Vec<Option<&str>> = a
+        .hold
+        .iter()
+        .map(|(_, k)| Some(k.as_str()))
+        .chain(a.delay.iter().map(|_| None))
+        .collect();
+    let at: Vec<Option<DateTime<Utc>>> = a
+        .hold
+        .iter()
+        .map(|_| None)
+        .chain(a.delay.iter().map(|(_, u)| Some(*u)))
+        .collect();
+    sqlx::query(
+        "INSERT INTO outbox (job_id, pool, priority, available_at, held_key)
+         SELECT j.id, j.kind, j.priority, coalesce(p.at, now()), p.held
+         FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS p(id, held, at)
+         JOIN jobs j ON j.id = p.id
+         WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)",
+    )
+    .bind(&ids)
+    .bind(&held)
+    .bind(&at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Lets go up to `n` of the most urgent jobs held on each key: they go to
+/// the relay now. Answers how many went.
+pub(super) async fn release(conn: &mut PgConnection, keys: &[(String, i64)]) -> StoreResult<u64> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+    let counts: Vec<i64> = keys.iter().map(|(_, n)| *n).collect();
+    let n = sqlx::query(
+        "UPDATE outbox o SET held_key = NULL, available_at = now()
+         FROM (SELECT x.id FROM unnest($1::text[], $2::bigint[]) AS r(key, n),
+               LATERAL (SELECT id FROM outbox WHERE held_key = r.key
+                        ORDER BY priority DESC, id LIMIT r.n FOR UPDATE SKIP LOCKED) x) s
+         WHERE o.id = s.id",
+    )
+    .bind(&names)
+    .bind(&counts)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(n)
 }

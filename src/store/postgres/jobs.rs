@@ -30,6 +30,7 @@ fn row_to_job(r: &PgRow) -> anyhow::Result<Job> {
         run_at: r.try_get("run_at")?,
         idempotency_key: r.try_get("idempotency_key")?,
         priority: r.try_get("priority")?,
+        concurrency_key: r.try_get("concurrency_key")?,
         tenant: r.try_get("tenant")?,
         result: r.try_get("result")?,
         errors: serde_json::from_value(errors).context("errors column")?,

@@ -19,11 +19,12 @@ impl PgStore {
         // with slow fsync. SKIP LOCKED lets other relays go on meanwhile,
         // and PUBLISH_TIMEOUT bounds how long a stalled broker holds them.
         let mut tx = self.pool.begin().await?;
-        // Rows of a paused pool stay here until it resumes; the most urgent
-        // go first, and within a priority the oldest.
+        // Rows of a paused pool stay here until it resumes, and rows held
+        // for a full concurrency key until a job of the key ends; the most
+        // urgent go first, and within a priority the oldest.
         let rows: Vec<(i64, i64, Uuid, String, i16)> = sqlx::query_as(
             "DELETE FROM outbox WHERE id IN (
-                SELECT id FROM outbox WHERE available_at <= now()
+                SELECT id FROM outbox WHERE available_at <= now() AND held_key IS NULL
                   AND pool NOT IN (SELECT name FROM pools WHERE paused)
                 ORDER BY priority DESC, available_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)
              RETURNING id, (extract(epoch FROM available_at) * 1000)::bigint, job_id, pool, priority",

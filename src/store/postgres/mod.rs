@@ -6,6 +6,7 @@
 mod apply;
 mod bulk;
 mod claim;
+mod concurrency;
 pub mod events;
 mod jobs;
 mod keys;
@@ -264,6 +265,26 @@ impl Store for PgStore {
         limit: i64,
     ) -> StoreResult<u64> {
         self.prune_jobs(statuses, older_than, limit).await
+    }
+
+    async fn set_concurrency_limit(
+        &self,
+        prefix: &str,
+        max_running: Option<i32>,
+    ) -> StoreResult<bool> {
+        self.set_limit(prefix, max_running).await
+    }
+
+    async fn concurrency_limits(&self) -> StoreResult<Vec<super::LimitState>> {
+        self.limit_states().await
+    }
+
+    async fn cool_down(&self, key: &str, until: DateTime<Utc>) -> StoreResult<()> {
+        self.cool(key, until).await
+    }
+
+    async fn release_held(&self) -> StoreResult<u64> {
+        self.release_all_held().await
     }
 
     async fn put_schedule(&self, s: &crate::model::schedule::NewSchedule) -> StoreResult<bool> {

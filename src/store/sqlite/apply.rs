@@ -10,6 +10,7 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use super::claim::release;
 use super::{now_ms, parse_id, parse_status, to_ms};
 use crate::model::job::{AttemptError, Backoff, Inserted, NewJob};
 use crate::model::lifecycle::{Enqueue, JobState, Transition};
@@ -112,10 +113,11 @@ pub(super) async fn insert_in(
         sqlx::query(
             "INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
                backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
-               created_at, updated_at, webhook, tenant, priority, schedule, scheduled_for)
+               created_at, updated_at, webhook, tenant, priority, schedule, scheduled_for,
+               concurrency_key)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
                      coalesce((SELECT tenant FROM jobs WHERE id = ?17), ?18),
-                     coalesce((SELECT priority FROM jobs WHERE id = ?17), ?19), ?20, ?21)",
+                     coalesce((SELECT priority FROM jobs WHERE id = ?17), ?19), ?20, ?21, ?22)",
         )
         .bind(&id)
         .bind(&j.kind)
@@ -144,6 +146,7 @@ pub(super) async fn insert_in(
         .bind(j.priority)
         .bind(j.scheduled.as_ref().map(|(n, _)| n.as_str()))
         .bind(j.scheduled.as_ref().map(|(_, at)| to_ms(*at)))
+        .bind(j.concurrency_key.as_deref())
         .execute(&mut *conn)
         .await?;
         outbox(conn, &id, &j.kind, run_at.unwrap_or(now)).await?;
@@ -185,7 +188,7 @@ pub(super) async fn apply_in(
             continue;
         }
         let sid = t.id.to_string();
-        let kind: Option<String> = sqlx::query_scalar(
+        let kind: Option<(String, Option<String>)> = sqlx::query_as(
             "UPDATE jobs SET status = ?4,
                attempt_limit = coalesce(?5, attempt_limit),
                next_run_at = ?6,
@@ -194,7 +197,7 @@ pub(super) async fn apply_in(
                finished_at = CASE WHEN ?9 THEN ?11 END,
                lease_until = CASE WHEN ?10 THEN lease_until END,
                updated_at = ?11
-             WHERE id = ?1 AND status = ?2 AND attempt = ?3 RETURNING kind",
+             WHERE id = ?1 AND status = ?2 AND attempt = ?3 RETURNING kind, concurrency_key",
         )
         .bind(&sid)
         .bind(t.from.as_str())
@@ -209,7 +212,13 @@ pub(super) async fn apply_in(
         .bind(now)
         .fetch_optional(&mut *conn)
         .await?;
-        let Some(kind) = kind else { continue };
+        let Some((kind, key)) = kind else { continue };
+        if let Some(key) =
+            key.filter(|_| t.from == JobStatus::Running && t.to != JobStatus::Running)
+        {
+            // Room on its key: the most urgent job held there goes on.
+            release(conn, &[(key, 1)]).await?;
+        }
         if let Some(e) = &t.error {
             push_error(conn, &sid, e).await?;
         }

@@ -31,6 +31,7 @@ impl SqliteStore {
                AND (?5 IS NULL OR finished_at < ?5)
                AND (?6 IS NULL OR tenant = ?6)
                AND (?7 IS NULL OR id > ?7)
+               AND (?9 IS NULL OR concurrency_key = ?9)
              ORDER BY id LIMIT ?8",
         )
         .bind(serde_json::Value::from(statuses).to_string())
@@ -41,6 +42,7 @@ impl SqliteStore {
         .bind(sel.tenant.as_deref())
         .bind(after.map(|a| a.to_string()))
         .bind(limit)
+        .bind(sel.concurrency_key.as_deref())
         .fetch_all(&self.pool)
         .await?;
         Ok(ids

@@ -2,6 +2,7 @@
 //! extending the leases of running ones (see `postgres/claim.rs` for why
 //! these are not model transitions).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -10,6 +11,7 @@ use uuid::Uuid;
 
 use super::apply::{backoff, event};
 use super::{from_ms, now_ms, SqliteStore};
+use crate::model::concurrency::{self, KeyState};
 use crate::model::{EventType, JobStatus};
 use crate::store::{ms, sql_list, Claimed, Held, StoreResult};
 
@@ -23,28 +25,42 @@ impl SqliteStore {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::new();
         let now = now_ms();
-        let sql = format!(
-            "UPDATE jobs SET status = ?5, attempt = attempt + 1, lease_until = ?2,
-               worker = ?3, started_at = ?4, next_run_at = NULL, updated_at = ?4
-             WHERE id = ?1 AND status IN {}
-               AND (next_run_at IS NULL OR next_run_at <= ?4) AND cancel_requested = 0
-               AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
-             RETURNING kind, payload, attempt, attempt_limit, max_attempts, timeout_secs,
-                       backoff_base_ms, backoff_max_ms, created_at",
-            sql_list(&JobStatus::CLAIMABLE)
-        );
+        let sql = |extra: &str| {
+            format!(
+                "UPDATE jobs SET status = ?5, attempt = attempt + 1, lease_until = ?2,
+                   worker = ?3, started_at = ?4, next_run_at = NULL, updated_at = ?4
+                 WHERE id = ?1 AND status IN {} {extra}
+                   AND (next_run_at IS NULL OR next_run_at <= ?4) AND cancel_requested = 0
+                   AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
+                 RETURNING kind, payload, attempt, attempt_limit, max_attempts, timeout_secs,
+                           backoff_base_ms, backoff_max_ms, created_at, concurrency_key",
+                sql_list(&JobStatus::CLAIMABLE)
+            )
+        };
+        // Built once per process: the statements are the same every call.
+        static SQL: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+        let (unkeyed, any) = SQL.get_or_init(|| (sql("AND concurrency_key IS NULL"), sql("")));
+        let (unkeyed, any) = (unkeyed.as_str(), any.as_str());
         for id in ids {
             let sid = id.to_string();
-            let row = sqlx::query(&sql)
-                .bind(&sid)
-                .bind(now + ms(lease))
-                .bind(worker)
-                .bind(now)
-                .bind(JobStatus::Running.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
+            let claim = |sql: &'static str| {
+                sqlx::query(sql)
+                    .bind(sid.clone())
+                    .bind(now + ms(lease))
+                    .bind(worker.to_owned())
+                    .bind(now)
+                    .bind(JobStatus::Running.as_str())
+            };
+            let mut row = claim(unkeyed).fetch_optional(&mut *tx).await?;
+            if row.is_none() {
+                // The one writer makes the count the next claim sees exact.
+                match admit_keyed(&mut tx, *id, now).await? {
+                    Some(true) => row = claim(any).fetch_optional(&mut *tx).await?,
+                    Some(false) => {}
+                    None => park_paused(&mut tx, &sid, now).await?,
+                }
+            }
             let Some(r) = row else {
-                park_paused(&mut tx, &sid, now).await?;
                 continue;
             };
             event(&mut tx, &sid, EventType::Started, &self.bell).await?;
@@ -59,6 +75,7 @@ impl SqliteStore {
                 timeout_secs: r.try_get("timeout_secs")?,
                 backoff: backoff(&r)?,
                 created_at: from_ms(r.try_get("created_at")?).unwrap_or_default(),
+                concurrency_key: r.try_get("concurrency_key")?,
             });
         }
         tx.commit().await?;
@@ -112,4 +129,102 @@ async fn park_paused(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Sto
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// A keyed job that may start now: `Some(true)` when its key has room,
+/// `Some(false)` when it went back to the outbox (held on its key, or
+/// delayed by a cool-down), `None` when it is not a keyed job that could
+/// start at all.
+async fn admit_keyed(
+    tx: &mut sqlx::SqliteConnection,
+    id: Uuid,
+    now: i64,
+) -> StoreResult<Option<bool>> {
+    let key: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT concurrency_key FROM jobs
+         WHERE id = ?1 AND concurrency_key IS NOT NULL AND status IN {}
+           AND (next_run_at IS NULL OR next_run_at <= ?2) AND cancel_requested = 0
+           AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)",
+        sql_list(&JobStatus::CLAIMABLE)
+    ))
+    .bind(id.to_string())
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    let states = key_states(tx, &[key.as_str()]).await?;
+    let decided = concurrency::admit(&[(id, key)], &states, chrono::Utc::now());
+    if !decided.start.is_empty() {
+        return Ok(Some(true));
+    }
+    let (held, at) = match (decided.hold.first(), decided.delay.first()) {
+        (Some((_, k)), _) => (Some(k.clone()), now),
+        (None, Some((_, until))) => (None, until.timestamp_millis()),
+        (None, None) => return Ok(Some(false)),
+    };
+    sqlx::query(
+        "INSERT INTO outbox (job_id, pool, available_at, priority, held_key)
+         SELECT j.id, j.kind, ?2, j.priority, ?3 FROM jobs j
+         WHERE j.id = ?1 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)",
+    )
+    .bind(id.to_string())
+    .bind(at)
+    .bind(held)
+    .execute(&mut *tx)
+    .await?;
+    Ok(Some(false))
+}
+
+/// Each key's limit, running jobs and cool-down (see the Postgres store).
+pub(super) async fn key_states(
+    tx: &mut sqlx::SqliteConnection,
+    keys: &[&str],
+) -> StoreResult<HashMap<String, KeyState>> {
+    let limits: Vec<(String, i32)> =
+        sqlx::query_as("SELECT prefix, max_running FROM concurrency_limits")
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut out = HashMap::new();
+    for key in keys {
+        let (running, until): (i64, Option<i64>) = sqlx::query_as(&format!(
+            "SELECT (SELECT count(*) FROM jobs WHERE concurrency_key = ?1 AND status = '{}'),
+                    (SELECT until FROM concurrency_cooldowns WHERE key = ?1)",
+            JobStatus::Running.as_str()
+        ))
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+        out.insert(
+            (*key).to_owned(),
+            KeyState {
+                limit: concurrency::limit_for(key, &limits),
+                running,
+                cool_until: from_ms(until),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Lets go up to `n` of the most urgent jobs held on each key.
+pub(super) async fn release(
+    tx: &mut sqlx::SqliteConnection,
+    keys: &[(String, i64)],
+) -> StoreResult<u64> {
+    let mut total = 0;
+    for (key, n) in keys {
+        total += sqlx::query(
+            "UPDATE outbox SET held_key = NULL, available_at = ?3 WHERE id IN (
+                SELECT id FROM outbox WHERE held_key = ?1 ORDER BY priority DESC, id LIMIT ?2)",
+        )
+        .bind(key)
+        .bind(n)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    }
+    Ok(total)
 }

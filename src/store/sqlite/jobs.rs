@@ -31,6 +31,7 @@ fn row_to_job(r: &SqliteRow) -> anyhow::Result<Job> {
         run_at: from_ms(r.try_get("run_at")?),
         idempotency_key: r.try_get("idempotency_key")?,
         priority: r.try_get("priority")?,
+        concurrency_key: r.try_get("concurrency_key")?,
         tenant: r.try_get("tenant")?,
         result: result.as_deref().map(serde_json::from_str).transpose()?,
         errors: serde_json::from_str(&errors)?,

@@ -14,10 +14,12 @@ use crate::store::{ms, publish_all, sql_list, Outgoing, Publisher, StoreResult, 
 
 impl SqliteStore {
     pub(super) async fn relay(&self, limit: i64, publisher: &dyn Publisher) -> StoreResult<usize> {
-        // Rows of a paused pool stay until it resumes; the most urgent go
+        // Rows of a paused pool stay until it resumes, rows held for a full
+        // concurrency key until a job of the key ends; the most urgent go
         // first, and within a priority the oldest.
         let rows: Vec<(i64, i64, String, String, i16)> = sqlx::query_as(
-            "SELECT id, available_at, job_id, pool, priority FROM outbox WHERE available_at <= ?
+            "SELECT id, available_at, job_id, pool, priority FROM outbox
+             WHERE available_at <= ? AND held_key IS NULL
                AND pool NOT IN (SELECT name FROM pools WHERE paused)
              ORDER BY priority DESC, available_at, id LIMIT ?",
         )

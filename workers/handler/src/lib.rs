@@ -171,6 +171,13 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The concurrency key a job of this kind gets when its submit names
+    /// none (scrape: the site's registrable domain, so the fleet's limit
+    /// on one site holds without every client saying so).
+    fn concurrency_key(&self, _payload: &Self::Payload) -> Option<String> {
+        None
+    }
+
     fn run(
         &self,
         ctx: &JobContext,

@@ -1,14 +1,12 @@
 //! The `scrape` Handler: load (HTTP, browser, or HTTP then browser for
 //! `auto`), extract, classify errors, chain a child job.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use stevedore_handler::{Handler, JobContext, JobError};
 use stevedore_netguard::{NetGuard, OwnListeners, UrlGuard};
-use tokio::sync::Semaphore;
 
 use crate::browser::{BrowserConfig, BrowserError, BrowserPool, Hooks, Wait};
 use crate::extract::{extract, Extracted};
@@ -26,8 +24,6 @@ pub struct ScrapeConfig {
     pub own_listeners: OwnListeners,
     pub timeout: Duration,
     pub max_bytes: usize,
-    /// Pages of one host loaded at once by this process.
-    pub per_host: usize,
     pub browser: BrowserConfig,
 }
 
@@ -38,7 +34,6 @@ impl Default for ScrapeConfig {
             own_listeners: OwnListeners::default(),
             timeout: Duration::from_secs(20),
             max_bytes: 5 * 1024 * 1024,
-            per_host: 2,
             browser: BrowserConfig::default(),
         }
     }
@@ -54,7 +49,6 @@ struct Metrics {
 pub struct ScrapeHandler {
     guard: Arc<dyn UrlGuard>,
     cfg: ScrapeConfig,
-    hosts: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
     metrics: Arc<Metrics>,
     browser: Arc<BrowserPool>,
 }
@@ -122,7 +116,6 @@ impl ScrapeHandler {
             guard,
             browser: Arc::new(browser),
             cfg,
-            hosts: Arc::default(),
             metrics: Arc::new(Metrics {
                 pages,
                 load_seconds,
@@ -199,19 +192,6 @@ impl ScrapeHandler {
             .observe(t.elapsed().as_secs_f64());
         Ok((page.final_url, found))
     }
-
-    /// The per-host cap: one site is not hammered by a busy pool.
-    fn host_slot(&self, url: &str) -> Arc<Semaphore> {
-        let host = stevedore_netguard::Url::parse(url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_default();
-        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        hosts
-            .entry(host)
-            .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.per_host.max(1))))
-            .clone()
-    }
 }
 
 /// Which HTML an extraction was made from.
@@ -245,8 +225,10 @@ async fn extract_off_runtime(
 fn classify(e: LoadError) -> JobError {
     let msg = e.to_string();
     match e {
+        // The site said how long to wait; the core also holds every job of
+        // the site (its concurrency key) that long.
         LoadError::Status {
-            status: 429,
+            status: 429 | 503,
             retry_after: Some(d),
             ..
         } => JobError::retry_after(msg, d),
@@ -292,12 +274,14 @@ impl Handler for ScrapeHandler {
     type Payload = ScrapePayload;
     type Output = ScrapeOutput;
 
+    /// `host:<registrable domain>`: the fleet's limit on pages of one site
+    /// loading at once (`PUT /v1/concurrency-limits/host:`) and a site's
+    /// Retry-After hold for every worker.
+    fn concurrency_key(&self, p: &ScrapePayload) -> Option<String> {
+        crate::payload::site_key(&p.url)
+    }
+
     async fn run(&self, ctx: &JobContext, p: ScrapePayload) -> Result<ScrapeOutput, JobError> {
-        let slot = self.host_slot(&p.url);
-        let _permit = slot
-            .acquire()
-            .await
-            .map_err(|_| JobError::retryable("host limiter closed"))?;
         let (rendered_with, (final_url, found)) = match p.render {
             Render::Browser => ("browser", self.in_browser(&p).await?),
             Render::Http => ("http", self.over_http(&p).await?),

@@ -117,3 +117,36 @@ pub struct ScrapeOutput {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
+
+/// `host:` and the URL's registrable domain (`www.bbc.co.uk` →
+/// `host:bbc.co.uk`), or its host itself when it has none (an IP address,
+/// `localhost`): the concurrency key of a scrape job.
+pub fn site_key(url: &str) -> Option<String> {
+    let url = stevedore_netguard::Url::parse(url).ok()?;
+    let host = url.host_str()?.trim_end_matches('.').to_ascii_lowercase();
+    let site = match url.domain() {
+        Some(_) => psl::domain_str(&host).map_or(host.clone(), str::to_owned),
+        None => host,
+    };
+    Some(format!("host:{site}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::site_key;
+
+    #[test]
+    fn a_site_is_its_registrable_domain() {
+        for (url, key) in [
+            ("https://www.bbc.co.uk/quiz", "host:bbc.co.uk"),
+            ("https://quiz.Example.COM./a", "host:example.com"),
+            ("https://example.com:8443/", "host:example.com"),
+            ("http://127.0.0.1:8080/q", "host:127.0.0.1"),
+            ("http://[::1]:8080/q", "host:[::1]"),
+            ("http://localhost/q", "host:localhost"),
+        ] {
+            assert_eq!(site_key(url).as_deref(), Some(key), "{url}");
+        }
+        assert_eq!(site_key("not a url"), None);
+    }
+}

@@ -61,8 +61,9 @@ pub struct SubmitRequest {
     pub idempotency_key: Option<String>,
     /// -100..=100, default 0: higher runs first; FIFO within one priority.
     pub priority: Option<i32>,
-    /// Where to POST this job's terminal event (signed with `secret`, or the
-    /// deployment's `STEVEDORE_WEBHOOK_SECRET` when it brings none).
+    /// Where to POST this job's terminal event (signed with `secret`, or
+    /// with the tenant's signing secret, `GET /v1/webhook-signing-secret`,
+    /// when it brings none).
     pub webhook: Option<JobWebhook>,
 }
 

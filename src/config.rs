@@ -28,10 +28,16 @@
 //! - `STEVEDORE_URL` (default `http://127.0.0.1:8080`): the API the CLI talks to.
 //! - `STEVEDORE_LOG` (default `info`): tracing filter; `--log-format json` for JSON logs.
 //! - Notifier, stream and webhooks ([`NotifyArgs`]): `STEVEDORE_WEBHOOK_SECRET`
-//!   (`whsec_...`, signs job webhooks that bring no secret),
+//!   (`whsec_...`, the root each tenant's signing secret is derived from,
+//!   for job webhooks that bring no secret),
+//!   `STEVEDORE_WEBHOOK_KEY` / `STEVEDORE_WEBHOOK_KEY_FILE` (base64 of 32
+//!   bytes: seals webhook secrets at rest; `stevedore dev` makes
+//!   `<data dir>/webhook.key` when unset), `STEVEDORE_WEBHOOK_KEY_PREVIOUS` /
+//!   `STEVEDORE_WEBHOOK_KEY_PREVIOUS_FILE` (still opens secrets during a
+//!   rotation), `STEVEDORE_WEBHOOK_MAX_PER_TENANT` (100 endpoints),
 //!   `STEVEDORE_WEBHOOK_SCHEDULE` (default `5s,5m,30m,2h,5h,10h,10h`),
 //!   `STEVEDORE_WEBHOOK_TIMEOUT_SECS` (10), `STEVEDORE_WEBHOOK_CONCURRENCY`
-//!   (8 per endpoint), `STEVEDORE_WEBHOOK_MAX_INFLIGHT` (256),
+//!   (8 per receiving host), `STEVEDORE_WEBHOOK_MAX_INFLIGHT` (256),
 //!   `STEVEDORE_WEBHOOK_ALLOW_HOSTS` (`host:port,...` webhook receivers let
 //!   through the SSRF guard although internal),
 //!   `STEVEDORE_EVENT_RETENTION_HOURS` (168), `STEVEDORE_NOTIFIER_POLL_MS`
@@ -51,6 +57,7 @@ use clap::{Args, Command, ValueEnum};
 use crate::broker::amqp::AmqpConfig;
 use crate::model::secret::Secret;
 use crate::notifier::guard::NetGuard;
+use crate::notifier::keyring::Keyring;
 use crate::notifier::{NotifierConfig, WebhookConfig};
 
 /// Clap takes an empty variable as a value: an empty API key that switches
@@ -341,11 +348,66 @@ pub struct ClientArgs {
     pub json: bool,
 }
 
+/// The key webhook secrets are sealed under at rest (see
+/// [`crate::notifier::keyring`]).
+#[derive(Debug, Clone, Default, Args)]
+pub struct WebhookKeyArgs {
+    /// Base64 of 32 random bytes (`openssl rand -base64 32`). Unset: secrets
+    /// are stored in plain text (a warning says so at start).
+    #[arg(long, env = "STEVEDORE_WEBHOOK_KEY", hide_env_values = true)]
+    pub webhook_key: Option<String>,
+    /// A file holding the webhook key.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_KEY_FILE", value_parser = path_or_empty)]
+    pub webhook_key_file: Option<PathBuf>,
+    /// The key before the current one: still opens secrets until
+    /// `stevedore webhooks rotate-key` has re-encrypted them.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_KEY_PREVIOUS", hide_env_values = true)]
+    pub webhook_key_previous: Option<String>,
+    #[arg(long, env = "STEVEDORE_WEBHOOK_KEY_PREVIOUS_FILE", value_parser = path_or_empty)]
+    pub webhook_key_previous_file: Option<PathBuf>,
+}
+
+impl WebhookKeyArgs {
+    pub fn keyring(&self) -> anyhow::Result<Keyring> {
+        Keyring::from_settings(
+            self.webhook_key.as_deref(),
+            self.webhook_key_file.as_deref(),
+            self.webhook_key_previous.as_deref(),
+            self.webhook_key_previous_file.as_deref(),
+        )
+    }
+
+    /// Whether a current key is set (as a value or a file).
+    pub fn is_set(&self) -> bool {
+        self.webhook_key.as_deref().is_some_and(|k| !k.is_empty())
+            || self
+                .webhook_key_file
+                .as_deref()
+                .is_some_and(|p| !p.as_os_str().is_empty())
+    }
+
+    /// `stevedore dev` with no key set: the generated key file in the data
+    /// directory, so dev mode seals secrets without any setting.
+    pub fn or_dev_file(&mut self, data_dir: &std::path::Path) -> anyhow::Result<()> {
+        if !self.is_set() {
+            self.webhook_key_file = Some(crate::notifier::keyring::dev_key_file(data_dir)?);
+        }
+        Ok(())
+    }
+}
+
 /// The notifier, the event stream and webhook delivery.
 #[derive(Debug, Clone, Args)]
 pub struct NotifyArgs {
+    /// Tenants' signing secrets for job webhooks without a secret of their
+    /// own are derived from it; it signs nothing itself.
     #[arg(long, env = "STEVEDORE_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    #[command(flatten)]
+    pub keys: WebhookKeyArgs,
+    /// Registered webhook endpoints per tenant.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_MAX_PER_TENANT", default_value_t = 100)]
+    pub webhook_max_per_tenant: usize,
     #[arg(
         long,
         env = "STEVEDORE_WEBHOOK_SCHEDULE",
@@ -354,6 +416,7 @@ pub struct NotifyArgs {
     pub webhook_schedule: String,
     #[arg(long, env = "STEVEDORE_WEBHOOK_TIMEOUT_SECS", default_value_t = 10.0)]
     pub webhook_timeout_secs: f64,
+    /// Deliveries in flight per receiving host (all its URLs together).
     #[arg(long, env = "STEVEDORE_WEBHOOK_CONCURRENCY", default_value_t = 8)]
     pub webhook_concurrency: usize,
     #[arg(long, env = "STEVEDORE_WEBHOOK_MAX_INFLIGHT", default_value_t = 256)]
@@ -374,6 +437,8 @@ impl Default for NotifyArgs {
     fn default() -> Self {
         Self {
             webhook_secret: None,
+            keys: WebhookKeyArgs::default(),
+            webhook_max_per_tenant: 100,
             webhook_schedule: "5s,5m,30m,2h,5h,10h,10h".into(),
             webhook_timeout_secs: 10.0,
             webhook_concurrency: 8,
@@ -455,19 +520,31 @@ pub fn parse_duration(p: &str) -> Result<Duration, String> {
 
 impl NotifyArgs {
     pub fn webhook_config(&self) -> anyhow::Result<WebhookConfig> {
-        let default_secret = self
+        let tenant_root = self
             .webhook_secret
             .as_deref()
             .filter(|s| !s.is_empty())
             .map(Secret::parse)
             .transpose()
             .map_err(|e| anyhow::anyhow!("STEVEDORE_WEBHOOK_SECRET: {e}"))?;
+        let keys = self.keys.keyring()?;
+        if !keys.seals() {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "STEVEDORE_WEBHOOK_KEY is not set: webhook secrets are stored in plain text; \
+                     set it (base64 of 32 random bytes) and run `stevedore webhooks rotate-key`."
+                )
+            });
+        }
         Ok(WebhookConfig {
             schedule: parse_schedule(&self.webhook_schedule)?,
             timeout: secs(self.webhook_timeout_secs),
-            per_endpoint: self.webhook_concurrency.max(1),
+            per_host: self.webhook_concurrency.max(1),
             max_inflight: self.webhook_max_inflight.max(1),
-            default_secret,
+            tenant_root,
+            keys: Arc::new(keys),
+            max_per_tenant: self.webhook_max_per_tenant,
             guard: Arc::new(NetGuard::new(&self.webhook_allow_hosts)),
         })
     }

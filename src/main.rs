@@ -332,6 +332,9 @@ async fn main() -> anyhow::Result<()> {
                 &mut kinds.scrape_allow_hosts,
                 &mut notify.webhook_allow_hosts,
             ]);
+            // No key set: one generated beside the SQLite file, so dev mode
+            // seals webhook secrets with no setting at all.
+            notify.keys.or_dev_file(&data_dir)?;
             let backend = Backend::embedded(&data_dir, &timing).await?;
             if demo {
                 // The quiz pages get a loopback listener of their own and

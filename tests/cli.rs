@@ -521,7 +521,9 @@ async fn webhooks_add_list_deliveries_and_retry() {
         },
     )
     .await;
-    let target = format!("http://{addr}/hook");
+    // User-info is sent to the receiver but never listed.
+    let target = format!("http://ops:hunter2@{addr}/hook");
+    let shown = format!("http://***@{addr}/hook");
     let add = cli(
         &f,
         &[
@@ -547,7 +549,8 @@ async fn webhooks_add_list_deliveries_and_retry() {
         .lines()
         .find(|l| l.starts_with(&hook_id))
         .unwrap_or_else(|| panic!("{hook_id} listed: {}", list.stdout));
-    assert!(row.contains(&target) && row.contains("active"), "{row}");
+    assert!(row.contains(&shown) && row.contains("active"), "{row}");
+    assert!(!list.stdout.contains("hunter2"), "{}", list.stdout);
     assert!(
         row.contains("job.dead") && !row.contains("job.cancelled"),
         "{row}"

@@ -1,7 +1,8 @@
-//! The notifier on both stores: a job's own webhook is delivered once,
-//! signed with the deployment's default secret (verified with the
-//! independent `standardwebhooks` crate), and events the notifier has
-//! handled are pruned by the retention setting.
+//! The notifier on both stores: a job's own webhook without a secret is
+//! delivered once, signed with its tenant's secret and not with the
+//! deployment's `STEVEDORE_WEBHOOK_SECRET` (verified with the independent
+//! `standardwebhooks` crate), and events the notifier has handled are
+//! pruned by the retention setting.
 
 mod support;
 
@@ -17,23 +18,37 @@ use support::{eventually, fast_notify, Flavor, Opts, TestFleet};
 /// 24 random-looking bytes, base64: a valid Standard Webhooks secret.
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-type Seen = Arc<Mutex<Vec<serde_json::Value>>>;
+#[derive(Default)]
+struct Receiver {
+    /// The tenant's signing secret, from the API.
+    secret: Mutex<String>,
+    seen: Mutex<Vec<serde_json::Value>>,
+    /// Requests that verified under the deployment secret itself.
+    root_signed: Mutex<usize>,
+}
 
-async fn receive(State(seen): State<Seen>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let verifier = standardwebhooks::Webhook::new(SECRET).expect("secret");
+type Seen = Arc<Receiver>;
+
+async fn receive(State(r): State<Seen>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let root = standardwebhooks::Webhook::new(SECRET).expect("secret");
+    if root.verify(&body, &headers).is_ok() {
+        *r.root_signed.lock().expect("lock") += 1;
+    }
+    let secret = r.secret.lock().expect("lock").clone();
+    let verifier = standardwebhooks::Webhook::new(&secret).expect("secret");
     if verifier.verify(&body, &headers).is_err() {
         return StatusCode::UNAUTHORIZED;
     }
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    seen.lock().expect("lock").push(v);
+    r.seen.lock().expect("lock").push(v);
     StatusCode::OK
 }
 
 async fn a_jobs_own_webhook_is_delivered_and_old_events_are_pruned(flavor: Flavor) {
-    let seen: Seen = Arc::default();
+    let receiver: Seen = Arc::default();
     let app = axum::Router::new()
         .route("/hook", axum::routing::post(receive))
-        .with_state(seen.clone());
+        .with_state(receiver.clone());
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -50,17 +65,27 @@ async fn a_jobs_own_webhook_is_delivered_and_old_events_are_pruned(flavor: Flavo
         },
     )
     .await;
+    let (s, v) = f.get("/v1/webhook-signing-secret").await;
+    assert_eq!(s, reqwest::StatusCode::OK, "{v}");
+    let tenant_secret = v["secret"].as_str().expect("secret").to_owned();
+    assert!(tenant_secret.starts_with("whsec_") && tenant_secret != SECRET);
+    *receiver.secret.lock().expect("lock") = tenant_secret;
     let hook = json!({"webhook": {"url": format!("http://127.0.0.1:{port}/hook")}});
     let id = f.probe(json!({}), hook).await;
     f.wait_status(id, "succeeded", 30).await;
     eventually(
         30,
         "the job's webhook arrived, correctly signed",
-        || async { !seen.lock().expect("lock").is_empty() },
+        || async { !receiver.seen.lock().expect("lock").is_empty() },
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let got = seen.lock().expect("lock").clone();
+    let got = receiver.seen.lock().expect("lock").clone();
+    assert_eq!(
+        *receiver.root_signed.lock().expect("lock"),
+        0,
+        "never signed with the deployment secret"
+    );
     assert_eq!(got.len(), 1, "delivered once: {got:?}");
     assert_eq!(got[0]["type"], "job.succeeded");
     assert_eq!(got[0]["data"]["job_id"], id.to_string());

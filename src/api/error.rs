@@ -32,6 +32,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error("the tenant has {waiting} jobs waiting; this key may add jobs only while fewer than {cap} wait")]
     QueueFull { waiting: i64, cap: i64 },
+    #[error("the tenant has as many webhooks as STEVEDORE_WEBHOOK_MAX_PER_TENANT allows ({cap}); remove one first")]
+    WebhookLimit { cap: usize },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -85,6 +87,7 @@ impl IntoResponse for ApiError {
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
             Self::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full", None),
+            Self::WebhookLimit { .. } => (StatusCode::CONFLICT, "webhook_limit", None),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
         };
         let message = match &self {

@@ -104,7 +104,7 @@ pub async fn submit(
     let mut job = NewJob::parse(req, &s.kinds).map_err(ApiError::Invalid)?;
     check_cap(&s, &who, 1).await?;
     job.tenant = who.tenant;
-    super::webhooks::check_job_webhook(&s, &job)
+    super::webhooks::check_job_webhook(&s, &mut job)
         .await
         .map_err(ApiError::Invalid)?;
     let ins = insert(&s, vec![job])
@@ -135,7 +135,7 @@ pub async fn submit_batch(
             "must hold 1 to 1000 jobs",
         )));
     }
-    let jobs = req
+    let mut jobs = req
         .jobs
         .into_iter()
         .enumerate()
@@ -150,7 +150,7 @@ pub async fn submit_batch(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    for (i, job) in jobs.iter().enumerate() {
+    for (i, job) in jobs.iter_mut().enumerate() {
         super::webhooks::check_job_webhook(&s, job)
             .await
             .map_err(|e| {

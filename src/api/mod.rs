@@ -110,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/webhooks/{id}", axum::routing::delete(webhooks::remove))
         .route("/v1/webhook-deliveries", get(webhooks::deliveries))
         .route("/v1/webhook-deliveries/{id}/retry", post(webhooks::retry))
+        .route("/v1/webhook-signing-secret", get(webhooks::signing_secret))
         .route("/", get(display::page))
         .route("/display/app.js", get(display::script))
         .route("/display/style.css", get(display::style))

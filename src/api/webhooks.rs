@@ -1,6 +1,9 @@
-//! Webhook routes: register (the secret is shown once), list, remove, and
-//! the deliveries with their dead letters (`status=failed`) and retry.
-//! Every URL passes the SSRF guard here and again at each delivery.
+//! Webhook routes: register (the secret is shown once, then stored sealed;
+//! at most `STEVEDORE_WEBHOOK_MAX_PER_TENANT` per tenant), list (user-info
+//! in URLs shown as `***`), remove, the tenant's signing secret for job
+//! webhooks, and the deliveries with their dead letters (`status=failed`)
+//! and retry. Every URL passes the SSRF guard here and again at each
+//! delivery.
 
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -36,6 +39,8 @@ pub struct CreatedWebhook {
     pub id: uuid::Uuid,
     /// `whsec_...`: shown only in this answer; verify signatures with it.
     pub secret: String,
+    /// User-info, if any, is shown as `***`.
+    #[serde(serialize_with = "crate::notifier::urls::serialize_redacted")]
     pub url: String,
     pub events: Vec<String>,
     pub kinds: Option<Vec<String>>,
@@ -60,17 +65,24 @@ async fn guard(s: &AppState, url: &str, field: &str) -> Result<(), FieldError> {
         .map_err(|e| FieldError::new(field, e.to_string()))
 }
 
-/// A job's own webhook must pass the guard and have a secret to sign with.
-pub(crate) async fn check_job_webhook(s: &AppState, job: &NewJob) -> Result<(), FieldError> {
-    let Some(w) = &job.webhook else {
+/// A job's own webhook must pass the guard and have a key to sign with:
+/// its own secret, which is sealed here before the job is stored, or its
+/// tenant's (derived from `STEVEDORE_WEBHOOK_SECRET`).
+pub(crate) async fn check_job_webhook(s: &AppState, job: &mut NewJob) -> Result<(), FieldError> {
+    let Some(w) = &mut job.webhook else {
         return Ok(());
     };
     guard(s, &w.url, "webhook.url").await?;
-    if w.secret.is_none() && s.webhooks.default_secret.is_none() {
-        return Err(FieldError::new(
-            "webhook.secret",
-            "required: this deployment has no STEVEDORE_WEBHOOK_SECRET",
-        ));
+    match &mut w.secret {
+        Some(secret) => *secret = s.webhooks.keys.seal(secret),
+        None if s.webhooks.tenant_root.is_none() => {
+            return Err(FieldError::new(
+                "webhook.secret",
+                "required: this deployment has no STEVEDORE_WEBHOOK_SECRET to derive \
+                 the tenant's signing secret from",
+            ))
+        }
+        None => {}
     }
     Ok(())
 }
@@ -78,6 +90,7 @@ pub(crate) async fn check_job_webhook(s: &AppState, job: &NewJob) -> Result<(), 
 /// Register a webhook endpoint.
 #[utoipa::path(post, path = "/v1/webhooks", request_body = CreateWebhook, responses(
     (status = 201, body = CreatedWebhook),
+    (status = 409, description = "The tenant has as many webhooks as it may", body = super::error::ErrorBody),
     (status = 422, description = "Invalid or refused URL, unknown event type", body = super::error::ErrorBody)))]
 pub async fn create(
     State(s): State<AppState>,
@@ -104,16 +117,19 @@ pub async fn create(
         )));
     }
     let secret = Secret::generate();
+    let cap = s.webhooks.max_per_tenant;
     let w = s
         .events
         .create_webhook(
             &who.tenant,
             &req.url,
-            &secret,
+            &s.webhooks.keys.seal(&secret),
             &events,
             req.kinds.as_deref(),
+            i64::try_from(cap).unwrap_or(i64::MAX),
         )
-        .await?;
+        .await?
+        .ok_or(ApiError::WebhookLimit { cap })?;
     let body = CreatedWebhook {
         id: w.id,
         secret,
@@ -155,6 +171,31 @@ pub async fn remove(
     } else {
         Err(ApiError::NotFound("webhook"))
     }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SigningSecret {
+    /// `whsec_...`: verifies the job webhooks of this tenant that were
+    /// submitted without a `webhook.secret`.
+    pub secret: String,
+}
+
+/// The tenant's signing secret for job webhooks without their own secret.
+#[utoipa::path(get, path = "/v1/webhook-signing-secret", responses(
+    (status = 200, body = SigningSecret),
+    (status = 404, description = "No STEVEDORE_WEBHOOK_SECRET here: job webhooks need their own", body = super::error::ErrorBody)))]
+pub async fn signing_secret(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+) -> Result<Json<SigningSecret>, ApiError> {
+    let root = s
+        .webhooks
+        .tenant_root
+        .as_ref()
+        .ok_or(ApiError::NotFound("signing secret"))?;
+    Ok(Json(SigningSecret {
+        secret: root.for_tenant(&who.tenant).to_text(),
+    }))
 }
 
 #[derive(Deserialize, IntoParams)]

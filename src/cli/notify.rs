@@ -1,7 +1,9 @@
 //! `stevedore watch` (follow the event stream in the terminal, resuming by
 //! itself) and `stevedore webhooks` (register, list, remove, deliveries,
-//! retry).
+//! retry, the tenant's signing secret through the API; `rotate-key` on the
+//! database itself). Listings show URLs with user-info redacted.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -9,7 +11,10 @@ use clap::Subcommand;
 use serde_json::Value;
 
 use super::{call, output, s};
-use crate::config::ClientArgs;
+use crate::config::{ClientArgs, WebhookKeyArgs};
+use crate::notifier::keyring;
+use crate::notifier::urls::redact;
+use crate::store::events::EventStore;
 
 #[derive(Debug, Subcommand)]
 pub enum WebhooksCommand {
@@ -39,11 +44,51 @@ pub enum WebhooksCommand {
     Retry {
         id: String,
     },
+    /// This tenant's secret, to verify job webhooks submitted without one.
+    SigningSecret,
+    /// Re-encrypt every stored webhook secret (endpoints' and jobs') under
+    /// STEVEDORE_WEBHOOK_KEY: plain rows and rows sealed under
+    /// STEVEDORE_WEBHOOK_KEY_PREVIOUS. Works on the database, not the API;
+    /// safe to run again and while the fleet runs.
+    RotateKey {
+        /// Postgres; without it, the `stevedore dev` SQLite file in --data-dir
+        /// (and its webhook.key when no key is set).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        #[arg(long, default_value = ".stevedore")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        keys: WebhookKeyArgs,
+    },
 }
 
 pub async fn webhooks(c: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Result<()> {
     let http = super::client(c.api_key.as_deref())?;
     match cmd {
+        WebhooksCommand::RotateKey {
+            database_url,
+            data_dir,
+            keys,
+        } => {
+            let report = rotate_key(database_url.as_deref(), &data_dir, keys).await?;
+            let v = serde_json::to_value(report).context("report")?;
+            output(c, &v, |_| {
+                println!(
+                    "re-encrypted {}, already current {}, unreadable {}",
+                    report.resealed, report.current, report.unreadable
+                )
+            });
+            anyhow::ensure!(
+                report.unreadable == 0,
+                "{} secrets are sealed under a key that is not given \
+                 (STEVEDORE_WEBHOOK_KEY_PREVIOUS?); their deliveries fail until it is",
+                report.unreadable
+            );
+        }
+        WebhooksCommand::SigningSecret => {
+            let v = call(http.get(format!("{}/v1/webhook-signing-secret", c.url))).await?;
+            output(c, &v, |v| println!("{}", s(v, "secret")));
+        }
         WebhooksCommand::Add {
             target,
             events,
@@ -78,7 +123,7 @@ pub async fn webhooks(c: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Result<()
                     println!(
                         "{:<38} {:<40} {:<10} {}",
                         s(w, "id"),
-                        s(w, "url"),
+                        redact(&s(w, "url")),
                         state,
                         w["events"]
                     );
@@ -111,7 +156,7 @@ pub async fn webhooks(c: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Result<()
                         s(d, "event_type"),
                         s(d, "status"),
                         s(d, "attempts"),
-                        s(d, "url"),
+                        redact(&s(d, "url")),
                         s(d, "last_error")
                     );
                 }
@@ -123,6 +168,29 @@ pub async fn webhooks(c: &ClientArgs, cmd: WebhooksCommand) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// The re-encryption pass on Postgres (`database_url`) or the dev SQLite
+/// file in `data_dir`.
+async fn rotate_key(
+    database_url: Option<&str>,
+    data_dir: &std::path::Path,
+    mut keys: WebhookKeyArgs,
+) -> anyhow::Result<keyring::ResealReport> {
+    let store: std::sync::Arc<dyn EventStore> = match database_url.filter(|u| !u.is_empty()) {
+        Some(url) => std::sync::Arc::new(crate::store::postgres::PgStore::connect(url, 2).await?),
+        None => {
+            let file = data_dir.join("stevedore.db");
+            anyhow::ensure!(
+                file.exists(),
+                "no DATABASE_URL and no {} (see --data-dir)",
+                file.display()
+            );
+            keys.or_dev_file(data_dir)?;
+            std::sync::Arc::new(crate::store::sqlite::SqliteStore::open(&file).await?)
+        }
+    };
+    keyring::reseal_all(store.as_ref(), &keys.keyring()?).await
 }
 
 /// Follows `/v1/events`, printing one line per event (`--json`: the event),

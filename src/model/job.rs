@@ -66,8 +66,9 @@ pub struct SubmitRequest {
     /// (`PUT /v1/concurrency-limits/{prefix}`), across every worker. 1 to
     /// 200 characters, e.g. `tenant:acme`.
     pub concurrency_key: Option<String>,
-    /// Where to POST this job's terminal event (signed with `secret`, or the
-    /// deployment's `STEVEDORE_WEBHOOK_SECRET` when it brings none).
+    /// Where to POST this job's terminal event (signed with `secret`, or
+    /// with the tenant's signing secret, `GET /v1/webhook-signing-secret`,
+    /// when it brings none).
     pub webhook: Option<JobWebhook>,
 }
 

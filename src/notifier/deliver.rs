@@ -2,9 +2,12 @@
 //! records each attempt's outcome on the row: 2xx delivered; 429, 5xx,
 //! timeouts and connection errors retried on the schedule; 410 Gone fails
 //! and disables the endpoint; anything else (redirects included, which are
-//! never followed) fails at once. Concurrency is bounded per endpoint and
-//! overall, and a request never holds a database connection, so a slow or
-//! dead receiver delays neither jobs nor other receivers.
+//! never followed) fails at once. Concurrency is bounded per receiving
+//! host (every URL on one host shares the limit, so a receiver cannot be
+//! flooded by registering many paths) and overall; a receiver's answer is
+//! read up to [`MAX_ANSWER`] and no further; and a request never holds a
+//! database connection, so a slow or dead receiver delays neither jobs nor
+//! other receivers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,11 +25,16 @@ use crate::metrics;
 use crate::model::secret::Secret;
 use crate::store::events::{AttemptRecord, DueDelivery, EventStore};
 
+/// How much of a receiver's answer is read: enough for any acknowledgement,
+/// while an endless or huge body costs neither memory nor the timeout.
+pub const MAX_ANSWER: usize = 64 * 1024;
+
 pub struct Deliverer {
     store: Arc<dyn EventStore>,
     cfg: WebhookConfig,
     poll: Duration,
-    /// In-flight requests per URL. A std mutex: never held across an await.
+    /// In-flight requests per receiving host ([`DueDelivery::host`]). A std
+    /// mutex: never held across an await.
     inflight: Mutex<HashMap<String, usize>>,
     clients: Mutex<HashMap<(String, SocketAddr), reqwest::Client>>,
     pub wake: Arc<Notify>,
@@ -65,7 +73,7 @@ impl Deliverer {
                 let g = self.inflight();
                 let skip: Vec<String> = g
                     .iter()
-                    .filter(|(_, n)| **n >= self.cfg.per_endpoint)
+                    .filter(|(_, n)| **n >= self.cfg.per_host)
                     .map(|(u, _)| u.clone())
                     .collect();
                 (skip, self.cfg.max_inflight.saturating_sub(g.values().sum()))
@@ -75,7 +83,7 @@ impl Deliverer {
                 let limit = free.min(256) as i64;
                 match self
                     .store
-                    .claim_deliveries(limit, self.cfg.per_endpoint as i64, &skip, lease)
+                    .claim_deliveries(limit, self.cfg.per_host as i64, &skip, lease)
                     .await
                 {
                     Ok(ds) => {
@@ -103,8 +111,8 @@ impl Deliverer {
     async fn start(self: &Arc<Self>, tracker: &TaskTracker, d: DueDelivery) {
         let over = {
             let mut g = self.inflight();
-            let n = g.entry(d.url.clone()).or_default();
-            if *n >= self.cfg.per_endpoint {
+            let n = g.entry(d.host.clone()).or_default();
+            if *n >= self.cfg.per_host {
                 true
             } else {
                 *n += 1;
@@ -112,7 +120,7 @@ impl Deliverer {
             }
         };
         if over {
-            // The batch held more for this endpoint than it has room for now.
+            // The batch held more for this host than it has room for now.
             if let Err(e) = self.store.release_delivery(d.id).await {
                 tracing::warn!(error = %e, "Releasing a delivery failed; its lease will expire.");
             }
@@ -120,13 +128,13 @@ impl Deliverer {
         }
         let me = self.clone();
         tracker.spawn(async move {
-            let url = d.url.clone();
+            let host = d.host.clone();
             me.attempt(d).await;
             let mut g = me.inflight();
-            if let Some(n) = g.get_mut(&url) {
+            if let Some(n) = g.get_mut(&host) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    g.remove(&url);
+                    g.remove(&host);
                 }
             }
             drop(g);
@@ -191,18 +199,9 @@ impl Deliverer {
         if d.disabled {
             return Outcome::Failed(None, "endpoint disabled".into());
         }
-        let secret = match d.secret.as_deref().map(Secret::parse) {
-            Some(Ok(s)) => s,
-            Some(Err(e)) => return Outcome::Failed(None, format!("bad secret: {e}")),
-            None => match &self.cfg.default_secret {
-                Some(s) => s.clone(),
-                None => {
-                    return Outcome::Failed(
-                        None,
-                        "no secret and no STEVEDORE_WEBHOOK_SECRET".into(),
-                    )
-                }
-            },
+        let secret = match self.secret(d) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Failed(None, e),
         };
         // Checked at every attempt: DNS may have changed since registration.
         let target = match self.cfg.guard.check(&d.url).await {
@@ -227,8 +226,7 @@ impl Deliverer {
         match res {
             Ok(r) => {
                 let code = r.status().as_u16();
-                // Read the (small) answer so the connection can be reused.
-                let _ = r.bytes().await;
+                read_answer(r, MAX_ANSWER).await;
                 match code {
                     200..=299 => Outcome::Delivered(code),
                     410 => Outcome::Gone,
@@ -239,7 +237,34 @@ impl Deliverer {
                 }
             }
             Err(e) if e.is_timeout() => Outcome::Retry(None, "timed out".into()),
-            Err(e) => Outcome::Retry(None, format!("request failed: {e}")),
+            // Without the URL: it may hold user-info, and the error is
+            // listed with the delivery.
+            Err(e) => Outcome::Retry(None, format!("request failed: {}", e.without_url())),
+        }
+    }
+
+    /// The key to sign with: the endpoint's or the job's own secret
+    /// (opened if sealed), else the job's tenant's. Never the deployment
+    /// secret itself: anyone may name a job webhook's URL.
+    fn secret(&self, d: &DueDelivery) -> Result<Secret, String> {
+        match (&d.secret, d.webhook_id) {
+            (Some(stored), _) => {
+                let plain = self
+                    .cfg
+                    .keys
+                    .open(stored)
+                    .map_err(|e| format!("cannot open the webhook secret: {e}"))?;
+                Secret::parse(&plain).map_err(|e| format!("bad secret: {e}"))
+            }
+            (None, Some(_)) => Err("the endpoint has no secret".into()),
+            (None, None) => {
+                let root = self.cfg.tenant_root.as_ref().ok_or(
+                    "no webhook.secret and no STEVEDORE_WEBHOOK_SECRET to derive the \
+                     tenant's signing secret from",
+                )?;
+                let tenant = d.tenant.as_deref().ok_or("the job is gone")?;
+                Ok(root.for_tenant(tenant))
+            }
         }
     }
 
@@ -256,7 +281,7 @@ impl Deliverer {
             .redirect(reqwest::redirect::Policy::none())
             .timeout(self.cfg.timeout)
             .resolve(host, addr)
-            .pool_max_idle_per_host(self.cfg.per_endpoint)
+            .pool_max_idle_per_host(self.cfg.per_host)
             .build()?;
         if g.len() >= 1000 {
             g.clear();
@@ -280,6 +305,20 @@ fn record(
         last_status: last_status.map(i32::from),
         last_error,
     }
+}
+
+/// Reads a receiver's answer up to `limit` bytes and drops the rest: a
+/// short answer leaves the connection reusable, and a longer one closes it
+/// instead of being read to its end. Returns how much was read.
+pub async fn read_answer(mut r: reqwest::Response, limit: usize) -> usize {
+    let mut n = 0;
+    while n < limit {
+        match r.chunk().await {
+            Ok(Some(c)) => n += c.len(),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    n
 }
 
 /// ±10 % so deliveries that failed together do not retry together.

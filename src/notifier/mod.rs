@@ -4,8 +4,10 @@
 //! # Layout
 //! - [`gaps`]: reading ids in order without skipping a late commit.
 //! - [`hub`]: fan-out to the stream clients of an API process.
-//! - [`deliver`]: signed webhook delivery with retries.
+//! - [`deliver`]: signed webhook delivery with retries, limited per host.
 //! - [`guard`]: the SSRF guard for webhook targets.
+//! - [`keyring`]: webhook secrets sealed at rest, and their re-encryption.
+//! - [`urls`]: user-info redaction and the per-host limit key.
 //!
 //! What watchers see is [`crate::model::event`]; the queries are
 //! [`crate::store::events::EventStore`]'s.
@@ -22,6 +24,8 @@ pub mod deliver;
 pub mod gaps;
 pub mod guard;
 pub mod hub;
+pub mod keyring;
+pub mod urls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +38,7 @@ use uuid::Uuid;
 
 use self::gaps::Frontier;
 use self::guard::UrlGuard;
+use self::keyring::Keyring;
 use crate::metrics;
 use crate::model::event::Event;
 use crate::model::secret::Secret;
@@ -46,10 +51,16 @@ pub struct WebhookConfig {
     /// Delays between attempts; one more attempt than delays.
     pub schedule: Vec<Duration>,
     pub timeout: Duration,
-    pub per_endpoint: usize,
+    /// Requests in flight per receiving host (all its URLs together).
+    pub per_host: usize,
     pub max_inflight: usize,
-    /// Signs job webhooks that bring no secret of their own.
-    pub default_secret: Option<Secret>,
+    /// `STEVEDORE_WEBHOOK_SECRET`: the root each tenant's signing secret is
+    /// derived from ([`Secret::for_tenant`]); signs nothing itself.
+    pub tenant_root: Option<Secret>,
+    /// Seals secrets before they are stored and opens them to sign.
+    pub keys: Arc<Keyring>,
+    /// Registered endpoints per tenant.
+    pub max_per_tenant: usize,
     pub guard: Arc<dyn UrlGuard>,
 }
 
@@ -180,6 +191,7 @@ pub fn deliveries_for(events: &[Event], hooks: &[Webhook]) -> Vec<NewDelivery> {
                 event_id: e.id,
                 event_type: e.event_type.clone(),
                 url: url.to_owned(),
+                host: urls::host_key(url),
                 body: e.webhook_body(),
                 event_at: e.at,
             })

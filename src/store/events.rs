@@ -3,6 +3,10 @@
 //! together with the webhook deliveries it writes, and keeps webhooks and
 //! their deliveries. Implemented in `postgres/events.rs` and
 //! `sqlite/events.rs`.
+//!
+//! Secrets pass through here as stored (sealed by
+//! [`crate::notifier::keyring`] when a key is set): the store never sees a
+//! key, so both dialects only move opaque text.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +55,8 @@ pub struct NewDelivery {
     pub event_id: i64,
     pub event_type: String,
     pub url: String,
+    /// What deliveries are limited by ([`crate::notifier::urls::host_key`]).
+    pub host: String,
     /// The exact body, so every retry sends (and signs) the same bytes.
     pub body: String,
     pub event_at: DateTime<Utc>,
@@ -60,6 +66,8 @@ pub struct NewDelivery {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Webhook {
     pub id: Uuid,
+    /// User-info, if any, is shown as `***`.
+    #[serde(serialize_with = "crate::notifier::urls::serialize_redacted")]
     pub url: String,
     pub events: Vec<String>,
     pub kinds: Option<Vec<String>>,
@@ -78,12 +86,18 @@ pub struct DueDelivery {
     pub id: Uuid,
     pub webhook_id: Option<Uuid>,
     pub url: String,
+    /// The limit key: the receiving host (the URL for rows written before
+    /// hosts were kept).
+    pub host: String,
     pub body: String,
     /// Attempts made before this one.
     pub attempts: i32,
     pub event_at: DateTime<Utc>,
-    /// The endpoint's or the job's secret; None means the default secret.
+    /// The endpoint's or the job's secret as stored (maybe sealed); None
+    /// for a job webhook without one: signed with its tenant's secret.
     pub secret: Option<String>,
+    /// The job's tenant (None once the job is purged).
+    pub tenant: Option<String>,
     /// The endpoint was disabled (410) after this delivery was written.
     pub disabled: bool,
 }
@@ -108,6 +122,8 @@ pub struct DeliveryView {
     pub job_id: Uuid,
     pub event_id: i64,
     pub event_type: String,
+    /// User-info, if any, is shown as `***`.
+    #[serde(serialize_with = "crate::notifier::urls::serialize_redacted")]
     pub url: String,
     /// `pending`, `delivering`, `delivered` or `failed`.
     pub status: String,
@@ -135,6 +151,15 @@ pub struct Lag {
     pub oldest_undelivered: Option<DateTime<Utc>>,
 }
 
+/// Where a stored webhook secret lives, for the re-encryption pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretOwner {
+    /// `webhooks.secret`.
+    Webhook,
+    /// `secret` inside `jobs.webhook`.
+    Job,
+}
+
 /// The NOTIFY channel the job_events trigger wakes the notifier on.
 pub const EVENTS_CHANNEL: &str = "stevedore_events";
 /// The NOTIFY channel the notifier announces its new cursor on.
@@ -153,6 +178,9 @@ pub trait EventStore: Send + Sync + 'static {
     /// `from` any more (another notifier handled the batch).
     async fn advance(&self, from: i64, to: i64, deliveries: &[NewDelivery]) -> StoreResult<bool>;
 
+    /// Registers an endpoint unless its tenant already has `max_per_tenant`
+    /// (then None). The count and the insert are one step, so two
+    /// concurrent requests cannot both take the last place.
     async fn create_webhook(
         &self,
         tenant: &str,
@@ -160,17 +188,19 @@ pub trait EventStore: Send + Sync + 'static {
         secret: &str,
         events: &[String],
         kinds: Option<&[String]>,
-    ) -> StoreResult<Webhook>;
+        max_per_tenant: i64,
+    ) -> StoreResult<Option<Webhook>>;
     async fn list_webhooks(&self) -> StoreResult<Vec<Webhook>>;
     async fn delete_webhook(&self, id: Uuid) -> StoreResult<bool>;
     async fn disable_webhook(&self, id: Uuid, reason: &str) -> StoreResult<()>;
 
     /// Takes due deliveries (and ones whose lease ran out) for one attempt,
-    /// at most `per_endpoint` per URL and none for the URLs in `skip`.
+    /// at most `per_host` per receiving host and none for the hosts in
+    /// `skip`.
     async fn claim_deliveries(
         &self,
         limit: i64,
-        per_endpoint: i64,
+        per_host: i64,
         skip: &[String],
         lease: Duration,
     ) -> StoreResult<Vec<DueDelivery>>;
@@ -187,6 +217,23 @@ pub trait EventStore: Send + Sync + 'static {
     /// A failed delivery goes back to pending with a fresh schedule; with
     /// `tenant`, another tenant's delivery is not found.
     async fn retry_delivery(&self, id: Uuid, tenant: Option<&str>) -> StoreResult<RetryOutcome>;
+
+    /// Up to `limit` stored secrets of `owner` with ids after `after`, by id
+    /// (job webhooks without a secret are left out).
+    async fn stored_secrets(
+        &self,
+        owner: SecretOwner,
+        after: Uuid,
+        limit: i64,
+    ) -> StoreResult<Vec<(Uuid, String)>>;
+    /// Replaces a stored secret if it still is `old`; false otherwise.
+    async fn replace_secret(
+        &self,
+        owner: SecretOwner,
+        id: Uuid,
+        old: &str,
+        new: &str,
+    ) -> StoreResult<bool>;
 
     /// Deletes handled events and delivered deliveries older than `age`.
     async fn prune(&self, age: Duration) -> StoreResult<u64>;

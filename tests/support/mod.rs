@@ -140,14 +140,23 @@ impl Default for Opts {
     }
 }
 
+/// `STEVEDORE_WEBHOOK_KEY` of the test fleets: fixed, so a second notifier
+/// or API on the same database opens what the first one sealed.
+pub const TEST_WEBHOOK_KEY: &str = "c3RldmVkb3JlLXRlc3RzLXdlYmhvb2sta2V5LTMyYnk=";
+
 /// Short polls and a seconds-long webhook schedule; `allow` is
-/// `STEVEDORE_WEBHOOK_ALLOW_HOSTS`.
+/// `STEVEDORE_WEBHOOK_ALLOW_HOSTS`. Webhook secrets are sealed under
+/// [`TEST_WEBHOOK_KEY`].
 pub fn fast_notify(allow: &str) -> NotifyArgs {
     NotifyArgs {
         webhook_schedule: "1s,1s,2s".into(),
         webhook_timeout_secs: 2.0,
         webhook_allow_hosts: allow.into(),
         notifier_poll_ms: 50,
+        keys: stevedore::config::WebhookKeyArgs {
+            webhook_key: Some(TEST_WEBHOOK_KEY.into()),
+            ..Default::default()
+        },
         ..NotifyArgs::default()
     }
 }

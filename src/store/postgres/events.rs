@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::model::event::Event;
 use crate::store::events::{
     AttemptRecord, DeliveryView, DueDelivery, EventPage, EventStore, Lag, NewDelivery,
-    RetryOutcome, Snapshot, Webhook,
+    RetryOutcome, SecretOwner, Snapshot, Webhook,
 };
 use crate::store::postgres::PgStore;
 use crate::store::{event_columns, ms, StoreResult};
@@ -155,9 +155,9 @@ impl EventStore for PgStore {
             let col = |f: fn(&NewDelivery) -> String| ds.iter().map(f).collect::<Vec<_>>();
             sqlx::query(
                 "INSERT INTO webhook_deliveries
-                   (id, webhook_id, job_id, event_id, event_type, url, body, event_at)
+                   (id, webhook_id, job_id, event_id, event_type, url, body, event_at, host)
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[],
-                                      $6::text[], $7::text[], $8::timestamptz[])",
+                                      $6::text[], $7::text[], $8::timestamptz[], $9::text[])",
             )
             .bind(ds.iter().map(|d| d.id).collect::<Vec<_>>())
             .bind(ds.iter().map(|d| d.webhook_id).collect::<Vec<_>>())
@@ -167,6 +167,7 @@ impl EventStore for PgStore {
             .bind(col(|d| d.url.clone()))
             .bind(col(|d| d.body.clone()))
             .bind(ds.iter().map(|d| d.event_at).collect::<Vec<_>>())
+            .bind(col(|d| d.host.clone()))
             .execute(&mut *tx)
             .await?;
         }
@@ -188,10 +189,23 @@ impl EventStore for PgStore {
         secret: &str,
         events: &[String],
         kinds: Option<&[String]>,
-    ) -> StoreResult<Webhook> {
+        max_per_tenant: i64,
+    ) -> StoreResult<Option<Webhook>> {
+        let mut tx = self.pool().begin().await?;
+        // Under READ COMMITTED two inserts would each count the other's
+        // place as free: a per-tenant lock until commit makes count and
+        // insert one step, without locking other tenants out.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('stevedore.webhooks:' || $1, 0))",
+        )
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await?;
         let row = sqlx::query(
             "INSERT INTO webhooks (id, url, secret, events, kinds, tenant)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+             SELECT $1, $2, $3, $4, $5, $6
+             WHERE (SELECT count(*) FROM webhooks WHERE tenant = $6) < $7
+             RETURNING *",
         )
         .bind(Uuid::now_v7())
         .bind(url)
@@ -199,9 +213,11 @@ impl EventStore for PgStore {
         .bind(events)
         .bind(kinds)
         .bind(tenant)
-        .fetch_one(self.pool())
+        .bind(max_per_tenant)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(row_to_webhook(&row)?)
+        tx.commit().await?;
+        Ok(row.as_ref().map(row_to_webhook).transpose()?)
     }
 
     async fn list_webhooks(&self) -> StoreResult<Vec<Webhook>> {
@@ -235,22 +251,24 @@ impl EventStore for PgStore {
     async fn claim_deliveries(
         &self,
         limit: i64,
-        per_endpoint: i64,
+        per_host: i64,
         skip: &[String],
         lease: Duration,
     ) -> StoreResult<Vec<DueDelivery>> {
         const DUE: &str = "((d.status = 'pending' AND d.next_attempt_at <= now())
                            OR (d.status = 'delivering' AND d.lease_until < now()))";
-        // The window caps each endpoint's share of a batch so a receiver
-        // with a backlog cannot crowd out the others; SKIP LOCKED lets
+        // The window caps each receiving host's share of a batch so a
+        // receiver with a backlog cannot crowd out the others; SKIP LOCKED lets
         // several notifiers share the work. A lease that ran out means the
         // notifier holding it died mid-request: the delivery is retried.
         let rows = sqlx::query(&format!(
             "WITH due AS (
                 SELECT id FROM (
                   SELECT d.id, d.next_attempt_at,
-                         row_number() OVER (PARTITION BY d.url ORDER BY d.next_attempt_at, d.id) AS rn
-                  FROM webhook_deliveries d WHERE {DUE} AND NOT (d.url = ANY($1))) w
+                         row_number() OVER (PARTITION BY coalesce(d.host, d.url)
+                                            ORDER BY d.next_attempt_at, d.id) AS rn
+                  FROM webhook_deliveries d
+                  WHERE {DUE} AND NOT (coalesce(d.host, d.url) = ANY($1))) w
                 WHERE rn <= $2 ORDER BY next_attempt_at LIMIT $3
              ), pick AS (
                 -- ids as an array: one pass over the window, then primary-key
@@ -262,13 +280,15 @@ impl EventStore for PgStore {
              UPDATE webhook_deliveries d SET status = 'delivering',
                lease_until = now() + $4 * interval '1 millisecond', updated_at = now()
              FROM pick WHERE d.id = pick.id
-             RETURNING d.id, d.webhook_id, d.url, d.body, d.attempts, d.event_at,
+             RETURNING d.id, d.webhook_id, d.url, coalesce(d.host, d.url) AS host, d.body,
+               d.attempts, d.event_at,
                (SELECT w.secret FROM webhooks w WHERE w.id = d.webhook_id) AS hook_secret,
                (SELECT w.disabled_at IS NOT NULL FROM webhooks w WHERE w.id = d.webhook_id) AS disabled,
-               (SELECT j.webhook ->> 'secret' FROM jobs j WHERE j.id = d.job_id) AS job_secret"
+               (SELECT j.webhook ->> 'secret' FROM jobs j WHERE j.id = d.job_id) AS job_secret,
+               (SELECT j.tenant FROM jobs j WHERE j.id = d.job_id) AS tenant"
         ))
         .bind(skip)
-        .bind(per_endpoint)
+        .bind(per_host)
         .bind(limit)
         .bind(ms(lease) as f64)
         .fetch_all(self.pool())
@@ -287,6 +307,8 @@ impl EventStore for PgStore {
                     },
                     webhook_id,
                     url: r.try_get("url")?,
+                    host: r.try_get("host")?,
+                    tenant: r.try_get("tenant")?,
                     body: r.try_get("body")?,
                     attempts: r.try_get("attempts")?,
                     event_at: r.try_get("event_at")?,
@@ -374,6 +396,52 @@ impl EventStore for PgStore {
             (_, Some(s)) => RetryOutcome::NotFailed(s),
             (_, None) => RetryOutcome::NotFound,
         })
+    }
+
+    async fn stored_secrets(
+        &self,
+        owner: SecretOwner,
+        after: Uuid,
+        limit: i64,
+    ) -> StoreResult<Vec<(Uuid, String)>> {
+        let sql = match owner {
+            SecretOwner::Webhook => {
+                "SELECT id, secret FROM webhooks WHERE id > $1 ORDER BY id LIMIT $2"
+            }
+            SecretOwner::Job => {
+                "SELECT id, webhook ->> 'secret' AS secret FROM jobs
+                 WHERE id > $1 AND webhook ->> 'secret' IS NOT NULL ORDER BY id LIMIT $2"
+            }
+        };
+        Ok(sqlx::query_as(sql)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?)
+    }
+
+    async fn replace_secret(
+        &self,
+        owner: SecretOwner,
+        id: Uuid,
+        old: &str,
+        new: &str,
+    ) -> StoreResult<bool> {
+        let sql = match owner {
+            SecretOwner::Webhook => "UPDATE webhooks SET secret = $3 WHERE id = $1 AND secret = $2",
+            SecretOwner::Job => {
+                "UPDATE jobs SET webhook = jsonb_set(webhook, '{secret}', to_jsonb($3::text))
+                 WHERE id = $1 AND webhook ->> 'secret' = $2"
+            }
+        };
+        let n = sqlx::query(sql)
+            .bind(id)
+            .bind(old)
+            .bind(new)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        Ok(n == 1)
     }
 
     async fn prune(&self, age: Duration) -> StoreResult<u64> {

@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::model::event::Event;
 use crate::store::events::{
     AttemptRecord, DeliveryView, DueDelivery, EventPage, EventStore, Lag, NewDelivery,
-    RetryOutcome, Snapshot, Webhook, EVENTS_CHANNEL,
+    RetryOutcome, SecretOwner, Snapshot, Webhook, EVENTS_CHANNEL,
 };
 use crate::store::sqlite::{now_ms, SqliteStore};
 use crate::store::{event_columns, ms, StoreResult};
@@ -149,8 +149,8 @@ impl EventStore for SqliteStore {
         for d in ds {
             sqlx::query(
                 "INSERT INTO webhook_deliveries (id, webhook_id, job_id, event_id, event_type, url,
-                   body, next_attempt_at, event_at, created_at, updated_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   body, next_attempt_at, event_at, created_at, updated_at, host)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(d.id.to_string())
             .bind(d.webhook_id.map(|w| w.to_string()))
@@ -163,6 +163,7 @@ impl EventStore for SqliteStore {
             .bind(d.event_at.timestamp_millis())
             .bind(now)
             .bind(now)
+            .bind(&d.host)
             .execute(&mut *tx)
             .await?;
         }
@@ -177,10 +178,15 @@ impl EventStore for SqliteStore {
         secret: &str,
         events: &[String],
         kinds: Option<&[String]>,
-    ) -> StoreResult<Webhook> {
+        max_per_tenant: i64,
+    ) -> StoreResult<Option<Webhook>> {
+        // One statement on the store's single writer: the count and the
+        // insert cannot interleave with another create.
         let row = sqlx::query(
             "INSERT INTO webhooks (id, url, secret, events, kinds, created_at, tenant)
-             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+             WHERE (SELECT count(*) FROM webhooks WHERE tenant = ?7) < ?8
+             RETURNING *",
         )
         .bind(Uuid::now_v7().to_string())
         .bind(url)
@@ -194,9 +200,10 @@ impl EventStore for SqliteStore {
         )
         .bind(now_ms())
         .bind(tenant)
-        .fetch_one(self.pool())
+        .bind(max_per_tenant)
+        .fetch_optional(self.pool())
         .await?;
-        Ok(row_to_webhook(&row)?)
+        Ok(row.as_ref().map(row_to_webhook).transpose()?)
     }
 
     async fn list_webhooks(&self) -> StoreResult<Vec<Webhook>> {
@@ -241,7 +248,7 @@ impl EventStore for SqliteStore {
     async fn claim_deliveries(
         &self,
         limit: i64,
-        per_endpoint: i64,
+        per_host: i64,
         skip: &[String],
         lease: Duration,
     ) -> StoreResult<Vec<DueDelivery>> {
@@ -252,20 +259,22 @@ impl EventStore for SqliteStore {
         let mut tx = self.pool().begin().await?;
         let rows = sqlx::query(
             "SELECT * FROM (
-               SELECT d.id, d.webhook_id, d.url, d.body, d.attempts, d.event_at, d.next_attempt_at,
+               SELECT d.id, d.webhook_id, d.url, coalesce(d.host, d.url) AS host, d.body,
+                 d.attempts, d.event_at, d.next_attempt_at,
                  w.secret AS hook_secret, w.disabled_at AS disabled,
-                 json_extract(j.webhook, '$.secret') AS job_secret,
-                 row_number() OVER (PARTITION BY d.url ORDER BY d.next_attempt_at, d.id) AS rn
+                 json_extract(j.webhook, '$.secret') AS job_secret, j.tenant,
+                 row_number() OVER (PARTITION BY coalesce(d.host, d.url)
+                                    ORDER BY d.next_attempt_at, d.id) AS rn
                FROM webhook_deliveries d
                LEFT JOIN webhooks w ON w.id = d.webhook_id LEFT JOIN jobs j ON j.id = d.job_id
                WHERE ((d.status = 'pending' AND d.next_attempt_at <= ?1)
                       OR (d.status = 'delivering' AND d.lease_until < ?1))
-                 AND d.url NOT IN (SELECT value FROM json_each(?2)))
+                 AND coalesce(d.host, d.url) NOT IN (SELECT value FROM json_each(?2)))
              WHERE rn <= ?3 ORDER BY next_attempt_at LIMIT ?4",
         )
         .bind(now)
         .bind(skip)
-        .bind(per_endpoint)
+        .bind(per_host)
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
@@ -292,6 +301,8 @@ impl EventStore for SqliteStore {
                 },
                 webhook_id: hook.as_deref().map(uuid).transpose()?,
                 url: r.try_get("url")?,
+                host: r.try_get("host")?,
+                tenant: r.try_get("tenant")?,
                 body: r.try_get("body")?,
                 attempts: r.try_get("attempts")?,
                 event_at: t(r.try_get("event_at")?).unwrap_or_default(),
@@ -386,6 +397,57 @@ impl EventStore for SqliteStore {
             (_, Some(s)) => RetryOutcome::NotFailed(s),
             (_, None) => RetryOutcome::NotFound,
         })
+    }
+
+    async fn stored_secrets(
+        &self,
+        owner: SecretOwner,
+        after: Uuid,
+        limit: i64,
+    ) -> StoreResult<Vec<(Uuid, String)>> {
+        let sql = match owner {
+            SecretOwner::Webhook => {
+                "SELECT id, secret FROM webhooks WHERE id > ? ORDER BY id LIMIT ?"
+            }
+            SecretOwner::Job => {
+                "SELECT id, json_extract(webhook, '$.secret') AS secret FROM jobs
+                 WHERE id > ? AND json_extract(webhook, '$.secret') IS NOT NULL
+                 ORDER BY id LIMIT ?"
+            }
+        };
+        let rows: Vec<(String, String)> = sqlx::query_as(sql)
+            .bind(after.to_string())
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, secret)| Ok((uuid(&id)?, secret)))
+            .collect::<anyhow::Result<_>>()?)
+    }
+
+    async fn replace_secret(
+        &self,
+        owner: SecretOwner,
+        id: Uuid,
+        old: &str,
+        new: &str,
+    ) -> StoreResult<bool> {
+        let sql = match owner {
+            SecretOwner::Webhook => "UPDATE webhooks SET secret = ?3 WHERE id = ?1 AND secret = ?2",
+            SecretOwner::Job => {
+                "UPDATE jobs SET webhook = json_set(webhook, '$.secret', ?3)
+                 WHERE id = ?1 AND json_extract(webhook, '$.secret') = ?2"
+            }
+        };
+        let n = sqlx::query(sql)
+            .bind(id.to_string())
+            .bind(old)
+            .bind(new)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        Ok(n == 1)
     }
 
     async fn prune(&self, age: Duration) -> StoreResult<u64> {

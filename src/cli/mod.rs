@@ -3,6 +3,7 @@
 //! and `webhooks` in `notify`.
 
 pub mod bench;
+pub mod bench_analyze;
 pub mod bench_scrape;
 pub mod demo_pages;
 pub mod doctor;

@@ -253,13 +253,16 @@ async fn tree_scoring_matches_candle_llama_fed_token_by_token() {
     }
 }
 
+/// Metadata keys to set (`Some`) or remove (`None`).
+type Changes<'a> = [(&'a str, Option<&'a str>)];
+
 /// SmolLM2's own GGUF metadata with `changes` applied (`None` removes a
 /// key) and no tensors: what another model's file says about itself, which
 /// is all the checks before any weight is read look at.
 fn foreign_gguf(
     base: &[(String, candle_core::quantized::gguf_file::Value)],
     path: &std::path::Path,
-    changes: &[(&str, Option<&str>)],
+    changes: &Changes,
 ) {
     use candle_core::quantized::gguf_file::{self, Value};
     let mut metadata: Vec<(&str, Value)> = base
@@ -288,7 +291,8 @@ async fn a_gguf_the_local_provider_cannot_run_faithfully_is_refused_with_the_rea
         .collect();
     let llama3_template = "{% for message in messages %}{{ '<|start_header_id|>' + \
         message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}";
-    let cases: &[(&str, &[(&str, Option<&str>)], &str)] = &[
+    // (file, metadata changes, the reason the error must give)
+    let cases: &[(&str, &Changes, &str)] = &[
         (
             "llama-3-like.gguf",
             &[

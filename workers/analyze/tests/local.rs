@@ -346,3 +346,46 @@ async fn a_gguf_the_local_provider_cannot_run_faithfully_is_refused_with_the_rea
         );
     }
 }
+
+/// Answers that all come from the cache still say a tiny model gave them,
+/// in a process that never loaded it: the size is read from the file's
+/// header. (A copy under another directory, so that no other test of this
+/// binary has loaded that path; the same file name keeps the cache keys.)
+#[tokio::test]
+async fn answers_all_from_the_cache_still_carry_the_notice() {
+    use stevedore_analyze::cache::cache_keys;
+    use stevedore_analyze::{AnswerCache, CachedAnswer};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = support::model_path();
+    let path = dir.path().join(model.file_name().expect("file name"));
+    std::os::unix::fs::symlink(&model, &path).expect("symlink");
+    let cache = Arc::new(MemoryAnswerCache::new(Duration::from_secs(60), 10));
+    let questions = vec![Question {
+        text: "Which planet is known as the Red Planet?".into(),
+        options: vec!["Venus".into(), "Mars".into()],
+        correct: None,
+    }];
+    let name = model.file_stem().expect("stem").to_string_lossy();
+    let keys = cache_keys(ProviderKind::Local, &name, &questions);
+    let hit = CachedAnswer {
+        choice: 1,
+        confidence: 0.6,
+        reason: None,
+    };
+    cache
+        .put_many(&[(keys[0].clone(), hit)])
+        .await
+        .expect("cache");
+    let mut config = AnalyzeConfig::in_process(None, &path);
+    config.cache = cache;
+    let h = AnalyzeHandler::new(config, &Registry::new()).expect("handler");
+    let out = analyze(&h, &questions).await;
+    assert_eq!((out.cached, out.answers[0].choice), (1, 1));
+    assert!(
+        out.notice
+            .as_deref()
+            .is_some_and(|n| n.contains("(135M parameters), a tiny offline model")),
+        "{:?}",
+        out.notice
+    );
+}

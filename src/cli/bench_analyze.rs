@@ -9,7 +9,9 @@
 //! `OPENAI_BASE_URL` or `OPENAI_API_KEY` make it the OpenAI-compatible
 //! endpoint with `STEVEDORE_ANALYZE_MODEL`, otherwise it is the local model
 //! at `STEVEDORE_LOCAL_MODEL`. The correct answer never reaches the
-//! provider.
+//! provider. A question is tried up to three times when the error is one
+//! the queue would retry; one that still fails ends the run with its error
+//! (a score over the questions that happened to work would flatter).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;

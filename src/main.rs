@@ -233,6 +233,9 @@ enum Command {
     /// Scrape the embedded Moodle page over HTTP, in the warm browser pool
     /// and in a fresh browser per page; report pages/s and load latency.
     BenchScrape(cli::bench_scrape::BenchScrapeArgs),
+    /// Score the analyze provider in use on a labelled question set; report
+    /// accuracy (overall, per language and subject) and seconds per question.
+    BenchAnalyze(cli::bench_analyze::BenchAnalyzeArgs),
     /// Check configuration, Postgres, brokers, Chromium and the model; say how to fix what is wrong.
     Doctor(cli::doctor::DoctorArgs),
 }
@@ -499,6 +502,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys { command, args } => cli::keys::run(&args, command).await,
         Command::Bench(args) => cli::bench::run(args).await,
         Command::BenchScrape(args) => cli::bench_scrape::run(args).await,
+        Command::BenchAnalyze(args) => cli::bench_analyze::run(args).await,
         Command::Doctor(args) => cli::doctor::run(args).await,
     }
 }

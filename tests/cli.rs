@@ -1,9 +1,14 @@
 //! The client CLI run as the README types it (`stevedore submit … --wait`,
 //! `status`, `dlq list|show|replay|purge`, `watch --kind`, `webhooks
 //! add|list|deliveries|retry`), against a dev-mode fleet whose address it
-//! gets from `STEVEDORE_URL`: what a person reads in the terminal and the
-//! exit code are what is checked.
+//! gets from `STEVEDORE_URL`, and `bench-analyze` against the bundled model
+//! and an OpenAI-shaped test server: what a person reads in the terminal
+//! and the exit code are what is checked.
 
+// The analyze crate's OpenAI double, for bench-analyze's scoring.
+#[allow(dead_code)]
+#[path = "../workers/analyze/tests/support/fake_openai.rs"]
+mod fake_openai;
 mod support;
 
 use std::process::Stdio;
@@ -597,4 +602,129 @@ async fn webhooks_add_list_deliveries_and_retry() {
     assert_eq!(got[4]["type"], "job.succeeded");
     assert_eq!(got[4]["data"]["job_id"], job.to_string());
     f.shutdown().await;
+}
+
+/// Settings that would send analyze elsewhere, emptied: empty is unset.
+fn local_only() -> Vec<(&'static str, String)> {
+    ["OPENAI_API_KEY", "OPENAI_BASE_URL", "STEVEDORE_LOCAL_MODEL"]
+        .map(|k| (k, String::new()))
+        .to_vec()
+}
+
+/// `accuracy C/T = P%  (chance Q%)  S s/question`, parsed.
+fn accuracy_line(out: &str) -> (usize, usize, f64) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("accuracy "))
+        .unwrap_or_else(|| panic!("no accuracy line: {out}"));
+    let mut words = line.split_whitespace();
+    let (c, t) = words
+        .nth(1)
+        .and_then(|f| f.split_once('/'))
+        .unwrap_or_else(|| panic!("{line}"));
+    let secs = line
+        .split("  ")
+        .find_map(|part| part.trim().strip_suffix(" s/question"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    (
+        c.parse().unwrap_or_else(|_| panic!("{line}")),
+        t.parse().unwrap_or_else(|_| panic!("{line}")),
+        secs,
+    )
+}
+
+#[tokio::test]
+async fn bench_analyze_scores_the_bundled_model_and_says_it_is_tiny() {
+    let out = run_stevedore(&["bench-analyze", "--limit", "3"], &local_only()).await;
+    assert!(out.ok, "{}{}", out.stdout, out.stderr);
+    let (correct, total, secs) = accuracy_line(&out.stdout);
+    assert_eq!(total, 3, "{}", out.stdout);
+    assert!(correct <= total && secs > 0.0, "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("provider local  model SmolLM2-135M-Instruct"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("by language: en ")
+            && out
+                .stdout
+                .contains("note: answered by SmolLM2-135M-Instruct"),
+        "{}",
+        out.stdout
+    );
+}
+
+/// The scoring, against answers the test chooses: an OpenAI-shaped server
+/// answers every question right except every third, which it answers with
+/// the next option.
+#[tokio::test]
+async fn bench_analyze_counts_what_the_provider_got_right() {
+    use fake_openai::{FakeOpenAi, Reply};
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/analyze/labelled.json"
+    );
+    let set: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the set")).expect("json");
+    let set = set["questions"].as_array().expect("questions").clone();
+    let mut script = Vec::new();
+    let mut expected: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for (i, q) in set.iter().enumerate() {
+        let n = q["options"].as_array().map_or(0, Vec::len);
+        let answer = q["answer"].as_u64().expect("answer") as usize;
+        let right = i % 3 != 2;
+        let choice = if right { answer } else { (answer + 1) % n };
+        let reply = json!({"answers": [{"question": 0, "choice": choice, "confidence": 0.8, "reason": "Known."}]});
+        script.push(Reply::Content(reply.to_string()));
+        let lang = expected
+            .entry(q["language"].as_str().expect("language").to_owned())
+            .or_default();
+        lang.0 += usize::from(right);
+        lang.1 += 1;
+    }
+    let server = FakeOpenAi::start(script, Reply::Answer { choice: 0 }).await;
+    let env = [
+        ("OPENAI_BASE_URL", server.base_url.clone()),
+        ("OPENAI_API_KEY", "sk-test".to_owned()),
+    ];
+    let out = run_stevedore(&["bench-analyze", "--json"], &env).await;
+    assert!(out.ok, "{}{}", out.stdout, out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("--json is JSON");
+    let right = set.len() - set.len() / 3;
+    assert_eq!(report["total"], set.len(), "{report}");
+    assert_eq!(report["correct"], right, "{report}");
+    assert_eq!(report["provider"], "openai");
+    assert_eq!(report["model"], "gpt-4o-mini");
+    assert!(report.get("notice").is_none(), "{report}");
+    for (lang, (c, t)) in &expected {
+        assert_eq!(
+            report["by_language"][lang]["correct"], *c,
+            "{lang}: {report}"
+        );
+        assert_eq!(report["by_language"][lang]["total"], *t, "{lang}: {report}");
+    }
+    assert_eq!(server.requests(), set.len(), "one call per question");
+    // The answer key never reaches the model.
+    for body in server.bodies() {
+        let user = body["messages"][1]["content"].as_str().unwrap_or_default();
+        let sent: serde_json::Value = serde_json::from_str(user).expect("questions as JSON");
+        let q = &sent["questions"][0];
+        assert!(q["text"].is_string(), "{sent}");
+        assert!(
+            q.get("answer").is_none() && q.get("correct").is_none(),
+            "{sent}"
+        );
+    }
+
+    // The same run as text, its first questions only.
+    let out = run_stevedore(&["bench-analyze", "--limit", "3"], &env).await;
+    assert!(out.ok, "{}{}", out.stdout, out.stderr);
+    let (correct, total, _) = accuracy_line(&out.stdout);
+    assert_eq!(total, 3, "{}", out.stdout);
+    // The server's script is spent: every answer is option 0 now.
+    let zeros = set[..3].iter().filter(|q| q["answer"] == 0).count();
+    assert_eq!(correct, zeros, "{}", out.stdout);
 }

@@ -1,6 +1,7 @@
 //! The newcomer's command, for real: `stevedore dev --demo` on the embedded
 //! store runs a probe with a retry, scrapes the Moodle page and analyzes it
-//! with the local model, and renders the script-built quiz in headless
+//! with the local model (saying plainly that a tiny model guessed the
+//! answers), and renders the script-built quiz in headless
 //! Chromium. The quiz pages come from a listener of their own, not from the
 //! API; empty settings (as compose passes them) leave the defaults, the
 //! local model among them. Killing the process outright takes its browser
@@ -77,6 +78,15 @@ async fn dev_demo_scrapes_analyzes_and_renders_offline() {
     assert!(!log.contains("demo failed"), "{log}");
     assert!(log.contains("5 questions from Quiz 3"), "{log}");
     assert!(log.contains("provider local"), "{log}");
+    // Said before the answers, in the words a newcomer reads.
+    let note = log
+        .find("  note: answered by SmolLM2-135M-Instruct")
+        .unwrap_or_else(|| panic!("the demo says who answered: {log}"));
+    assert!(
+        log[note..].contains("a tiny offline model — expect guesses")
+            && log.find("% confident)").is_some_and(|first| first > note),
+        "{log}"
+    );
     assert_eq!(log.matches("% confident)").count(), 5, "{log}");
     assert!(
         log.contains("3 questions from Live quiz, rendered with browser"),

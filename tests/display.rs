@@ -3,7 +3,8 @@
 //! answers the test chooses) finishes while the page is open, and again when
 //! a fresh page loads it from the stream's history. Every question's text
 //! shows, the chosen option is marked with its confidence as "NN%", and its
-//! bar is filled to that width.
+//! bar is filled to that width. An answer from the bundled tiny model is
+//! labelled as one; the endpoint's answers carry no such label.
 
 mod support;
 
@@ -116,6 +117,48 @@ async fn assert_shows_answers(page: &Page, job: &str, when: &str) {
             "{when}: {text:?} bar filled to {ratio:.3} of its width, not {conf}"
         );
     }
+}
+
+/// A job answered by the bundled SmolLM2 (`provider: local`): the page
+/// says, above the answers, that a tiny offline model guessed them.
+async fn the_tiny_local_model_is_named_as_such(url: &str, page: &Page) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/jobs"))
+        .json(&json!({"kind": "analyze", "payload": {
+            "questions": [{"text": QUIZ[0].0, "options": QUIZ[0].1}],
+            "provider": "local"
+        }}))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    let job: Value = r.json().await.expect("json");
+    let id = job["id"].as_str().expect("id");
+    let shown = wait_for(
+        page,
+        &format!(
+            "[...document.querySelectorAll('.result')].find((r) => r.dataset.job === {id:?})\
+             ?.querySelector('.notice')?.innerText"
+        ),
+        60,
+        "the local model's answer with its notice",
+    )
+    .await;
+    let shown = shown.as_str().unwrap_or_default();
+    assert!(
+        shown.contains("answered by SmolLM2-135M-Instruct")
+            && shown.contains("a tiny offline model — expect guesses")
+            && shown.contains("point analyze at a real model"),
+        "{shown}"
+    );
+    // The result fades in: let it finish before a screenshot is taken.
+    wait_for(
+        page,
+        "document.getAnimations().every((a) => a.playState === 'finished')",
+        10,
+        "the new result has faded in",
+    )
+    .await;
 }
 
 /// Keys for a deployment with keys: (read key for the page, submit key).
@@ -263,7 +306,14 @@ async fn shows_answers(with_keys: bool) {
         enter_key(&history, &k.read).await;
     }
     assert_shows_answers(&history, &id, "from history").await;
+    let notice: Value = eval(
+        &history,
+        &format!("[...document.querySelectorAll('.result')].find((r) => r.dataset.job === {id:?}).querySelectorAll('.notice').length"),
+    )
+    .await;
+    assert_eq!(notice, 0, "answers from a real model carry no warning");
     if !with_keys {
+        the_tiny_local_model_is_named_as_such(&url, &history).await;
         screenshot(&history, "display.png").await;
     }
 

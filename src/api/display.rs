@@ -1,5 +1,6 @@
 //! The display page at `GET /`: a live view of jobs arriving and finishing,
-//! analyze results as questions with animated confidence bars, queue depth
+//! analyze results as questions with animated confidence bars (under the
+//! result's `notice` when a tiny offline model answered), queue depth
 //! per pool and the dead-letter count. Plain HTML, CSS and JavaScript
 //! embedded in the binary: no build step, no CDN, works offline. The page
 //! follows `/v1/stream` and reconnects (resuming with `since`) by itself.

@@ -3,6 +3,7 @@
 //! and `webhooks` in `notify`.
 
 pub mod bench;
+pub mod bench_analyze;
 pub mod bench_scrape;
 pub mod demo_pages;
 pub mod doctor;
@@ -430,6 +431,10 @@ async fn analyze_demo(url: &str, pages: &str) -> anyhow::Result<()> {
         s(result, "provider"),
         s(result, "model")
     );
+    // Before the answers, so nobody reads a guess as knowledge first.
+    if let Some(notice) = result["notice"].as_str() {
+        println!("  note: {notice}");
+    }
     for a in result["answers"].as_array().into_iter().flatten() {
         let qi = a["question"].as_u64().unwrap_or_default() as usize;
         let ci = a["choice"].as_u64().unwrap_or_default() as usize;

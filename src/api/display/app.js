@@ -65,6 +65,13 @@ function renderResult(ev, questions) {
   const box = el("div", "result");
   box.dataset.job = ev.job_id;
   box.append(el("div", "meta", `${ev.kind} ${ev.job_id.slice(-12)} · ${res.provider || "?"} / ${res.model || "?"}`));
+  // The analyze kind sets `notice` when the answers deserve less trust than
+  // bars and percentages suggest (a tiny offline model): say so above them.
+  if (typeof res.notice === "string" && res.notice) {
+    const note = el("div", "notice", res.notice);
+    note.setAttribute("role", "note");
+    box.append(note);
+  }
   res.answers.forEach((a, i) => {
     const qi = Number.isInteger(a.question) ? a.question : i;
     const q = questions[qi] || {};

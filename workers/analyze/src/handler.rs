@@ -264,12 +264,17 @@ impl Inner {
             })
             .collect::<Result<Vec<_>, _>>()?;
         check_answers(&answers, &questions)?;
+        let notice = match provider {
+            ProviderKind::Local => self.local.notice().await,
+            ProviderKind::Openai => None,
+        };
         Ok(AnalyzeOutput {
             provider,
             model: model.to_owned(),
             answers,
             usage,
             cached,
+            notice,
         })
     }
 

@@ -141,6 +141,11 @@ pub struct AnalyzeOutput {
     pub usage: Usage,
     /// How many answers came from the answer cache.
     pub cached: usize,
+    /// Said wherever the answers are shown, when they deserve less trust
+    /// than they look: set for a tiny local model (see
+    /// [`crate::local::tiny_model_notice`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
 }
 
 #[cfg(test)]

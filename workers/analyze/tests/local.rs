@@ -1,6 +1,7 @@
 //! The `local` provider with the real SmolLM2 file: tokenizer ids against
 //! llama.cpp's, the fixture quizzes end to end through the handler, prompt
-//! injection, determinism, and the missing-model error.
+//! injection, determinism, the tiny-model notice, and the errors for a
+//! missing model and for GGUF files it cannot run faithfully.
 
 mod support;
 
@@ -113,6 +114,15 @@ async fn fixture_quizzes_get_valid_deterministic_answers() {
         assert_valid(&first, &questions);
         assert_eq!(first.cached, 0);
         assert!(first.usage.prompt_tokens > 0);
+        assert_eq!(
+            first.notice.as_deref(),
+            Some(
+                "answered by SmolLM2-135M-Instruct.Q4_1 (135M parameters), a tiny offline \
+                 model — expect guesses; point analyze at a real model for real answers \
+                 (OPENAI_BASE_URL, see the README)"
+            ),
+            "{page}"
+        );
         let again = analyze(&h, &questions).await;
         assert_eq!(
             first.answers, again.answers,
@@ -241,4 +251,141 @@ async fn tree_scoring_matches_candle_llama_fed_token_by_token() {
             "reference {reference} vs tree {ours} for {cont:?}"
         );
     }
+}
+
+/// Metadata keys to set (`Some`) or remove (`None`).
+type Changes<'a> = [(&'a str, Option<&'a str>)];
+
+/// SmolLM2's own GGUF metadata with `changes` applied (`None` removes a
+/// key) and no tensors: what another model's file says about itself, which
+/// is all the checks before any weight is read look at.
+fn foreign_gguf(
+    base: &[(String, candle_core::quantized::gguf_file::Value)],
+    path: &std::path::Path,
+    changes: &Changes,
+) {
+    use candle_core::quantized::gguf_file::{self, Value};
+    let mut metadata: Vec<(&str, Value)> = base
+        .iter()
+        .filter(|(k, _)| !changes.iter().any(|(c, _)| c == k))
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    for (key, value) in changes {
+        if let Some(v) = value {
+            metadata.push((key, Value::String(v.to_string())));
+        }
+    }
+    let refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let mut out = std::fs::File::create(path).expect("create");
+    gguf_file::write(&mut out, &refs, &[]).expect("write gguf");
+}
+
+#[tokio::test]
+async fn a_gguf_the_local_provider_cannot_run_faithfully_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut file = std::fs::File::open(support::model_path()).expect("model file");
+    let base: Vec<_> = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .expect("gguf")
+        .metadata
+        .into_iter()
+        .collect();
+    let llama3_template = "{% for message in messages %}{{ '<|start_header_id|>' + \
+        message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}";
+    // (file, metadata changes, the reason the error must give)
+    let cases: &[(&str, &Changes, &str)] = &[
+        (
+            "llama-3-like.gguf",
+            &[
+                ("tokenizer.ggml.pre", Some("llama-bpe")),
+                ("tokenizer.chat_template", Some(llama3_template)),
+            ],
+            "its chat template (tokenizer.chat_template) is not ChatML",
+        ),
+        (
+            "llama-bpe-split.gguf",
+            &[("tokenizer.ggml.pre", Some("llama-bpe"))],
+            "pre-tokenizer (tokenizer.ggml.pre) \"llama-bpe\" is not supported",
+        ),
+        (
+            "no-pre-tokenizer.gguf",
+            &[("tokenizer.ggml.pre", None)],
+            "pre-tokenizer (tokenizer.ggml.pre) none is not supported",
+        ),
+        (
+            "sentencepiece.gguf",
+            &[("tokenizer.ggml.model", Some("llama"))],
+            "only byte-level BPE (tokenizer.ggml.model = gpt2) is supported",
+        ),
+        (
+            "qwen2.gguf",
+            &[("general.architecture", Some("qwen2"))],
+            "architecture \"qwen2\" is not llama",
+        ),
+    ];
+    for (name, changes, reason) in cases {
+        let path = dir.path().join(name);
+        foreign_gguf(&base, &path, changes);
+        let config = AnalyzeConfig::in_process(None, &path);
+        let h = AnalyzeHandler::new(config, &Registry::new()).expect("handler");
+        let payload: AnalyzePayload =
+            parse_payload(&json!({"questions": [{"text": "2+2?", "options": ["3", "4"]}]}))
+                .expect("payload");
+        let err = h
+            .run(&support::ctx(1), payload)
+            .await
+            .expect_err("refused, not run");
+        let msg = err.to_string();
+        assert!(!err.is_retryable(), "{name}: {msg}");
+        assert!(
+            msg.contains(reason) && msg.contains(&path.display().to_string()),
+            "{name}: {msg}"
+        );
+        assert!(
+            msg.contains("OPENAI_BASE_URL"),
+            "{name} says what to do: {msg}"
+        );
+    }
+}
+
+/// Answers that all come from the cache still say a tiny model gave them,
+/// in a process that never loaded it: the size is read from the file's
+/// header. (A copy under another directory, so that no other test of this
+/// binary has loaded that path; the same file name keeps the cache keys.)
+#[tokio::test]
+async fn answers_all_from_the_cache_still_carry_the_notice() {
+    use stevedore_analyze::cache::cache_keys;
+    use stevedore_analyze::{AnswerCache, CachedAnswer};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = support::model_path();
+    let path = dir.path().join(model.file_name().expect("file name"));
+    std::os::unix::fs::symlink(&model, &path).expect("symlink");
+    let cache = Arc::new(MemoryAnswerCache::new(Duration::from_secs(60), 10));
+    let questions = vec![Question {
+        text: "Which planet is known as the Red Planet?".into(),
+        options: vec!["Venus".into(), "Mars".into()],
+        correct: None,
+    }];
+    let name = model.file_stem().expect("stem").to_string_lossy();
+    let keys = cache_keys(ProviderKind::Local, &name, &questions);
+    let hit = CachedAnswer {
+        choice: 1,
+        confidence: 0.6,
+        reason: None,
+    };
+    cache
+        .put_many(&[(keys[0].clone(), hit)])
+        .await
+        .expect("cache");
+    let mut config = AnalyzeConfig::in_process(None, &path);
+    config.cache = cache;
+    let h = AnalyzeHandler::new(config, &Registry::new()).expect("handler");
+    let out = analyze(&h, &questions).await;
+    assert_eq!((out.cached, out.answers[0].choice), (1, 1));
+    assert!(
+        out.notice
+            .as_deref()
+            .is_some_and(|n| n.contains("(135M parameters), a tiny offline model")),
+        "{:?}",
+        out.notice
+    );
 }

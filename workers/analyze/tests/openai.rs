@@ -81,6 +81,7 @@ async fn structured_reply_is_validated_and_usage_recorded() {
         (120, 30)
     );
     assert_eq!(out.cached, 0);
+    assert_eq!(out.notice, None, "an endpoint's answers carry no warning");
     assert_eq!(
         out.answers
             .iter()

@@ -28,6 +28,24 @@ use crate::payload::{Answer, Question, Usage};
 /// missing model gives.
 pub const FETCH_SCRIPT: &str = "scripts/fetch-model.sh";
 
+/// Below this many weights a local model's answers carry a
+/// [`tiny_model_notice`]: the bundled SmolLM2-135M scores about chance on
+/// `fixtures/analyze/labelled.json`, and a confident-looking wrong answer
+/// must not pass for knowledge.
+pub const TINY_MODEL_PARAMETERS: u64 = 1_000_000_000;
+
+/// What a result from a tiny local model says where people read it (the
+/// demo's output, the display page); `None` for a model big enough to try.
+pub fn tiny_model_notice(model: &str, parameters: u64) -> Option<String> {
+    (parameters < TINY_MODEL_PARAMETERS).then(|| {
+        format!(
+            "answered by {model} ({}M parameters), a tiny offline model — expect guesses; \
+             point analyze at a real model for real answers (OPENAI_BASE_URL, see the README)",
+            (parameters + 500_000) / 1_000_000
+        )
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LocalError {
     #[error(
@@ -124,6 +142,29 @@ impl LocalProvider {
             .cloned()
     }
 
+    /// The [`tiny_model_notice`] for this model, if it is tiny. Reads only
+    /// the file's header when no job has loaded the model yet (every answer
+    /// came from the cache); `None` when the file cannot be read, since the
+    /// answers were then not this file's.
+    pub async fn notice(&self) -> Option<String> {
+        let parameters = match self.model.get() {
+            Some(model) => model.parameters(),
+            None => {
+                let path = self.path.clone();
+                match tokio::task::spawn_blocking(move || LocalModel::read_parameters(&path)).await
+                {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "Could not read the local model's size.");
+                        return None;
+                    }
+                    Err(_) => return None,
+                }
+            }
+        };
+        tiny_model_notice(&self.name, parameters)
+    }
+
     /// Scores every asked question; stops between questions once the job is
     /// cancelled (the result would be discarded).
     pub async fn answer(
@@ -159,5 +200,20 @@ impl LocalProvider {
         });
         run.await
             .map_err(|e| ProviderError::transient(format!("local inference task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tiny_model_notice;
+
+    #[test]
+    fn only_a_tiny_model_gets_the_notice() {
+        let notice = tiny_model_notice("SmolLM2-360M-Instruct", 361_821_120).unwrap_or_default();
+        assert!(notice.starts_with("answered by SmolLM2-360M-Instruct (362M parameters), a tiny"));
+        assert_eq!(
+            tiny_model_notice("Qwen2.5-7B-Instruct", 7_615_616_512),
+            None
+        );
     }
 }

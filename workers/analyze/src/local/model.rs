@@ -51,6 +51,8 @@ pub struct LocalModel {
     im_start: u32,
     im_end: u32,
     llama: Llama,
+    /// Weights in the file, for saying how far to trust the answers.
+    parameters: u64,
     /// The shared prompt head (system turn and the opening of the user
     /// turn), so a question pays only for its own tokens.
     head: KvCache,
@@ -63,19 +65,24 @@ fn invalid(path: &Path, what: impl std::fmt::Display) -> LocalError {
     }
 }
 
+fn open(path: &Path) -> Result<BufReader<File>, LocalError> {
+    File::open(path)
+        .map(BufReader::new)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => LocalError::Missing {
+                path: path.display().to_string(),
+            },
+            _ => invalid(path, e),
+        })
+}
+
 fn inference(e: impl std::fmt::Display) -> LocalError {
     LocalError::Inference(e.to_string())
 }
 
 impl LocalModel {
     pub fn load(path: &Path, format: WeightFormat) -> Result<Self, LocalError> {
-        let file = File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => LocalError::Missing {
-                path: path.display().to_string(),
-            },
-            _ => invalid(path, e),
-        })?;
-        let mut reader = BufReader::new(file);
+        let mut reader = open(path)?;
         let ct = gguf_file::Content::read(&mut reader).map_err(|e| invalid(path, e))?;
         let arch = ct
             .metadata
@@ -84,7 +91,32 @@ impl LocalModel {
             .cloned()
             .unwrap_or_default();
         if arch != "llama" {
-            return Err(invalid(path, format!("architecture {arch:?} is not llama")));
+            return Err(invalid(
+                path,
+                format!(
+                    "architecture {arch:?} is not llama; serve it with an OpenAI-compatible \
+                     server and set OPENAI_BASE_URL"
+                ),
+            ));
+        }
+        // The prompt is written in ChatML. A file whose own template is
+        // another (Llama 3's headers, Mistral's [INST]) may still carry the
+        // markers in its vocabulary, but was never trained on such turns:
+        // its scores would be noise that looks like answers. Checked before
+        // the tokenizer, which takes longer to build.
+        if let Some(template) = ct
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        {
+            if !template.contains("<|im_start|>") {
+                return Err(invalid(
+                    path,
+                    "its chat template (tokenizer.chat_template) is not ChatML \
+                     (<|im_start|>role ... <|im_end|>), the only one the local provider writes; \
+                     serve it with an OpenAI-compatible server and set OPENAI_BASE_URL",
+                ));
+            }
         }
         let tokenizer = GgufTokenizer::from_gguf(&ct).map_err(|e| invalid(path, e))?;
         let special = |s: &str| {
@@ -93,6 +125,7 @@ impl LocalModel {
                 .ok_or_else(|| invalid(path, format!("vocabulary lacks {s} (not a ChatML model)")))
         };
         let (im_start, im_end) = (special("<|im_start|>")?, special("<|im_end|>")?);
+        let parameters = parameters(&ct);
         let llama = Llama::from_gguf(&ct, &mut reader, &Device::Cpu, |t| convert(t, format))
             .map_err(|e| invalid(path, e))?;
         let mut model = Self {
@@ -100,6 +133,7 @@ impl LocalModel {
             im_start,
             im_end,
             llama,
+            parameters,
             head: KvCache::default(),
         };
         let head = model.head_ids()?;
@@ -117,6 +151,18 @@ impl LocalModel {
             .map_err(inference)?;
         model.head = cache;
         Ok(model)
+    }
+
+    /// Weights in the file (tied embeddings counted once).
+    pub fn parameters(&self) -> u64 {
+        self.parameters
+    }
+
+    /// [`LocalModel::parameters`] of a file that is not loaded: reads the
+    /// GGUF header only, not the weights.
+    pub fn read_parameters(path: &Path) -> Result<u64, LocalError> {
+        let ct = gguf_file::Content::read(&mut open(path)?).map_err(|e| invalid(path, e))?;
+        Ok(parameters(&ct))
     }
 
     fn text(&self, s: &str) -> Result<Vec<u32>, LocalError> {
@@ -256,6 +302,13 @@ impl LocalModel {
     pub fn tokenizer(&self) -> &GgufTokenizer {
         &self.tokenizer
     }
+}
+
+fn parameters(ct: &gguf_file::Content) -> u64 {
+    ct.tensor_infos
+        .values()
+        .map(|t| t.shape.elem_count() as u64)
+        .sum()
 }
 
 /// Re-quantizes or dequantizes a tensor that lacks a fast CPU kernel.

@@ -17,6 +17,19 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 
+/// `tokenizer.ggml.pre` values that llama.cpp splits exactly as built here
+/// (its `LLAMA_VOCAB_PRE_TYPE_SMOLLM` group in `llama-vocab.cpp`: each
+/// digit alone, then the GPT-2 pattern).
+pub const SMOLLM_SPLIT: &[&str] = &[
+    "smollm",
+    "starcoder",
+    "refact",
+    "command-r",
+    "codeshell",
+    "exaone",
+    "minerva-7b",
+];
+
 /// llama.cpp's token types (`llama_token_type`).
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
@@ -82,20 +95,27 @@ impl GgufTokenizer {
             .unwrap_or("gpt2");
         if model != "gpt2" {
             return Err(TokenizerError(format!(
-                "only byte-level BPE (tokenizer.ggml.model = gpt2) is supported, this file has {model:?}"
+                "only byte-level BPE (tokenizer.ggml.model = gpt2) is supported, this file has \
+                 {model:?}; serve it with an OpenAI-compatible server and set OPENAI_BASE_URL"
             )));
         }
         let pre = ct
             .metadata
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok())
-            .map(String::as_str)
-            .unwrap_or("default");
-        if !matches!(pre, "smollm" | "default" | "gpt2") {
-            // Other llama-family files split text with their own regex; ids
-            // then differ from llama.cpp on some inputs, which shifts scores
-            // a little but still ranks options consistently.
-            tracing::warn!(pre, "Unknown GGUF pre-tokenizer; using SmolLM's.");
+            .map(String::as_str);
+        // Another split rule gives other ids than the model was trained on:
+        // the scores would be quietly worse, with nothing to say so. Refuse
+        // instead of guessing.
+        if !pre.is_some_and(|p| SMOLLM_SPLIT.contains(&p)) {
+            let found = pre.map_or("none".to_owned(), |p| format!("{p:?}"));
+            return Err(TokenizerError(format!(
+                "pre-tokenizer (tokenizer.ggml.pre) {found} is not supported: the local provider \
+                 splits text the way llama.cpp does for {}; serve this model with an \
+                 OpenAI-compatible server (llama-server, Ollama, vLLM) and set OPENAI_BASE_URL \
+                 instead",
+                SMOLLM_SPLIT.join(", ")
+            )));
         }
         let tokens = string_array(ct, "tokenizer.ggml.tokens")?;
         let merges = string_array(ct, "tokenizer.ggml.merges")?;

@@ -97,6 +97,7 @@ fn success_keeps_the_result_and_its_children() {
         priority: 0,
         tenant: "default".into(),
         scheduled: None,
+        traceparent: None,
     };
     let t = next(
         &state(JobStatus::Running, 1, 3),

@@ -94,6 +94,14 @@ pub struct Claimed {
     pub timeout_secs: i32,
     pub backoff: Backoff,
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// When the job last became runnable, as the claim found it: its retry
+    /// or `run_at` time (`next_run_at`), else its last move (`updated_at`:
+    /// submit, hand-back, replay). For the start lag, so delayed and
+    /// retried jobs do not look late.
+    pub due_at: chrono::DateTime<chrono::Utc>,
+    /// The trace this attempt continues (stored at submit, never carried
+    /// by the broker message).
+    pub traceparent: Option<crate::model::trace::TraceParent>,
 }
 
 impl Claimed {
@@ -409,6 +417,12 @@ pub(crate) fn fired(s: &Schedule, f: &Firing, job_id: Option<Uuid>) -> Fired {
 /// The columns a [`JobState`] is read from, in both dialects.
 pub(crate) const STATE_COLUMNS: &str = "id, status, attempt, attempt_limit, max_attempts, \
      backoff_base_ms, backoff_max_ms, cancel_requested";
+
+/// A stored `traceparent`, read back. Only valid ones are written; one
+/// that no longer parses is dropped, and the attempt starts a trace.
+pub(crate) fn traceparent(stored: Option<String>) -> Option<crate::model::trace::TraceParent> {
+    stored.as_deref().and_then(crate::model::trace::TraceParent::parse)
+}
 
 pub(crate) fn parse_status(s: &str) -> anyhow::Result<JobStatus> {
     use anyhow::Context as _;

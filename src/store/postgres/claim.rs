@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::apply::backoff;
 use super::PgStore;
 use crate::model::{EventType, JobStatus};
-use crate::store::{ms, sql_list, Claimed, Held, StoreResult};
+use crate::store::{ms, sql_list, traceparent, Claimed, Held, StoreResult};
 
 impl PgStore {
     pub(super) async fn claim_ids(
@@ -37,7 +37,9 @@ impl PgStore {
                   AND (next_run_at IS NULL OR next_run_at <= now()) AND NOT cancel_requested
                   AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
                 RETURNING id, kind, payload, status, attempt, attempt_limit, max_attempts, timeout_secs,
-                          backoff_base_ms, backoff_max_ms, created_at, parent_id
+                          backoff_base_ms, backoff_max_ms, created_at, parent_id, traceparent,
+                          -- The row as it was: a statement's subqueries do not see its own update.
+                          (SELECT coalesce(o.next_run_at, o.updated_at) FROM jobs o WHERE o.id = jobs.id) AS due_at
              ), ev AS (
                 INSERT INTO job_events (job_id, kind, type, status, attempt, parent_id)
                 SELECT id, kind, $5, status, attempt, parent_id FROM c
@@ -67,6 +69,8 @@ impl PgStore {
                     timeout_secs: r.try_get("timeout_secs")?,
                     backoff: backoff(r)?,
                     created_at: r.try_get("created_at")?,
+                    due_at: r.try_get("due_at")?,
+                    traceparent: traceparent(r.try_get("traceparent")?),
                 })
             })
             .collect::<Result<_, sqlx::Error>>()

@@ -11,7 +11,10 @@ use uuid::Uuid;
 use super::apply::{backoff, event};
 use super::{from_ms, now_ms, SqliteStore};
 use crate::model::{EventType, JobStatus};
-use crate::store::{ms, sql_list, Claimed, Held, StoreResult};
+use crate::store::{ms, sql_list, traceparent, Claimed, Held, StoreResult};
+
+/// When a job last became runnable (see [`Claimed::due_at`]).
+const DUE_AT: &str = "SELECT coalesce(next_run_at, updated_at) FROM jobs WHERE id = ?";
 
 impl SqliteStore {
     pub(super) async fn claim_ids(
@@ -30,11 +33,17 @@ impl SqliteStore {
                AND (next_run_at IS NULL OR next_run_at <= ?4) AND cancel_requested = 0
                AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
              RETURNING kind, payload, attempt, attempt_limit, max_attempts, timeout_secs,
-                       backoff_base_ms, backoff_max_ms, created_at",
+                       backoff_base_ms, backoff_max_ms, created_at, traceparent",
             sql_list(&JobStatus::CLAIMABLE)
         );
         for id in ids {
             let sid = id.to_string();
+            // Read before the claim clears it: SQLite's RETURNING, and its
+            // subqueries, see only the updated row.
+            let due: Option<i64> = sqlx::query_scalar(DUE_AT)
+                .bind(&sid)
+                .fetch_optional(&mut *tx)
+                .await?;
             let row = sqlx::query(&sql)
                 .bind(&sid)
                 .bind(now + ms(lease))
@@ -59,6 +68,8 @@ impl SqliteStore {
                 timeout_secs: r.try_get("timeout_secs")?,
                 backoff: backoff(&r)?,
                 created_at: from_ms(r.try_get("created_at")?).unwrap_or_default(),
+                due_at: from_ms(due).unwrap_or_default(),
+                traceparent: traceparent(r.try_get("traceparent")?),
             });
         }
         tx.commit().await?;

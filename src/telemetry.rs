@@ -188,9 +188,9 @@ pub fn continue_trace(span: &tracing::Span, parent: Option<&TraceParent>) {
     if !enabled() {
         return;
     }
-    let cx = parent
-        .and_then(remote)
-        .map_or_else(Context::new, |sc| Context::new().with_remote_span_context(sc));
+    let cx = parent.and_then(remote).map_or_else(Context::new, |sc| {
+        Context::new().with_remote_span_context(sc)
+    });
     // Fails only for a span the filter disabled: nothing to parent.
     let _ = span.set_parent(cx);
 }

@@ -346,7 +346,9 @@ impl Intake {
                 let now = chrono::Utc::now();
                 for job in &c {
                     metrics::STARTED.with_label_values(&[&job.kind]).inc();
-                    let since = |t: chrono::DateTime<chrono::Utc>| (now - t).to_std().unwrap_or_default().as_secs_f64();
+                    let since = |t: chrono::DateTime<chrono::Utc>| {
+                        (now - t).to_std().unwrap_or_default().as_secs_f64()
+                    };
                     metrics::WAIT_SECONDS
                         .with_label_values(&[&job.kind])
                         .observe(since(job.created_at));

@@ -283,13 +283,14 @@ async fn otlp_receiver(spans: Arc<Mutex<Vec<Got>>>) -> String {
                 return StatusCode::BAD_REQUEST;
             };
             let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-            let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| {
-                match v.as_ref().and_then(|v| v.value.as_ref()) {
-                    Some(Any::StringValue(s)) => s.clone(),
-                    Some(Any::IntValue(i)) => i.to_string(),
-                    Some(Any::BoolValue(b)) => b.to_string(),
-                    other => format!("{other:?}"),
-                }
+            let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+                .as_ref()
+                .and_then(|v| v.value.as_ref())
+            {
+                Some(Any::StringValue(s)) => s.clone(),
+                Some(Any::IntValue(i)) => i.to_string(),
+                Some(Any::BoolValue(b)) => b.to_string(),
+                other => format!("{other:?}"),
             };
             let mut got = spans.lock().expect("lock");
             for rs in req.resource_spans {
@@ -337,7 +338,12 @@ async fn spans_until(spans: &Mutex<Vec<Got>>, what: &str, ok: impl Fn(&[Got]) ->
         if tokio::time::Instant::now() > deadline {
             let listed: Vec<String> = now
                 .iter()
-                .map(|s| format!("{} {} {} <- {} {:?}", s.service, s.name, s.trace, s.parent, s.attrs))
+                .map(|s| {
+                    format!(
+                        "{} {} {} <- {} {:?}",
+                        s.service, s.name, s.trace, s.parent, s.attrs
+                    )
+                })
                 .collect();
             panic!("no {what} in the spans received:\n{}", listed.join("\n"));
         }
@@ -477,13 +483,16 @@ async fn a_fleet_exports_every_metric_monitoring_names_and_traces_jobs_end_to_en
     // Traces: the probe's two attempts continue the caller's trace, each
     // with a run and a finish inside; the submit is in it too.
     let job_span = |s: &Got, id: &str, attempt: &str| {
-        s.name == "job" && s.attrs.get("job.id").map(String::as_str) == Some(id)
+        s.name == "job"
+            && s.attrs.get("job.id").map(String::as_str) == Some(id)
             && s.attrs.get("attempt").map(String::as_str) == Some(attempt)
     };
     spans_until(&spans, "probe attempts in the caller's trace", |all| {
         let in_trace: Vec<&Got> = all.iter().filter(|s| s.trace == probe_trace).collect();
         let has = |name: &str, service: &str| {
-            in_trace.iter().any(|s| s.name == name && s.service == service)
+            in_trace
+                .iter()
+                .any(|s| s.name == name && s.service == service)
         };
         let attempts: Vec<&&Got> = in_trace
             .iter()
@@ -494,14 +503,17 @@ async fn a_fleet_exports_every_metric_monitoring_names_and_traces_jobs_end_to_en
                 in_trace.iter().any(|s| {
                     s.name == name
                         && s.parent == a.id
-                        && (outcome.is_empty() || s.attrs.get("outcome").map(String::as_str) == Some(outcome))
+                        && (outcome.is_empty()
+                            || s.attrs.get("outcome").map(String::as_str) == Some(outcome))
                 })
             })
         };
         has("request", "stevedore-api")
             && has("submit", "stevedore-api")
             && attempts.len() == 2
-            && attempts.iter().all(|a| a.parent == caller_span && a.service == "stevedore-worker")
+            && attempts
+                .iter()
+                .all(|a| a.parent == caller_span && a.service == "stevedore-worker")
             && inside("run", "")
             && inside("finish", "retrying")
             && inside("finish", "succeeded")
@@ -511,7 +523,9 @@ async fn a_fleet_exports_every_metric_monitoring_names_and_traces_jobs_end_to_en
     spans_until(&spans, "an attempt below its submit span", |all| {
         all.iter().any(|a| {
             job_span(a, &dead, "1")
-                && all.iter().any(|s| s.name == "submit" && s.id == a.parent && s.trace == a.trace)
+                && all
+                    .iter()
+                    .any(|s| s.name == "submit" && s.id == a.parent && s.trace == a.trace)
         })
     })
     .await;
@@ -525,12 +539,17 @@ async fn a_fleet_exports_every_metric_monitoring_names_and_traces_jobs_end_to_en
         .json()
         .await
         .expect("json");
-    let child_id = child["children"][0]["id"].as_str().expect("child").to_owned();
+    let child_id = child["children"][0]["id"]
+        .as_str()
+        .expect("child")
+        .to_owned();
     spans_until(&spans, "the chain's child in its parent's trace", |all| {
         all.iter().any(|c| {
             job_span(c, &child_id, "1")
                 && c.trace == chain_trace
-                && all.iter().any(|p| job_span(p, &scraped, "1") && p.id == c.parent)
+                && all
+                    .iter()
+                    .any(|p| job_span(p, &scraped, "1") && p.id == c.parent)
         })
     })
     .await;

@@ -302,7 +302,7 @@ async fn a_claim_returns_the_trace_context_and_when_the_job_became_due(kind: Kin
         },
         ..new_job(None)
     };
-    db.store.insert_jobs(&[job.clone()]).await.expect("insert");
+    db.store.insert_jobs(std::slice::from_ref(&job)).await.expect("insert");
     let first = db
         .store
         .claim(&[job.id], "w", Duration::ZERO)
@@ -331,7 +331,11 @@ async fn a_claim_returns_the_trace_context_and_when_the_job_became_due(kind: Kin
     .await;
     let second = second.into_inner().expect("lock").expect("claimed");
     assert_eq!(second.attempt, 2);
-    assert_eq!(second.traceparent, Some(tp), "every attempt continues the trace");
+    assert_eq!(
+        second.traceparent,
+        Some(tp),
+        "every attempt continues the trace"
+    );
     assert!(
         second.due_at >= before_retry - chrono::Duration::milliseconds(1),
         "a retry is due from its retry time, not its submit: {} < {before_retry}",

@@ -26,7 +26,9 @@ impl TraceParent {
         let flags = parts.next()?;
         let rest = parts.next();
         let hex = |s: &str, len: usize| {
-            s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         };
         let zero = |s: &str| s.bytes().all(|b| b == b'0');
         let ok = hex(version, 2)
@@ -83,10 +85,9 @@ mod tests {
 
     #[test]
     fn a_later_version_keeps_the_known_fields() {
-        let tp = TraceParent::parse(
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-        )
-        .expect("a future version is read as 00");
+        let tp =
+            TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra")
+                .expect("a future version is read as 00");
         assert_eq!(tp.as_str(), GOOD);
     }
 
@@ -111,11 +112,7 @@ mod tests {
 
     #[test]
     fn built_from_span_ids() {
-        let tp = TraceParent::new(
-            "4bf92f3577b34da6a3ce929d0e0e4736",
-            "00f067aa0ba902b7",
-            true,
-        );
+        let tp = TraceParent::new("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", true);
         assert_eq!(tp.map(|t| t.to_string()), Some(GOOD.to_owned()));
     }
 }

@@ -421,7 +421,9 @@ pub(crate) const STATE_COLUMNS: &str = "id, status, attempt, attempt_limit, max_
 /// A stored `traceparent`, read back. Only valid ones are written; one
 /// that no longer parses is dropped, and the attempt starts a trace.
 pub(crate) fn traceparent(stored: Option<String>) -> Option<crate::model::trace::TraceParent> {
-    stored.as_deref().and_then(crate::model::trace::TraceParent::parse)
+    stored
+        .as_deref()
+        .and_then(crate::model::trace::TraceParent::parse)
 }
 
 pub(crate) fn parse_status(s: &str) -> anyhow::Result<JobStatus> {

@@ -302,7 +302,10 @@ async fn a_claim_returns_the_trace_context_and_when_the_job_became_due(kind: Kin
         },
         ..new_job(None)
     };
-    db.store.insert_jobs(std::slice::from_ref(&job)).await.expect("insert");
+    db.store
+        .insert_jobs(std::slice::from_ref(&job))
+        .await
+        .expect("insert");
     let first = db
         .store
         .claim(&[job.id], "w", Duration::ZERO)

@@ -170,6 +170,8 @@ impl Dispatcher {
 
     async fn refresh_gauges(&self) -> StoreResult<()> {
         let d = self.store.depths().await?;
+        let pools = self.store.pools(crate::worker::ALIVE).await?;
+        metrics::set_pools(&pools, d.by_kind_status.keys().map(|(k, _)| k.as_str()));
         metrics::DEPTH.reset();
         for ((kind, status), n) in d.by_kind_status {
             metrics::DEPTH

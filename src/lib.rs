@@ -20,6 +20,8 @@
 //! - [`supervisor`]: `stevedore up`, the local process supervisor.
 //! - [`connect`]: the client of each service (Postgres, Redis, RabbitMQ)
 //!   with its TLS settings, built in one place.
+//! - [`telemetry`]: the log subscriber and, when configured, OpenTelemetry
+//!   traces; the trace context a job carries from submit to its attempts.
 //! - [`config`], [`metrics`].
 
 pub mod api;
@@ -36,4 +38,5 @@ pub mod model;
 pub mod notifier;
 pub mod store;
 pub mod supervisor;
+pub mod telemetry;
 pub mod worker;

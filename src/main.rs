@@ -240,16 +240,18 @@ enum Command {
     Doctor(cli::doctor::DoctorArgs),
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = config::env_setting("STEVEDORE_LOG")
-        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info,chromiumoxide=error"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().flatten_event(true).with_current_span(true).init(),
+impl Command {
+    /// The role this command runs, which names its service in traces; the
+    /// CLI commands export none.
+    fn role(&self) -> Option<&'static str> {
+        match self {
+            Command::Dev { .. } => Some("dev"),
+            Command::Api { .. } => Some("api"),
+            Command::Worker { .. } => Some("worker"),
+            Command::Notifier { .. } => Some("notifier"),
+            Command::Dispatcher { .. } => Some("dispatcher"),
+            _ => None,
+        }
     }
 }
 
@@ -314,8 +316,14 @@ async fn main() -> anyhow::Result<()> {
     let mut matches = config::empty_env_is_unset(Cli::command()).get_matches();
     let cli = Cli::from_arg_matches_mut(&mut matches)
         .unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
-    init_logs(cli.log_format);
-    match cli.command {
+    let telemetry = stevedore::telemetry::init(cli.log_format, cli.command.role());
+    let res = run(cli.command).await;
+    telemetry.shutdown().await;
+    res
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Dev {
             mut kinds,
             listen,

@@ -66,6 +66,13 @@ pub static WAIT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
         &["kind"],
     )
 });
+pub static START_LAG: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "stevedore_job_start_lag_seconds",
+        "Time from when the job became runnable (submit, run_at, retry or snooze time, hand-back) to the start of an attempt.",
+        &["kind"],
+    )
+});
 pub static DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     reg(IntGaugeVec::new(
         Opts::new(
@@ -76,6 +83,53 @@ pub static DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
     .expect("static metric definition"))
 });
+pub static POOL_WORKERS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    pool_gauge(
+        "stevedore_pool_workers",
+        "Worker processes of the pool seen alive in the last few seconds (set by the dispatcher).",
+    )
+});
+pub static POOL_WORKER_SLOTS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    pool_gauge(
+        "stevedore_pool_worker_slots",
+        "Those workers' concurrency added up: jobs the pool can run at once.",
+    )
+});
+pub static POOL_PAUSED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    pool_gauge(
+        "stevedore_pool_paused",
+        "1 while the pool is paused (it starts no job), else 0.",
+    )
+});
+
+fn pool_gauge(name: &str, help: &str) -> IntGaugeVec {
+    reg(IntGaugeVec::new(Opts::new(name, help), &["pool"]).expect("static metric definition"))
+}
+
+/// Sets the pool gauges from the stores' pool rows, with a zero for every
+/// other pool in `kinds` (pools with jobs but no worker ever seen): the
+/// alert on queued jobs without a worker then compares with a series.
+pub fn set_pools<'a>(states: &[crate::store::PoolState], kinds: impl Iterator<Item = &'a str>) {
+    // Reset first: a pool whose workers all aged out leaves the rows.
+    for g in [&*POOL_WORKERS, &*POOL_WORKER_SLOTS, &*POOL_PAUSED] {
+        g.reset();
+    }
+    for kind in kinds {
+        for g in [&*POOL_WORKERS, &*POOL_WORKER_SLOTS, &*POOL_PAUSED] {
+            g.with_label_values(&[kind]).set(0);
+        }
+    }
+    for s in states {
+        POOL_WORKERS.with_label_values(&[&s.name]).set(s.workers);
+        POOL_WORKER_SLOTS
+            .with_label_values(&[&s.name])
+            .set(s.concurrency);
+        POOL_PAUSED
+            .with_label_values(&[&s.name])
+            .set(i64::from(s.paused));
+    }
+}
+
 pub static FENCED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "stevedore_fenced_writes_total",
@@ -226,6 +280,10 @@ pub fn init() {
     LazyLock::force(&FINISHED);
     LazyLock::force(&RUN_SECONDS);
     LazyLock::force(&WAIT_SECONDS);
+    LazyLock::force(&START_LAG);
+    LazyLock::force(&POOL_WORKERS);
+    LazyLock::force(&POOL_WORKER_SLOTS);
+    LazyLock::force(&POOL_PAUSED);
     LazyLock::force(&DEPTH);
     LazyLock::force(&FENCED);
     LazyLock::force(&BROKER_PUBLISH);

@@ -26,6 +26,7 @@ use crate::metrics;
 use crate::model::job::NewJob;
 use crate::model::lifecycle::{self, Outcome, Transition};
 use crate::store::{Claimed, Store};
+use crate::telemetry;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -101,6 +102,9 @@ struct Done {
     cool: Option<(String, chrono::DateTime<chrono::Utc>)>,
     kind: String,
     tag: Tag,
+    /// The attempt's span, so its `finish` span joins the job's trace
+    /// (`Span::none()` when nothing is traced).
+    span: tracing::Span,
     /// Released only once the finish is committed, so the jobs the
     /// database shows running never outnumber the pool's concurrency.
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -289,6 +293,7 @@ impl Intake {
                     cool: None,
                     kind: String::new(),
                     tag: d.tag,
+                    span: tracing::Span::none(),
                     _permit: None,
                 });
                 continue;
@@ -310,6 +315,9 @@ impl Intake {
             let attempt_span = tracing::info_span!(
                 parent: &self.span, "job", job.id = %job.id, job.kind = %job.kind, attempt = job.attempt
             );
+            // Every attempt continues the trace stored with the job (the
+            // submit's, or the parent job's), never the worker's own span.
+            telemetry::continue_trace(&attempt_span, job.traceparent.as_ref());
             let fut = run_attempt(
                 self.kinds.clone(),
                 job,
@@ -338,14 +346,18 @@ impl Intake {
             .await;
         match res {
             Ok(c) => {
+                let now = chrono::Utc::now();
                 for job in &c {
                     metrics::STARTED.with_label_values(&[&job.kind]).inc();
-                    let waited = (chrono::Utc::now() - job.created_at)
-                        .to_std()
-                        .unwrap_or_default();
+                    let since = |t: chrono::DateTime<chrono::Utc>| {
+                        (now - t).to_std().unwrap_or_default().as_secs_f64()
+                    };
                     metrics::WAIT_SECONDS
                         .with_label_values(&[&job.kind])
-                        .observe(waited.as_secs_f64());
+                        .observe(since(job.created_at));
+                    metrics::START_LAG
+                        .with_label_values(&[&job.kind])
+                        .observe(since(job.due_at.max(job.created_at)));
                 }
                 Some(c)
             }
@@ -376,7 +388,9 @@ async fn run_attempt(
         ))),
         Some(handler) => {
             let limit = Duration::from_secs(u64::try_from(job.timeout_secs).unwrap_or(1));
-            let run = AssertUnwindSafe(handler.run(&ctx, job.payload.clone())).catch_unwind();
+            let run = AssertUnwindSafe(handler.run(&ctx, job.payload.clone()))
+                .catch_unwind()
+                .instrument(telemetry::span(|| tracing::info_span!("run")));
             tokio::select! {
                 r = tokio::time::timeout(limit, run) => match r {
                     Ok(Ok(r)) => r,
@@ -434,15 +448,24 @@ async fn run_attempt(
         cool,
         kind: job.kind,
         tag: delivery.tag,
+        span: telemetry::span(tracing::Span::current),
         _permit: Some(permit),
     });
 }
 
 fn success(kinds: &Kinds, job: &Claimed, result: serde_json::Value, ctx: &JobContext) -> Outcome {
+    // Children join this attempt's trace; when this worker does not trace,
+    // they keep the parent's context so a traced worker still joins it.
+    let trace = telemetry::of_span(&tracing::Span::current()).or_else(|| job.traceparent.clone());
     let children: Result<Vec<NewJob>, _> = ctx
         .take_children()
         .into_iter()
-        .map(|c| NewJob::child(job.id, c, kinds))
+        .map(|c| {
+            NewJob::child(job.id, c, kinds).map(|j| NewJob {
+                traceparent: trace.clone(),
+                ..j
+            })
+        })
         .collect();
     match children {
         Ok(children) => Outcome::Succeeded { result, children },
@@ -468,6 +491,16 @@ async fn finisher(
                 tracing::warn!(error = %e, %key, "Cool-down not recorded.");
             }
         }
+        // One `finish` span per attempt, open over the batch's commit and
+        // ack (the attempt's own span stays open until then, too).
+        let _spans: Vec<tracing::Span> = batch
+            .iter()
+            .filter(|d| !d.span.is_none())
+            .map(|d| {
+                let to = d.cmd.as_ref().map_or("lease_lost", |c| c.to.as_str());
+                tracing::info_span!(parent: &d.span, "finish", outcome = to)
+            })
+            .collect();
         let cmds: Vec<Transition> = batch.iter().filter_map(|d| d.cmd.clone()).collect();
         let applied = (|| store.apply(&cmds))
             .retry(retry_policy())
@@ -499,6 +532,10 @@ async fn finisher(
 /// How often a worker process says it is alive and learns whether its pool
 /// is paused.
 pub const PAUSE_POLL: Duration = Duration::from_secs(1);
+
+/// A worker process that has not said it is alive for this long is gone
+/// (`GET /v1/pools`, the pool gauges).
+pub const ALIVE: Duration = Duration::from_secs(PAUSE_POLL.as_secs() * 5);
 
 async fn watch_pool(
     store: Arc<dyn Store>,

@@ -1,11 +1,13 @@
 //! Monitoring as an operator sees it: the API's request metrics and request
 //! ids through real HTTP requests, and a real fleet's `/metrics` on every role
-//! checked against every metric the alert rules and dashboards name.
+//! checked against every metric the alert rules and dashboards name, its
+//! traces received by a small OTLP/HTTP receiver on loopback.
 
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -239,23 +241,127 @@ async fn wait_done(http: &reqwest::Client, api: &str, id: &str, want: &str, proc
 }
 
 async fn submit(http: &reqwest::Client, api: &str, body: Value) -> String {
-    let r = http
-        .post(format!("{api}/v1/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .expect("submit");
+    submit_traced(http, api, body, None).await
+}
+
+async fn submit_traced(
+    http: &reqwest::Client,
+    api: &str,
+    body: Value,
+    traceparent: Option<&str>,
+) -> String {
+    let mut req = http.post(format!("{api}/v1/jobs")).json(&body);
+    if let Some(tp) = traceparent {
+        req = req.header("traceparent", tp);
+    }
+    let r = req.send().await.expect("submit");
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let v: Value = r.json().await.expect("json");
     v["id"].as_str().expect("id").to_owned()
 }
 
+/// One span as the OTLP receiver got it.
+#[derive(Debug, Clone)]
+struct Got {
+    service: String,
+    name: String,
+    trace: String,
+    id: String,
+    parent: String,
+    attrs: BTreeMap<String, String>,
+}
+
+/// An OTLP/HTTP (protobuf) trace receiver on loopback; answers its base URL.
+async fn otlp_receiver(spans: Arc<Mutex<Vec<Got>>>) -> String {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    use prost::Message;
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: bytes::Bytes| async move {
+            let Ok(req) = ExportTraceServiceRequest::decode(body) else {
+                return StatusCode::BAD_REQUEST;
+            };
+            let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+            let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+                .as_ref()
+                .and_then(|v| v.value.as_ref())
+            {
+                Some(Any::StringValue(s)) => s.clone(),
+                Some(Any::IntValue(i)) => i.to_string(),
+                Some(Any::BoolValue(b)) => b.to_string(),
+                other => format!("{other:?}"),
+            };
+            let mut got = spans.lock().expect("lock");
+            for rs in req.resource_spans {
+                let service = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|a| a.key == "service.name")
+                    .map(|a| text(&a.value))
+                    .unwrap_or_default();
+                for s in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                    got.push(Got {
+                        service: service.clone(),
+                        name: s.name,
+                        trace: hex(&s.trace_id),
+                        id: hex(&s.span_id),
+                        parent: hex(&s.parent_span_id),
+                        attrs: s
+                            .attributes
+                            .iter()
+                            .map(|a| (a.key.clone(), text(&a.value)))
+                            .collect(),
+                    });
+                }
+            }
+            StatusCode::OK
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, app).await });
+    format!("http://{addr}")
+}
+
+/// Waits (with a deadline) until `ok` holds for the spans received.
+async fn spans_until(spans: &Mutex<Vec<Got>>, what: &str, ok: impl Fn(&[Got]) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now: Vec<Got> = spans.lock().expect("lock").clone();
+        if ok(&now) {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let listed: Vec<String> = now
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {} {} <- {} {:?}",
+                        s.service, s.name, s.trace, s.parent, s.attrs
+                    )
+                })
+                .collect();
+            panic!("no {what} in the spans received:\n{}", listed.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A fleet of one process per role, on Postgres and Redis, with traces on:
+/// every metric named by monitoring/ is exported, a job's attempts, and a
+/// chain's child job, continue the trace its submit began.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_rules_and_dashboards_name_is_exported() {
+async fn a_fleet_exports_every_metric_monitoring_names_and_traces_jobs_end_to_end() {
     let wanted = names_in_monitoring();
     let db = fresh_pg_database().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let fixtures = fixture_server().await;
+    let spans: Arc<Mutex<Vec<Got>>> = Arc::default();
+    let otlp = otlp_receiver(spans.clone()).await;
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join(stevedore_analyze::DEFAULT_LOCAL_MODEL);
     let env = vec![
         ("DATABASE_URL", db.clone()),
@@ -270,6 +376,8 @@ async fn every_metric_the_rules_and_dashboards_name_is_exported() {
         ),
         ("STEVEDORE_LOCAL_MODEL", model.display().to_string()),
         ("STEVEDORE_LOG", "info,tower_http=debug".to_owned()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200".to_owned()),
     ];
     let mut migrate = Proc::stevedore(&["migrate"], &env, dir.path(), "migrate");
     assert!(migrate.wait_exit(60).await.success(), "{}", migrate.log());
@@ -316,10 +424,12 @@ async fn every_metric_the_rules_and_dashboards_name_is_exported() {
 
     let api = format!("http://{listen}");
     let http = reqwest::Client::new();
-    let retried = submit(
+    let (probe_trace, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let retried = submit_traced(
         &http,
         &api,
         json!({"kind": "probe", "payload": {"fail_attempts": 1}, "backoff": {"base_ms": 10, "max_ms": 10}}),
+        Some(&format!("00-{probe_trace}-{caller_span}-01")),
     )
     .await;
     let dead = submit(
@@ -328,10 +438,12 @@ async fn every_metric_the_rules_and_dashboards_name_is_exported() {
         json!({"kind": "probe", "payload": {"fail_attempts": 1, "failure": "permanent"}}),
     )
     .await;
-    let scraped = submit(
+    let chain_trace = "0af7651916cd43dd8448eb211c80319c";
+    let scraped = submit_traced(
         &http,
         &api,
         json!({"kind": "scrape", "payload": {"url": format!("http://127.0.0.1:{fixtures}/moodle"), "then": {"kind": "analyze"}}}),
+        Some(&format!("00-{chain_trace}-b7ad6b7169203331-01")),
     )
     .await;
     let analyzed = submit(
@@ -367,6 +479,81 @@ async fn every_metric_the_rules_and_dashboards_name_is_exported() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+
+    // Traces: the probe's two attempts continue the caller's trace, each
+    // with a run and a finish inside; the submit is in it too.
+    let job_span = |s: &Got, id: &str, attempt: &str| {
+        s.name == "job"
+            && s.attrs.get("job.id").map(String::as_str) == Some(id)
+            && s.attrs.get("attempt").map(String::as_str) == Some(attempt)
+    };
+    spans_until(&spans, "probe attempts in the caller's trace", |all| {
+        let in_trace: Vec<&Got> = all.iter().filter(|s| s.trace == probe_trace).collect();
+        let has = |name: &str, service: &str| {
+            in_trace
+                .iter()
+                .any(|s| s.name == name && s.service == service)
+        };
+        let attempts: Vec<&&Got> = in_trace
+            .iter()
+            .filter(|s| job_span(s, &retried, "1") || job_span(s, &retried, "2"))
+            .collect();
+        let inside = |name: &str, outcome: &str| {
+            attempts.iter().any(|a| {
+                in_trace.iter().any(|s| {
+                    s.name == name
+                        && s.parent == a.id
+                        && (outcome.is_empty()
+                            || s.attrs.get("outcome").map(String::as_str) == Some(outcome))
+                })
+            })
+        };
+        has("request", "stevedore-api")
+            && has("submit", "stevedore-api")
+            && attempts.len() == 2
+            && attempts
+                .iter()
+                .all(|a| a.parent == caller_span && a.service == "stevedore-worker")
+            && inside("run", "")
+            && inside("finish", "retrying")
+            && inside("finish", "succeeded")
+    })
+    .await;
+    // A submit without a header: the attempt's parent is the submit span.
+    spans_until(&spans, "an attempt below its submit span", |all| {
+        all.iter().any(|a| {
+            job_span(a, &dead, "1")
+                && all
+                    .iter()
+                    .any(|s| s.name == "submit" && s.id == a.parent && s.trace == a.trace)
+        })
+    })
+    .await;
+    // A chain: the analyze child joins its scrape parent's trace, below the
+    // scrape attempt that made it.
+    let child: Value = http
+        .get(format!("{api}/v1/jobs/{scraped}"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    let child_id = child["children"][0]["id"]
+        .as_str()
+        .expect("child")
+        .to_owned();
+    spans_until(&spans, "the chain's child in its parent's trace", |all| {
+        all.iter().any(|c| {
+            job_span(c, &child_id, "1")
+                && c.trace == chain_trace
+                && all
+                    .iter()
+                    .any(|p| job_span(p, &scraped, "1") && p.id == c.parent)
+        })
+    })
+    .await;
+
     let api_log = procs[0].log();
     let probe_log = procs[3].log();
     drop(procs);

@@ -17,6 +17,7 @@ use serde_json::json;
 use stevedore::model::job::{Backoff, NewJob};
 use stevedore::model::lifecycle::{next, Outcome, Transition};
 use stevedore::model::schedule::{self, NewSchedule};
+use stevedore::model::trace::TraceParent;
 use stevedore::model::JobStatus;
 use stevedore::store::postgres::PgStore;
 use stevedore::store::sqlite::SqliteStore;
@@ -122,6 +123,7 @@ fn new_job(key: Option<&str>) -> NewJob {
         tenant: "default".into(),
         scheduled: None,
         concurrency_key: None,
+        traceparent: None,
     }
 }
 
@@ -286,6 +288,63 @@ async fn a_claim_takes_a_job_once_and_only_when_due(kind: Kind) {
         "only the current attempt's lease is extended"
     );
     assert!(!held[0].cancel_requested);
+    db.close().await;
+}
+
+async fn a_claim_returns_the_trace_context_and_when_the_job_became_due(kind: Kind) {
+    let db = Db::open(kind).await;
+    let tp = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .expect("valid");
+    let job = NewJob {
+        traceparent: Some(tp.clone()),
+        backoff: Backoff {
+            base_ms: 1,
+            max_ms: 1,
+        },
+        ..new_job(None)
+    };
+    db.store
+        .insert_jobs(std::slice::from_ref(&job))
+        .await
+        .expect("insert");
+    let first = db
+        .store
+        .claim(&[job.id], "w", Duration::ZERO)
+        .await
+        .expect("claim")
+        .remove(0);
+    assert_eq!(first.traceparent.as_ref(), Some(&tp));
+    assert!(
+        (first.due_at - first.created_at).num_milliseconds().abs() < 1000,
+        "a fresh job is due from its submit: {} vs {}",
+        first.due_at,
+        first.created_at
+    );
+    let before_retry = Utc::now();
+    eventually(10, "the zero lease expires and is rescued", || async {
+        db.store.rescue_expired(10).await.expect("rescue") == 1
+    })
+    .await;
+    let second = Mutex::new(None);
+    eventually(10, "the retry is claimed once due", || async {
+        let mut c = db.store.claim(&[job.id], "w", LEASE).await.expect("claim");
+        let got = !c.is_empty();
+        *second.lock().expect("lock") = c.pop();
+        got
+    })
+    .await;
+    let second = second.into_inner().expect("lock").expect("claimed");
+    assert_eq!(second.attempt, 2);
+    assert_eq!(
+        second.traceparent,
+        Some(tp),
+        "every attempt continues the trace"
+    );
+    assert!(
+        second.due_at >= before_retry - chrono::Duration::milliseconds(1),
+        "a retry is due from its retry time, not its submit: {} < {before_retry}",
+        second.due_at
+    );
     db.close().await;
 }
 
@@ -1119,6 +1178,7 @@ both_stores!(
     inserts_with_idempotency_and_reads_back,
     empty_batches_write_nothing,
     a_claim_takes_a_job_once_and_only_when_due,
+    a_claim_returns_the_trace_context_and_when_the_job_became_due,
     a_late_finish_of_an_older_attempt_is_refused,
     a_mixed_batch_applies_each_row_on_its_own,
     duplicate_ids_in_a_batch_move_a_job_once,

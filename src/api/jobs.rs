@@ -1,8 +1,10 @@
 //! Job routes: submit (single and batch, idempotent), get, list, cancel.
+//! A submit stores the trace context its jobs' attempts continue (see
+//! [`crate::telemetry`]).
 
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
@@ -17,6 +19,8 @@ use crate::auth::Principal;
 use crate::model::job::{Inserted, Job, NewJob, SubmitRequest};
 use crate::model::JobStatus;
 use crate::store::{CancelOutcome, ListFilter};
+use crate::telemetry;
+use tracing::Instrument;
 
 #[derive(Serialize, ToSchema)]
 pub struct Links {
@@ -98,10 +102,25 @@ async fn insert(s: &AppState, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, ApiErr
 pub async fn submit(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let span = telemetry::span(|| tracing::info_span!("submit", jobs = 1));
+    submit_one(s, who, &headers, body, &span)
+        .instrument(span.clone())
+        .await
+}
+
+async fn submit_one(
+    s: AppState,
+    who: Principal,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    span: &tracing::Span,
 ) -> Result<Response, ApiError> {
     let req: SubmitRequest = parse_body(body)?;
     let mut job = NewJob::parse(req, &s.kinds).map_err(ApiError::Invalid)?;
+    job.traceparent = telemetry::traceparent_for(headers, span);
     check_cap(&s, &who, 1).await?;
     job.tenant = who.tenant;
     super::webhooks::check_job_webhook(&s, &mut job)
@@ -126,9 +145,25 @@ pub async fn submit(
 pub async fn submit_batch(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let span = telemetry::span(|| tracing::info_span!("submit", jobs = tracing::field::Empty));
+    submit_many(s, who, &headers, body, &span)
+        .instrument(span.clone())
+        .await
+}
+
+async fn submit_many(
+    s: AppState,
+    who: Principal,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    span: &tracing::Span,
+) -> Result<Response, ApiError> {
     let req: BatchRequest = parse_body(body)?;
+    span.record("jobs", req.jobs.len());
+    let trace = telemetry::traceparent_for(headers, span);
     if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH {
         return Err(ApiError::Invalid(FieldError::new(
             "jobs",
@@ -143,6 +178,7 @@ pub async fn submit_batch(
             NewJob::parse(r, &s.kinds)
                 .map(|j| NewJob {
                     tenant: who.tenant.clone(),
+                    traceparent: trace.clone(),
                     ..j
                 })
                 .map_err(|e| {

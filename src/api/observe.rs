@@ -1,6 +1,7 @@
 //! What the API tells operators about each request: a request id (kept from
 //! `x-request-id`, generated when absent) in the response and in the
-//! request's log span, and Prometheus counters and a latency histogram by
+//! request's log span (which continues a caller's `traceparent` when
+//! traces are on), and Prometheus counters and a latency histogram by
 //! route template and status class. Also the API's `/metrics`, which first
 //! checks the database and brokers so an unreachable dependency shows as a
 //! series rather than only in `/readyz`.
@@ -53,12 +54,19 @@ fn span(req: &Request) -> tracing::Span {
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "request",
         request_id = %id,
         method = %req.method(),
         path = %req.uri().path(),
-    )
+    );
+    // A caller's trace continues through the request (traced processes only).
+    if crate::telemetry::enabled() {
+        if let Some(parent) = crate::telemetry::from_headers(req.headers()) {
+            crate::telemetry::continue_trace(&span, Some(&parent));
+        }
+    }
+    span
 }
 
 /// Labels stay bounded: the route is the template (`/v1/jobs/{id}`), never

@@ -3,7 +3,6 @@
 //! admin key of the default tenant (the deployment's own) may pause one.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
@@ -13,7 +12,7 @@ use utoipa::ToSchema;
 use super::{ApiError, AppState};
 use crate::auth::{Principal, DEFAULT_TENANT};
 use crate::model::JobStatus;
-use crate::worker::PAUSE_POLL;
+use crate::worker::ALIVE;
 
 /// One pool as `GET /v1/pools` shows it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -35,9 +34,6 @@ pub struct Pool {
 pub struct PoolList {
     pub pools: Vec<Pool>,
 }
-
-/// A worker process that has not said it is alive for this long is gone.
-const ALIVE: Duration = Duration::from_secs(PAUSE_POLL.as_secs() * 5);
 
 pub(super) fn operator(who: &Principal) -> Result<(), ApiError> {
     if who.tenant == DEFAULT_TENANT {

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::secret::Secret;
 use super::status::JobStatus;
+use super::trace::TraceParent;
 use crate::kinds::Kinds;
 
 /// Per-job retry delay: exponential from `base_ms`, capped at `max_ms`, with
@@ -109,6 +110,9 @@ pub struct NewJob {
     pub tenant: String,
     /// The schedule and fire time that made it, for scheduled jobs.
     pub scheduled: Option<(String, DateTime<Utc>)>,
+    /// The trace its attempts continue: the submit's `traceparent` header
+    /// or span, or for a child the attempt that made it.
+    pub traceparent: Option<TraceParent>,
 }
 
 impl NewJob {
@@ -214,6 +218,7 @@ impl NewJob {
             concurrency_key: req.concurrency_key,
             tenant: crate::auth::DEFAULT_TENANT.to_owned(),
             scheduled: None,
+            traceparent: None,
         })
     }
 

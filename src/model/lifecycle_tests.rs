@@ -98,6 +98,7 @@ fn success_keeps_the_result_and_its_children() {
         tenant: "default".into(),
         scheduled: None,
         concurrency_key: None,
+        traceparent: None,
     };
     let t = next(
         &state(JobStatus::Running, 1, 3),

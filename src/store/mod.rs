@@ -97,6 +97,14 @@ pub struct Claimed {
     /// Its concurrency key: a Retry-After from the remote side cools the
     /// key down for every worker.
     pub concurrency_key: Option<String>,
+    /// When the job last became runnable, as the claim found it: its retry
+    /// or `run_at` time (`next_run_at`), else its last move (`updated_at`:
+    /// submit, hand-back, replay). For the start lag, so delayed and
+    /// retried jobs do not look late.
+    pub due_at: chrono::DateTime<chrono::Utc>,
+    /// The trace this attempt continues (stored at submit, never carried
+    /// by the broker message).
+    pub traceparent: Option<crate::model::trace::TraceParent>,
 }
 
 impl Claimed {
@@ -443,6 +451,14 @@ pub(crate) fn fired(s: &Schedule, f: &Firing, job_id: Option<Uuid>) -> Fired {
 /// The columns a [`JobState`] is read from, in both dialects.
 pub(crate) const STATE_COLUMNS: &str = "id, status, attempt, attempt_limit, max_attempts, \
      backoff_base_ms, backoff_max_ms, cancel_requested";
+
+/// A stored `traceparent`, read back. Only valid ones are written; one
+/// that no longer parses is dropped, and the attempt starts a trace.
+pub(crate) fn traceparent(stored: Option<String>) -> Option<crate::model::trace::TraceParent> {
+    stored
+        .as_deref()
+        .and_then(crate::model::trace::TraceParent::parse)
+}
 
 pub(crate) fn parse_status(s: &str) -> anyhow::Result<JobStatus> {
     use anyhow::Context as _;

@@ -75,17 +75,19 @@ pub(super) async fn insert_in(
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int[], $5::int[],
                                  $6::bigint[], $7::bigint[], $8::timestamptz[], $9::text[], $10::uuid[],
                                  $11::jsonb[], $14::text[], $15::smallint[], $16::text[],
-                                 $17::timestamptz[], $18::text[])
+                                 $17::timestamptz[], $18::text[], $19::text[])
               AS t(id, kind, payload, max_attempts, timeout_secs, base_ms, max_ms, run_at, idem, parent_id,
-                   webhook, tenant, priority, schedule, scheduled_for, concurrency_key)
+                   webhook, tenant, priority, schedule, scheduled_for, concurrency_key,
+                   traceparent)
          ), ins AS (
             INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
                               backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
-                              webhook, tenant, priority, schedule, scheduled_for, concurrency_key)
+                              webhook, tenant, priority, schedule, scheduled_for, concurrency_key,
+                              traceparent)
             SELECT i.id, i.kind, i.payload, $12, i.max_attempts, i.max_attempts, i.base_ms, i.max_ms,
                    i.timeout_secs, i.run_at, i.run_at, i.idem, i.parent_id, i.webhook,
                    coalesce(p.tenant, i.tenant), coalesce(p.priority, i.priority), i.schedule,
-                   i.scheduled_for, i.concurrency_key
+                   i.scheduled_for, i.concurrency_key, i.traceparent
             FROM input i LEFT JOIN jobs p ON p.id = i.parent_id
             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING id, kind, status, attempt, next_run_at, parent_id, priority
@@ -116,6 +118,7 @@ pub(super) async fn insert_in(
     .bind(&schedules)
     .bind(&fire_times)
     .bind(&keys_c)
+    .bind(jobs.iter().map(|j| j.traceparent.as_ref().map(|t| t.as_str())).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
 

@@ -15,7 +15,7 @@ use super::apply::backoff;
 use super::PgStore;
 use crate::model::concurrency::{self, Admission, KeyState};
 use crate::model::{EventType, JobStatus};
-use crate::store::{ms, sql_list, Claimed, Held, StoreResult};
+use crate::store::{ms, sql_list, traceparent, Claimed, Held, StoreResult};
 
 /// The claim itself: one attempt for each of `$1` that may start, with its
 /// `job.started` event. `extra` narrows it (the fast path leaves keyed
@@ -30,7 +30,10 @@ fn claim_sql(extra: &str) -> String {
               AND (next_run_at IS NULL OR next_run_at <= now()) AND NOT cancel_requested
               AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
             RETURNING id, kind, payload, status, attempt, attempt_limit, max_attempts, timeout_secs,
-                      backoff_base_ms, backoff_max_ms, created_at, parent_id, concurrency_key
+                      backoff_base_ms, backoff_max_ms, created_at, parent_id, concurrency_key,
+                      traceparent,
+                      -- The row as it was: a statement's subqueries do not see its own update.
+                      (SELECT coalesce(o.next_run_at, o.updated_at) FROM jobs o WHERE o.id = jobs.id) AS due_at
          ), ev AS (
             INSERT INTO job_events (job_id, kind, type, status, attempt, parent_id)
             SELECT id, kind, $5, status, attempt, parent_id FROM c
@@ -68,6 +71,8 @@ async fn claim_in(
                 backoff: backoff(r)?,
                 created_at: r.try_get("created_at")?,
                 concurrency_key: r.try_get("concurrency_key")?,
+                due_at: r.try_get("due_at")?,
+                traceparent: traceparent(r.try_get("traceparent")?),
             })
         })
         .collect::<Result<_, sqlx::Error>>()

@@ -114,10 +114,10 @@ pub(super) async fn insert_in(
             "INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
                backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
                created_at, updated_at, webhook, tenant, priority, schedule, scheduled_for,
-               concurrency_key)
+               concurrency_key, traceparent)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
                      coalesce((SELECT tenant FROM jobs WHERE id = ?17), ?18),
-                     coalesce((SELECT priority FROM jobs WHERE id = ?17), ?19), ?20, ?21, ?22)",
+                     coalesce((SELECT priority FROM jobs WHERE id = ?17), ?19), ?20, ?21, ?22, ?23)",
         )
         .bind(&id)
         .bind(&j.kind)
@@ -147,6 +147,7 @@ pub(super) async fn insert_in(
         .bind(j.scheduled.as_ref().map(|(n, _)| n.as_str()))
         .bind(j.scheduled.as_ref().map(|(_, at)| to_ms(*at)))
         .bind(j.concurrency_key.as_deref())
+        .bind(j.traceparent.as_ref().map(|t| t.as_str()))
         .execute(&mut *conn)
         .await?;
         outbox(conn, &id, &j.kind, run_at.unwrap_or(now)).await?;

@@ -13,7 +13,10 @@ use super::apply::{backoff, event};
 use super::{from_ms, now_ms, SqliteStore};
 use crate::model::concurrency::{self, KeyState};
 use crate::model::{EventType, JobStatus};
-use crate::store::{ms, sql_list, Claimed, Held, StoreResult};
+use crate::store::{ms, sql_list, traceparent, Claimed, Held, StoreResult};
+
+/// When a job last became runnable (see [`Claimed::due_at`]).
+const DUE_AT: &str = "SELECT coalesce(next_run_at, updated_at) FROM jobs WHERE id = ?";
 
 impl SqliteStore {
     pub(super) async fn claim_ids(
@@ -33,7 +36,7 @@ impl SqliteStore {
                    AND (next_run_at IS NULL OR next_run_at <= ?4) AND cancel_requested = 0
                    AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
                  RETURNING kind, payload, attempt, attempt_limit, max_attempts, timeout_secs,
-                           backoff_base_ms, backoff_max_ms, created_at, concurrency_key",
+                           backoff_base_ms, backoff_max_ms, created_at, concurrency_key, traceparent",
                 sql_list(&JobStatus::CLAIMABLE)
             )
         };
@@ -43,6 +46,12 @@ impl SqliteStore {
         let (unkeyed, any) = (unkeyed.as_str(), any.as_str());
         for id in ids {
             let sid = id.to_string();
+            // Read before the claim clears it: SQLite's RETURNING, and its
+            // subqueries, see only the updated row.
+            let due: Option<i64> = sqlx::query_scalar(DUE_AT)
+                .bind(&sid)
+                .fetch_optional(&mut *tx)
+                .await?;
             let claim = |sql: &'static str| {
                 sqlx::query(sql)
                     .bind(sid.clone())
@@ -76,6 +85,8 @@ impl SqliteStore {
                 backoff: backoff(&r)?,
                 created_at: from_ms(r.try_get("created_at")?).unwrap_or_default(),
                 concurrency_key: r.try_get("concurrency_key")?,
+                due_at: from_ms(due).unwrap_or_default(),
+                traceparent: traceparent(r.try_get("traceparent")?),
             });
         }
         tx.commit().await?;

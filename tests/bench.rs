@@ -104,10 +104,19 @@ async fn bench_runs_on_postgres_and_rabbitmq() {
         ("DATABASE_URL", db.clone()),
         ("STEVEDORE_AMQP_PREFIX", prefix.clone()),
     ];
-    let out =
-        tokio::task::spawn_blocking(move || bench(&["--broker", "amqp", "--jobs", "500"], &env))
-            .await
-            .expect("bench thread");
+    // Keyed jobs (two keys, no limit): the claim's keyed path, under its
+    // per-key locks, still finishes every job.
+    let args = [
+        "--broker",
+        "amqp",
+        "--jobs",
+        "500",
+        "--concurrency-keys",
+        "2",
+    ];
+    let out = tokio::task::spawn_blocking(move || bench(&args, &env))
+        .await
+        .expect("bench thread");
     check_figures(&out, 500);
     let db_line = figures(&out, "database:", &["database:", "(reads included), "]);
     // Every job writes, so both figures are above zero.

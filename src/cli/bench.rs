@@ -46,6 +46,11 @@ pub struct BenchArgs {
     /// measure what priorities cost against plain jobs (1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=10))]
     pub priorities: u16,
+    /// Give the jobs this many concurrency keys (`bench:0`, `bench:1`, ...,
+    /// by request), to measure what keyed claims cost against plain jobs
+    /// (0: no keys). Set a limit on `bench:` to measure one that binds.
+    #[arg(long, default_value_t = 0)]
+    pub concurrency_keys: u16,
     /// Give up waiting for completion after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
@@ -158,8 +163,12 @@ async fn measure(a: BenchArgs) -> anyhow::Result<usize> {
         .map(|(i, n)| {
             // Whole requests take turns, so every priority has a backlog.
             let priority = (i % usize::from(a.priorities)) * 10;
-            let job =
+            let mut job =
                 json!({"kind": "probe", "payload": {"sleep_ms": a.sleep_ms}, "priority": priority});
+            if a.concurrency_keys > 0 {
+                job["concurrency_key"] =
+                    format!("bench:{}", i % usize::from(a.concurrency_keys)).into();
+            }
             let (http, url) = (http.clone(), url.clone());
             async move {
                 let v = if n == 1 {

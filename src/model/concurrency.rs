@@ -86,6 +86,14 @@ pub fn room(state: &KeyState, now: DateTime<Utc>) -> i64 {
         .map_or(i64::MAX, |l| (i64::from(l) - state.running).max(0))
 }
 
+/// How many held jobs of each key to let go now, for the keys with room.
+pub fn release_plan(keys: HashMap<String, KeyState>, now: DateTime<Utc>) -> Vec<(String, i64)> {
+    keys.into_iter()
+        .map(|(k, s)| (k, room(&s, now).min(i64::from(i32::MAX))))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

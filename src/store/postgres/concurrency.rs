@@ -95,13 +95,7 @@ impl PgStore {
         }
         let names: Vec<&str> = keys.iter().map(String::as_str).collect();
         let states = key_states(&mut tx, &names).await?;
-        let now = Utc::now();
-        let room: Vec<(String, i64)> = states
-            .into_iter()
-            .map(|(k, s)| (k, concurrency::room(&s, now).min(i64::from(i32::MAX))))
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        let n = release(&mut tx, &room).await?;
+        let n = release(&mut tx, &concurrency::release_plan(states, Utc::now())).await?;
         tx.commit().await?;
         Ok(n)
     }

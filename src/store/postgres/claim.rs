@@ -94,7 +94,15 @@ impl PgStore {
         // deadlocking each other.
         let mut ids = ids.to_vec();
         ids.sort_unstable();
-        let sql = claim_sql("AND concurrency_key IS NULL");
+        // Keys no limit names and no cool-down holds start like unkeyed
+        // jobs; the rest go through `claim_keyed`.
+        let sql = claim_sql(
+            "AND (concurrency_key IS NULL
+                  OR (NOT EXISTS (SELECT 1 FROM concurrency_limits l
+                                  WHERE starts_with(jobs.concurrency_key, l.prefix))
+                      AND NOT EXISTS (SELECT 1 FROM concurrency_cooldowns c
+                                      WHERE c.key = jobs.concurrency_key AND c.until > now())))",
+        );
         let mut claimed =
             claim_in(&mut *self.pool.acquire().await?, &sql, &ids, worker, lease).await?;
         if claimed.len() < ids.len() {
@@ -122,32 +130,62 @@ impl PgStore {
         lease: Duration,
     ) -> StoreResult<Vec<Claimed>> {
         let mut tx = self.pool.begin().await?;
-        let cands: Vec<(Uuid, String)> = sqlx::query_as(&format!(
-            "SELECT id, concurrency_key FROM jobs
-             WHERE id = ANY($1) AND concurrency_key IS NOT NULL AND status IN {}
-               AND (next_run_at IS NULL OR next_run_at <= now()) AND NOT cancel_requested
-               AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
-             ORDER BY priority DESC, id",
+        // Each job's key with its cool-down, if one holds: the common case
+        // (keys without a limit) needs nothing more than this and the
+        // limits before its claim.
+        let rows: Vec<(Uuid, String, Option<DateTime<Utc>>)> = sqlx::query_as(&format!(
+            "SELECT j.id, j.concurrency_key, c.until FROM jobs j
+             LEFT JOIN concurrency_cooldowns c ON c.key = j.concurrency_key
+             WHERE j.id = ANY($1) AND j.concurrency_key IS NOT NULL AND j.status IN {}
+               AND (j.next_run_at IS NULL OR j.next_run_at <= now()) AND NOT j.cancel_requested
+               AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = j.kind AND p.paused)
+             ORDER BY j.priority DESC, j.id",
             sql_list(&JobStatus::CLAIMABLE)
         ))
         .bind(ids)
         .fetch_all(&mut *tx)
         .await?;
-        if cands.is_empty() {
+        if rows.is_empty() {
             tx.commit().await?;
             return Ok(vec![]);
         }
-        let mut keys: Vec<&str> = cands.iter().map(|(_, k)| k.as_str()).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        // In key order, so two claims wanting the same keys cannot deadlock.
-        for key in &keys {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 1706))")
-                .bind(key)
-                .execute(&mut *tx)
+        let limits: Vec<(String, i32)> =
+            sqlx::query_as("SELECT prefix, max_running FROM concurrency_limits")
+                .fetch_all(&mut *tx)
                 .await?;
+        let mut states: HashMap<String, KeyState> = HashMap::new();
+        for (_, key, until) in &rows {
+            states.entry(key.clone()).or_insert_with(|| KeyState {
+                limit: concurrency::limit_for(key, &limits),
+                running: 0,
+                cool_until: *until,
+            });
         }
-        let states = key_states(&mut tx, &keys).await?;
+        // Only keys with a limit are counted, under a lock each, taken in
+        // key order (unnest keeps the array's) so two claims cannot
+        // deadlock: claims on every worker then count the same running jobs.
+        let mut limited: Vec<&str> = states
+            .iter()
+            .filter(|(_, s)| s.limit.is_some())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        limited.sort_unstable();
+        if !limited.is_empty() {
+            sqlx::query(
+                "SELECT count(pg_advisory_xact_lock(hashtextextended(k, 1706)))
+                 FROM unnest($1::text[]) AS k",
+            )
+            .bind(&limited)
+            .execute(&mut *tx)
+            .await?;
+            let counts = running_counts(&mut tx, &limited).await?;
+            for (key, n) in counts {
+                if let Some(s) = states.get_mut(&key) {
+                    s.running = n;
+                }
+            }
+        }
+        let cands: Vec<(Uuid, String)> = rows.into_iter().map(|(id, k, _)| (id, k)).collect();
         let now = chrono::Utc::now();
         let decided = concurrency::admit(&cands, &states, now);
         let claimed = claim_in(&mut tx, &claim_sql(""), &decided.start, worker, lease).await?;
@@ -208,8 +246,8 @@ impl PgStore {
     }
 }
 
-/// Each key's limit, running jobs and cool-down, as a claim or a release
-/// decides from them.
+/// Each key's limit, running jobs and cool-down, as the safety net's
+/// release decides from them.
 pub(super) async fn key_states(
     conn: &mut PgConnection,
     keys: &[&str],
@@ -218,29 +256,42 @@ pub(super) async fn key_states(
         sqlx::query_as("SELECT prefix, max_running FROM concurrency_limits")
             .fetch_all(&mut *conn)
             .await?;
-    let rows: Vec<(String, i64, Option<DateTime<Utc>>)> = sqlx::query_as(&format!(
-        "SELECT k, (SELECT count(*) FROM jobs j WHERE j.concurrency_key = k AND j.status = '{}'),
-                (SELECT until FROM concurrency_cooldowns c WHERE c.key = k)
-         FROM unnest($1::text[]) AS k",
+    let cooling: HashMap<String, DateTime<Utc>> =
+        sqlx::query_as("SELECT key, until FROM concurrency_cooldowns WHERE key = ANY($1)")
+            .bind(keys)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+    let running = running_counts(conn, keys).await?;
+    Ok(keys
+        .iter()
+        .map(|key| {
+            let state = KeyState {
+                limit: concurrency::limit_for(key, &limits),
+                running: running.get(*key).copied().unwrap_or(0),
+                cool_until: cooling.get(*key).copied(),
+            };
+            ((*key).to_owned(), state)
+        })
+        .collect())
+}
+
+/// Jobs of each key running now (over the partial index of keyed running
+/// jobs, so at most each key's limit is read).
+async fn running_counts(
+    conn: &mut PgConnection,
+    keys: &[&str],
+) -> StoreResult<HashMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT concurrency_key, count(*) FROM jobs
+         WHERE concurrency_key = ANY($1) AND status = '{}' GROUP BY concurrency_key",
         JobStatus::Running.as_str()
     ))
     .bind(keys)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(key, running, cool_until)| {
-            let limit = concurrency::limit_for(&key, &limits);
-            (
-                key,
-                KeyState {
-                    limit,
-                    running,
-                    cool_until,
-                },
-            )
-        })
-        .collect())
+    Ok(rows.into_iter().collect())
 }
 
 /// Puts what [`concurrency::admit`] did not start back in the outbox: held

@@ -11,7 +11,6 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::claim::release;
 use super::parse_status;
 use crate::model::job::{Backoff, Inserted, NewJob};
 use crate::model::lifecycle::{Enqueue, JobState, Transition};
@@ -213,7 +212,7 @@ pub(super) async fn apply_in(
         .collect();
     let terminal: Vec<bool> = batch.iter().map(|t| t.to.is_terminal()).collect();
     let running: Vec<bool> = batch.iter().map(|t| t.to == JobStatus::Running).collect();
-    let applied: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+    let applied: Vec<Uuid> = sqlx::query_scalar(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::int[],
                                  $6::timestamptz[], $7::bool[], $8::jsonb[], $9::jsonb[], $10::bool[],
@@ -241,9 +240,19 @@ pub(super) async fn apply_in(
          ), ev AS (
             INSERT INTO job_events (job_id, kind, type, status, attempt, parent_id)
             SELECT id, kind, event, status, attempt, parent_id FROM upd WHERE event IS NOT NULL
+         ), freed AS (
+            -- A keyed job that stopped running makes room on its key: as
+            -- many of the most urgent jobs held there go to the relay.
+            UPDATE outbox o SET held_key = NULL, available_at = now()
+            FROM (SELECT x.id FROM (SELECT concurrency_key AS key, count(*) AS n FROM upd
+                                    WHERE from_status = $15 AND status <> $15
+                                      AND concurrency_key IS NOT NULL
+                                    GROUP BY concurrency_key) r,
+                  LATERAL (SELECT id FROM outbox WHERE held_key = r.key
+                           ORDER BY priority DESC, id LIMIT r.n FOR UPDATE SKIP LOCKED) x) f
+            WHERE o.id = f.id
          )
-         SELECT id, CASE WHEN from_status = $15 AND status <> $15 THEN concurrency_key END
-         FROM upd",
+         SELECT id FROM upd",
     )
     .bind(&ids)
     .bind(&from)
@@ -262,14 +271,6 @@ pub(super) async fn apply_in(
     .bind(JobStatus::Running.as_str())
     .fetch_all(&mut *conn)
     .await?;
-    // A keyed job that stopped running makes room on its key: the most
-    // urgent job held there goes to the relay.
-    let mut freed: HashMap<String, i64> = HashMap::new();
-    for key in applied.iter().filter_map(|(_, k)| k.clone()) {
-        *freed.entry(key).or_default() += 1;
-    }
-    release(conn, &freed.into_iter().collect::<Vec<_>>()).await?;
-    let applied: Vec<Uuid> = applied.into_iter().map(|(id, _)| id).collect();
     // Children are submitted in the same transaction as their parent's
     // success, and only if that success was not fenced.
     let mut parents: HashSet<Uuid> = applied.iter().copied().collect();

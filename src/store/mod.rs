@@ -422,6 +422,17 @@ pub struct LimitState {
     pub held: i64,
 }
 
+impl From<(String, i32, i64, i64)> for LimitState {
+    fn from((prefix, max_running, running, held): (String, i32, i64, i64)) -> Self {
+        Self {
+            prefix,
+            max_running,
+            running,
+            held,
+        }
+    }
+}
+
 /// How [`Store::fire_schedules`] is told to fire one schedule
 /// ([`crate::model::schedule::fire`] with the time and a jitter draw).
 pub type FireFn = dyn Fn(&Schedule) -> Firing + Send + Sync;

@@ -55,15 +55,7 @@ impl PgStore {
         ))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(prefix, max_running, running, held)| LimitState {
-                prefix,
-                max_running,
-                running,
-                held,
-            })
-            .collect())
+        Ok(rows.into_iter().map(LimitState::from).collect())
     }
 
     pub(super) async fn cool(&self, key: &str, until: DateTime<Utc>) -> StoreResult<()> {

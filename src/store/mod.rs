@@ -433,6 +433,9 @@ impl From<(String, i32, i64, i64)> for LimitState {
     }
 }
 
+/// Keys with held jobs one [`Store::release_held`] round looks at.
+pub(crate) const HELD_KEYS_PER_ROUND: i64 = 1000;
+
 /// How [`Store::fire_schedules`] is told to fire one schedule
 /// ([`crate::model::schedule::fire`] with the time and a jitter draw).
 pub type FireFn = dyn Fn(&Schedule) -> Firing + Send + Sync;

@@ -3,9 +3,8 @@
 //! model transitions) because they run per delivered batch and need the
 //! database's clock for leases; the statuses they use are the model's.
 
-use std::time::Duration;
-
 use std::collections::HashMap;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
@@ -246,40 +245,9 @@ impl PgStore {
     }
 }
 
-/// Each key's limit, running jobs and cool-down, as the safety net's
-/// release decides from them.
-pub(super) async fn key_states(
-    conn: &mut PgConnection,
-    keys: &[&str],
-) -> StoreResult<HashMap<String, KeyState>> {
-    let limits: Vec<(String, i32)> =
-        sqlx::query_as("SELECT prefix, max_running FROM concurrency_limits")
-            .fetch_all(&mut *conn)
-            .await?;
-    let cooling: HashMap<String, DateTime<Utc>> =
-        sqlx::query_as("SELECT key, until FROM concurrency_cooldowns WHERE key = ANY($1)")
-            .bind(keys)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
-    let running = running_counts(conn, keys).await?;
-    Ok(keys
-        .iter()
-        .map(|key| {
-            let state = KeyState {
-                limit: concurrency::limit_for(key, &limits),
-                running: running.get(*key).copied().unwrap_or(0),
-                cool_until: cooling.get(*key).copied(),
-            };
-            ((*key).to_owned(), state)
-        })
-        .collect())
-}
-
 /// Jobs of each key running now (over the partial index of keyed running
 /// jobs, so at most each key's limit is read).
-async fn running_counts(
+pub(super) async fn running_counts(
     conn: &mut PgConnection,
     keys: &[&str],
 ) -> StoreResult<HashMap<String, i64>> {
@@ -332,27 +300,4 @@ async fn park(conn: &mut PgConnection, a: &Admission) -> StoreResult<()> {
     .execute(&mut *conn)
     .await?;
     Ok(())
-}
-
-/// Lets go up to `n` of the most urgent jobs held on each key: they go to
-/// the relay now. Answers how many went.
-pub(super) async fn release(conn: &mut PgConnection, keys: &[(String, i64)]) -> StoreResult<u64> {
-    if keys.is_empty() {
-        return Ok(0);
-    }
-    let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
-    let counts: Vec<i64> = keys.iter().map(|(_, n)| *n).collect();
-    let n = sqlx::query(
-        "UPDATE outbox o SET held_key = NULL, available_at = now()
-         FROM (SELECT x.id FROM unnest($1::text[], $2::bigint[]) AS r(key, n),
-               LATERAL (SELECT id FROM outbox WHERE held_key = r.key
-                        ORDER BY priority DESC, id LIMIT r.n FOR UPDATE SKIP LOCKED) x) s
-         WHERE o.id = s.id",
-    )
-    .bind(&names)
-    .bind(&counts)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    Ok(n)
 }

@@ -3,16 +3,16 @@
 //! lets held jobs go when their key has room. The claim and the release an
 //! ending job makes are in `claim.rs` and `apply.rs`.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
 
-use super::claim::{key_states, release};
+use super::claim::running_counts;
 use super::PgStore;
-use crate::model::concurrency;
+use crate::model::concurrency::{self, KeyState};
 use crate::model::JobStatus;
-use crate::store::{LimitState, StoreResult};
-
-/// Keys one safety-net round looks at.
-const KEYS_PER_ROUND: i64 = 1000;
+use crate::store::{LimitState, StoreResult, HELD_KEYS_PER_ROUND};
 
 impl PgStore {
     pub(super) async fn set_limit(&self, prefix: &str, max: Option<i32>) -> StoreResult<bool> {
@@ -78,7 +78,7 @@ impl PgStore {
         let keys: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT held_key FROM outbox WHERE held_key IS NOT NULL LIMIT $1",
         )
-        .bind(KEYS_PER_ROUND)
+        .bind(HELD_KEYS_PER_ROUND)
         .fetch_all(&mut *tx)
         .await?;
         if keys.is_empty() {
@@ -91,4 +91,58 @@ impl PgStore {
         tx.commit().await?;
         Ok(n)
     }
+}
+
+/// Each key's limit, running jobs and cool-down, as the safety net's
+/// release decides from them.
+async fn key_states(
+    conn: &mut PgConnection,
+    keys: &[&str],
+) -> StoreResult<HashMap<String, KeyState>> {
+    let limits: Vec<(String, i32)> =
+        sqlx::query_as("SELECT prefix, max_running FROM concurrency_limits")
+            .fetch_all(&mut *conn)
+            .await?;
+    let cooling: HashMap<String, DateTime<Utc>> =
+        sqlx::query_as("SELECT key, until FROM concurrency_cooldowns WHERE key = ANY($1)")
+            .bind(keys)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+    let running = running_counts(conn, keys).await?;
+    Ok(keys
+        .iter()
+        .map(|key| {
+            let state = KeyState {
+                limit: concurrency::limit_for(key, &limits),
+                running: running.get(*key).copied().unwrap_or(0),
+                cool_until: cooling.get(*key).copied(),
+            };
+            ((*key).to_owned(), state)
+        })
+        .collect())
+}
+
+/// Lets go up to `n` of the most urgent jobs held on each key: they go to
+/// the relay now. Answers how many went.
+async fn release(conn: &mut PgConnection, keys: &[(String, i64)]) -> StoreResult<u64> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+    let counts: Vec<i64> = keys.iter().map(|(_, n)| *n).collect();
+    let n = sqlx::query(
+        "UPDATE outbox o SET held_key = NULL, available_at = now()
+         FROM (SELECT x.id FROM unnest($1::text[], $2::bigint[]) AS r(key, n),
+               LATERAL (SELECT id FROM outbox WHERE held_key = r.key
+                        ORDER BY priority DESC, id LIMIT r.n FOR UPDATE SKIP LOCKED) x) s
+         WHERE o.id = s.id",
+    )
+    .bind(&names)
+    .bind(&counts)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(n)
 }

@@ -6,7 +6,7 @@ use super::claim::{key_states, release};
 use super::{now_ms, SqliteStore};
 use crate::model::concurrency;
 use crate::model::JobStatus;
-use crate::store::{LimitState, StoreResult};
+use crate::store::{LimitState, StoreResult, HELD_KEYS_PER_ROUND};
 
 impl SqliteStore {
     pub(super) async fn set_limit(&self, prefix: &str, max: Option<i32>) -> StoreResult<bool> {
@@ -76,8 +76,9 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?;
         let keys: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT held_key FROM outbox WHERE held_key IS NOT NULL LIMIT 1000",
+            "SELECT DISTINCT held_key FROM outbox WHERE held_key IS NOT NULL LIMIT ?1",
         )
+        .bind(HELD_KEYS_PER_ROUND)
         .fetch_all(&mut *tx)
         .await?;
         if keys.is_empty() {

@@ -31,7 +31,13 @@ use crate::telemetry;
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub pool: String,
+    /// How many handlers run at once.
     pub concurrency: usize,
+    /// How many attempts whose handler has returned may wait for their
+    /// finish to commit. They hold no handler slot, so a slow commit does
+    /// not idle the handlers; this bound keeps their results' memory and
+    /// the broker's unacked messages bounded.
+    pub finishing: usize,
     /// How long a claim holds the job without a heartbeat.
     pub lease: Duration,
     /// How often leases are extended; at most a third of `lease`, so two
@@ -45,9 +51,11 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     pub fn new(pool: &str, concurrency: usize) -> Self {
+        let concurrency = concurrency.max(1);
         Self {
             pool: pool.to_owned(),
-            concurrency: concurrency.max(1),
+            concurrency,
+            finishing: (concurrency * 4).clamp(FINISH_BATCH, 4 * FINISH_BATCH),
             lease: Duration::from_secs(30),
             heartbeat: Duration::from_secs(5),
             grace: Duration::from_secs(20),
@@ -105,10 +113,10 @@ struct Done {
     /// The attempt's span, so its `finish` span joins the job's trace
     /// (`Span::none()` when nothing is traced).
     span: tracing::Span,
-    /// Released only once the finish is committed, so the jobs the
-    /// database shows running never outnumber the pool's concurrency.
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
+
+/// The most finishes committed in one statement.
+const FINISH_BATCH: usize = 256;
 
 pub struct Worker {
     store: Arc<dyn Store>,
@@ -144,13 +152,16 @@ impl Worker {
         self.cfg.check()?;
         let cfg = &self.cfg;
         let span = tracing::info_span!("worker", pool = %cfg.pool, name = %cfg.name);
-        let mut consumer = (|| self.broker.consumer(&cfg.pool, &cfg.name, cfg.concurrency))
+        // Unacked at once: the running, the finishing waiting in the
+        // channel and the batch being committed.
+        let prefetch = cfg.concurrency + cfg.finishing + FINISH_BATCH;
+        let mut consumer = (|| self.broker.consumer(&cfg.pool, &cfg.name, prefetch))
             .retry(retry_policy())
             .when(|_| !stop.is_cancelled())
             .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "Broker not reachable."))
             .await?;
         let running: RunningMap = Arc::default();
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = mpsc::channel(cfg.finishing);
         let finisher = tokio::spawn(
             finisher(self.store.clone(), consumer.acker(), done_rx).instrument(span.clone()),
         );
@@ -267,7 +278,7 @@ struct Intake {
     kinds: Kinds,
     cfg: WorkerConfig,
     running: RunningMap,
-    done: mpsc::UnboundedSender<Done>,
+    done: mpsc::Sender<Done>,
     tracker: TaskTracker,
     span: tracing::Span,
 }
@@ -288,14 +299,16 @@ impl Intake {
             // A duplicate delivery, or a job running elsewhere, finished or
             // cancelled: ack it so it is not redelivered, do no work.
             let Some(job) = by_id.remove(&d.job_id) else {
-                let _ = self.done.send(Done {
-                    cmd: None,
-                    cool: None,
-                    kind: String::new(),
-                    tag: d.tag,
-                    span: tracing::Span::none(),
-                    _permit: None,
-                });
+                let _ = self
+                    .done
+                    .send(Done {
+                        cmd: None,
+                        cool: None,
+                        kind: String::new(),
+                        tag: d.tag,
+                        span: tracing::Span::none(),
+                    })
+                    .await;
                 continue;
             };
             let Some(permit) = permits.pop() else {
@@ -371,7 +384,7 @@ async fn run_attempt(
     job: Claimed,
     token: CancellationToken,
     running: RunningMap,
-    done: mpsc::UnboundedSender<Done>,
+    done: mpsc::Sender<Done>,
     delivery: Delivery,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -443,14 +456,19 @@ async fn run_attempt(
             }
         },
     );
-    let _ = done.send(Done {
-        cmd,
-        cool,
-        kind: job.kind,
-        tag: delivery.tag,
-        span: telemetry::span(tracing::Span::current),
-        _permit: Some(permit),
-    });
+    // The handler slot is held until the finish has a place in the
+    // finishing stage (back-pressure when commits fall behind), not until
+    // it commits.
+    let _ = done
+        .send(Done {
+            cmd,
+            cool,
+            kind: job.kind,
+            tag: delivery.tag,
+            span: telemetry::span(tracing::Span::current),
+        })
+        .await;
+    drop(permit);
 }
 
 fn success(kinds: &Kinds, job: &Claimed, result: serde_json::Value, ctx: &JobContext) -> Outcome {
@@ -477,13 +495,9 @@ fn success(kinds: &Kinds, job: &Claimed, result: serde_json::Value, ctx: &JobCon
 
 /// Commits finishes in batches, then acks their messages. A finish is never
 /// dropped: store errors are retried until the write lands (or is fenced).
-async fn finisher(
-    store: Arc<dyn Store>,
-    acker: Arc<dyn Acker>,
-    mut rx: mpsc::UnboundedReceiver<Done>,
-) {
+async fn finisher(store: Arc<dyn Store>, acker: Arc<dyn Acker>, mut rx: mpsc::Receiver<Done>) {
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 512).await > 0 {
+    while rx.recv_many(&mut batch, FINISH_BATCH).await > 0 {
         for (key, until) in batch.iter().filter_map(|d| d.cool.as_ref()) {
             // Before the finish, so the job's own retry cannot start ahead
             // of the key's cool-down; losing it only loses politeness.

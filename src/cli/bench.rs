@@ -95,7 +95,7 @@ async fn spawn_fleet(
         .with_api(fleet::ApiRole::open("127.0.0.1:0".parse()?))
         .with_dispatcher(crate::dispatcher::DispatcherConfig::default())
         .with_workers(vec![("probe".into(), concurrency)]);
-    let kinds = crate::kinds::Kinds::default().register(crate::kinds::probe::Probe);
+    let kinds = crate::kinds::Kinds::default().register(crate::kinds::probe::Probe::default());
     Ok((fleet::start(backend, kinds, roles).await?, dir))
 }
 

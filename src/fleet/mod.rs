@@ -255,7 +255,7 @@ fn scrape(args: &KindsArgs) -> anyhow::Result<stevedore_scrape::ScrapeHandler> {
 /// metrics register once); later calls reuse the first configuration.
 pub fn kinds(args: &KindsArgs, shared: Shared) -> anyhow::Result<Kinds> {
     Ok(Kinds::default()
-        .register(crate::kinds::probe::Probe)
+        .register(crate::kinds::probe::Probe::default())
         .register(analyze(args, shared)?)
         .register(scrape(args)?))
 }
@@ -277,7 +277,7 @@ fn default_kinds_sharing(shared: Shared) -> Kinds {
         Ok(k) => k,
         Err(e) => {
             tracing::error!(error = %e, "Building the kinds failed; only probe is available.");
-            Kinds::default().register(crate::kinds::probe::Probe)
+            Kinds::default().register(crate::kinds::probe::Probe::default())
         }
     }
 }

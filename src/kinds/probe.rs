@@ -1,8 +1,12 @@
 //! The `probe` kind: a real job for synthetic end-to-end checks, drills and
 //! benchmarks. It sleeps, snoozes for `snooze_ms` while the attempt number
 //! (all attempts ever made, replays and snoozes included) is at most
-//! `snooze_attempts`, then fails while it is at most `fail_attempts`.
+//! `snooze_attempts`, then fails while it is at most `fail_attempts`. Its
+//! result says how many probe handlers of its kind set were running when it
+//! started, so tests can check a pool's concurrency from the handlers' side.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -53,9 +57,24 @@ impl Payload for ProbePayload {
 pub struct ProbeOutput {
     pub attempt: u32,
     pub slept_ms: u64,
+    /// Probe handlers running when this one started, itself included.
+    pub running_at_start: usize,
 }
 
-pub struct Probe;
+#[derive(Default)]
+pub struct Probe {
+    running: Arc<AtomicUsize>,
+}
+
+/// Counts a handler out however its future ends (returned, timed out,
+/// cancelled).
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl Handler for Probe {
     const KIND: &'static str = "probe";
@@ -63,6 +82,8 @@ impl Handler for Probe {
     type Output = ProbeOutput;
 
     async fn run(&self, ctx: &JobContext, p: ProbePayload) -> Result<ProbeOutput, JobError> {
+        let running_at_start = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        let _running = Running(self.running.clone());
         if p.sleep_ms > 0 {
             tokio::time::sleep(Duration::from_millis(p.sleep_ms)).await;
         }
@@ -85,6 +106,7 @@ impl Handler for Probe {
         Ok(ProbeOutput {
             attempt: ctx.attempt,
             slept_ms: p.sleep_ms,
+            running_at_start,
         })
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::claim::release;
-use super::{now_ms, parse_id, parse_status, to_ms};
+use super::{json_list, now_ms, parse_id, parse_status, to_ms};
 use crate::model::job::{AttemptError, Backoff, Inserted, NewJob};
 use crate::model::lifecycle::{Enqueue, JobState, Transition};
 use crate::model::{EventType, JobStatus};
@@ -47,23 +47,40 @@ pub(super) async fn state_in(
     Ok(row.as_ref().map(row_to_state).transpose()?)
 }
 
-pub(super) async fn event(
+/// Appends one event per (job, type), in that order, in one statement.
+pub(super) async fn events_of(
     conn: &mut SqliteConnection,
-    id: &str,
-    event: EventType,
+    each: &[(String, &'static str)],
     bell: &Notify,
 ) -> StoreResult<()> {
+    if each.is_empty() {
+        return Ok(());
+    }
+    // CROSS JOIN keeps the list as the outer loop (SQLite does not reorder
+    // it), so each row is one primary-key lookup, in the list's order.
     sqlx::query(
         "INSERT INTO job_events (job_id, kind, type, status, attempt, parent_id, at)
-         SELECT id, kind, ?, status, attempt, parent_id, ? FROM jobs WHERE id = ?",
+         SELECT j.id, j.kind, x.value ->> 1, j.status, j.attempt, j.parent_id, ?2
+         FROM json_each(?1) x CROSS JOIN jobs j ON j.id = x.value ->> 0 ORDER BY x.key",
     )
-    .bind(event.as_str())
+    .bind(json_list(each))
     .bind(now_ms())
-    .bind(id)
     .execute(&mut *conn)
     .await?;
     bell.notify_one();
     Ok(())
+}
+
+/// Appends an event of the one type `event` to each job in `ids`.
+pub(super) async fn events(
+    conn: &mut SqliteConnection,
+    ids: &[String],
+    event: EventType,
+    bell: &Notify,
+) -> StoreResult<()> {
+    let each: Vec<(String, &'static str)> =
+        ids.iter().map(|id| (id.clone(), event.as_str())).collect();
+    events_of(conn, &each, bell).await
 }
 
 pub(super) async fn outbox(
@@ -91,6 +108,7 @@ pub(super) async fn insert_in(
     bell: &Notify,
 ) -> StoreResult<Vec<Inserted>> {
     let mut out = Vec::with_capacity(jobs.len());
+    let mut created = Vec::with_capacity(jobs.len());
     let now = now_ms();
     for j in jobs {
         if let Some(key) = &j.idempotency_key {
@@ -150,13 +168,26 @@ pub(super) async fn insert_in(
         .bind(j.traceparent.as_ref().map(|t| t.as_str()))
         .execute(&mut *conn)
         .await?;
-        outbox(conn, &id, &j.kind, run_at.unwrap_or(now)).await?;
-        event(conn, &id, EventType::Queued, bell).await?;
+        created.push(id);
         out.push(Inserted {
             id: j.id,
             status: JobStatus::Queued,
             created: true,
         });
+    }
+    if !created.is_empty() {
+        // The rows carry the jobs' priorities, so the relay need not read
+        // jobs.
+        sqlx::query(
+            "INSERT INTO outbox (job_id, pool, available_at, priority)
+             SELECT j.id, j.kind, coalesce(j.run_at, ?2), j.priority
+             FROM json_each(?1) x CROSS JOIN jobs j ON j.id = x.value ORDER BY x.key",
+        )
+        .bind(json_list(&created))
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        events(conn, &created, EventType::Queued, bell).await?;
     }
     Ok(out)
 }
@@ -173,10 +204,112 @@ async fn push_error(conn: &mut SqliteConnection, id: &str, e: &AttemptError) -> 
 }
 
 /// Applies `batch` in the caller's transaction, then the children of the
-/// successes that applied. Once a job has moved, its other transitions in
-/// the batch are skipped: Postgres' one-statement update also applies at
-/// most one per row.
+/// successes that applied. Each job moves at most once per batch, as in
+/// Postgres' one-statement update: a batch naming a job twice goes row by
+/// row and skips a job's later transitions once it has moved.
 pub(super) async fn apply_in(
+    conn: &mut SqliteConnection,
+    batch: &[Transition],
+    bell: &Notify,
+) -> StoreResult<Vec<Uuid>> {
+    let mut ids = HashSet::new();
+    if !batch.iter().all(|t| ids.insert(t.id)) {
+        return apply_each(conn, batch, bell).await;
+    }
+    if batch.is_empty() {
+        return Ok(vec![]);
+    }
+    let now = now_ms();
+    let input: Vec<serde_json::Value> = batch
+        .iter()
+        .map(|t| {
+            serde_json::json!([
+                t.id.to_string(),
+                t.from.as_str(),
+                t.attempt,
+                t.to.as_str(),
+                t.attempt_limit,
+                t.next_run_at.map(to_ms),
+                t.cancel_requested,
+                t.result.as_ref().map(ToString::to_string),
+                t.to.is_terminal(),
+                t.to == JobStatus::Running,
+            ])
+        })
+        .collect();
+    // One statement for the whole batch (see `json_list`); RETURNING names
+    // only the jobs table, so the transition is found again by id.
+    let moved: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "UPDATE jobs SET status = x.to_status,
+           attempt_limit = coalesce(x.attempt_limit, jobs.attempt_limit),
+           next_run_at = x.next_run_at,
+           cancel_requested = coalesce(x.cancel_requested, jobs.cancel_requested),
+           result = coalesce(x.result, jobs.result),
+           finished_at = CASE WHEN x.terminal THEN ?2 END,
+           lease_until = CASE WHEN x.running THEN jobs.lease_until END,
+           updated_at = ?2
+         FROM (SELECT value ->> 0 AS xid, value ->> 1 AS from_status, value ->> 2 AS attempt,
+                      value ->> 3 AS to_status, value ->> 4 AS attempt_limit,
+                      value ->> 5 AS next_run_at, value ->> 6 AS cancel_requested,
+                      value ->> 7 AS result, value ->> 8 AS terminal, value ->> 9 AS running
+               FROM json_each(?1)) AS x
+         WHERE jobs.id = x.xid AND jobs.status = x.from_status AND jobs.attempt = x.attempt
+         RETURNING id, kind, concurrency_key",
+    )
+    .bind(json_list(&input))
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let moved: std::collections::HashMap<Uuid, (String, Option<String>)> = moved
+        .into_iter()
+        .map(|(id, kind, key)| Ok((parse_id(&id)?, (kind, key))))
+        .collect::<anyhow::Result<_>>()?;
+    let mut applied = Vec::with_capacity(moved.len());
+    let mut each_event = Vec::new();
+    for t in batch {
+        let Some((kind, key)) = moved.get(&t.id) else {
+            continue;
+        };
+        after_move(conn, t, kind, key.clone(), now).await?;
+        if let Some(e) = t.event {
+            each_event.push((t.id.to_string(), e.as_str()));
+        }
+        applied.push(t);
+    }
+    events_of(conn, &each_event, bell).await?;
+    for t in &applied {
+        insert_in(conn, &t.children, bell).await?;
+    }
+    Ok(applied.iter().map(|t| t.id).collect())
+}
+
+/// What follows a job's move besides its event and children: room on its
+/// concurrency key, its error, its outbox row.
+async fn after_move(
+    conn: &mut SqliteConnection,
+    t: &Transition,
+    kind: &str,
+    key: Option<String>,
+    now: i64,
+) -> StoreResult<()> {
+    let sid = t.id.to_string();
+    if let Some(key) = key.filter(|_| t.from == JobStatus::Running && t.to != JobStatus::Running) {
+        // Room on its key: the most urgent job held there goes on.
+        release(conn, &[(key, 1)]).await?;
+    }
+    if let Some(e) = &t.error {
+        push_error(conn, &sid, e).await?;
+    }
+    match t.enqueue {
+        Some(Enqueue::Now) => outbox(conn, &sid, kind, now).await?,
+        Some(Enqueue::At(at)) => outbox(conn, &sid, kind, to_ms(at)).await?,
+        None => {}
+    }
+    Ok(())
+}
+
+/// [`apply_in`] row by row, for a batch that names a job more than once.
+async fn apply_each(
     conn: &mut SqliteConnection,
     batch: &[Transition],
     bell: &Notify,
@@ -214,22 +347,9 @@ pub(super) async fn apply_in(
         .fetch_optional(&mut *conn)
         .await?;
         let Some((kind, key)) = kind else { continue };
-        if let Some(key) =
-            key.filter(|_| t.from == JobStatus::Running && t.to != JobStatus::Running)
-        {
-            // Room on its key: the most urgent job held there goes on.
-            release(conn, &[(key, 1)]).await?;
-        }
-        if let Some(e) = &t.error {
-            push_error(conn, &sid, e).await?;
-        }
-        match t.enqueue {
-            Some(Enqueue::Now) => outbox(conn, &sid, &kind, now).await?,
-            Some(Enqueue::At(at)) => outbox(conn, &sid, &kind, to_ms(at)).await?,
-            None => {}
-        }
+        after_move(conn, t, &kind, key, now).await?;
         if let Some(e) = t.event {
-            event(conn, &sid, e, bell).await?;
+            events_of(conn, &[(sid, e.as_str())], bell).await?;
         }
         insert_in(conn, &t.children, bell).await?;
         moved.insert(t.id);

@@ -9,14 +9,11 @@ use anyhow::Context as _;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::apply::{backoff, event};
-use super::{from_ms, now_ms, SqliteStore};
+use super::apply::{backoff, events};
+use super::{from_ms, json_list, now_ms, parse_id, SqliteStore};
 use crate::model::concurrency::{self, KeyState};
 use crate::model::{EventType, JobStatus};
 use crate::store::{ms, sql_list, traceparent, Claimed, Held, StoreResult};
-
-/// When a job last became runnable (see [`Claimed::due_at`]).
-const DUE_AT: &str = "SELECT coalesce(next_run_at, updated_at) FROM jobs WHERE id = ?";
 
 impl SqliteStore {
     pub(super) async fn claim_ids(
@@ -26,66 +23,87 @@ impl SqliteStore {
         lease: Duration,
     ) -> StoreResult<Vec<Claimed>> {
         let mut tx = self.pool.begin().await?;
-        let mut out = Vec::new();
         let now = now_ms();
-        let sql = |extra: &str| {
+        let sids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let list = json_list(&sids);
+        // Read before the claim clears it: SQLite's RETURNING, and its
+        // subqueries, see only the updated row.
+        let due: HashMap<String, Option<i64>> = sqlx::query_as(
+            "SELECT id, coalesce(next_run_at, updated_at) FROM jobs
+             WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let sql = |which: &str| {
             format!(
                 "UPDATE jobs SET status = ?5, attempt = attempt + 1, lease_until = ?2,
                    worker = ?3, started_at = ?4, next_run_at = NULL, updated_at = ?4
-                 WHERE id = ?1 AND status IN {} {extra}
+                 WHERE {which} AND status IN {}
                    AND (next_run_at IS NULL OR next_run_at <= ?4) AND cancel_requested = 0
                    AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.name = jobs.kind AND p.paused)
-                 RETURNING kind, payload, attempt, attempt_limit, max_attempts, timeout_secs,
+                 RETURNING id, kind, payload, attempt, attempt_limit, max_attempts, timeout_secs,
                            backoff_base_ms, backoff_max_ms, created_at, concurrency_key, traceparent",
                 sql_list(&JobStatus::CLAIMABLE)
             )
         };
         // Built once per process: the statements are the same every call.
         static SQL: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
-        let (unkeyed, any) = SQL.get_or_init(|| (sql("AND concurrency_key IS NULL"), sql("")));
-        let (unkeyed, any) = (unkeyed.as_str(), any.as_str());
-        for id in ids {
-            let sid = id.to_string();
-            // Read before the claim clears it: SQLite's RETURNING, and its
-            // subqueries, see only the updated row.
-            let due: Option<i64> = sqlx::query_scalar(DUE_AT)
-                .bind(&sid)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let claim = |sql: &'static str| {
-                sqlx::query(sql)
-                    .bind(sid.clone())
-                    .bind(now + ms(lease))
-                    .bind(worker.to_owned())
-                    .bind(now)
-                    .bind(JobStatus::Running.as_str())
-            };
-            let mut row = claim(unkeyed).fetch_optional(&mut *tx).await?;
-            if row.is_none() {
-                // The one writer makes the count the next claim sees exact.
-                match admit_keyed(&mut tx, *id, now).await? {
-                    Some(true) => row = claim(any).fetch_optional(&mut *tx).await?,
-                    Some(false) => {}
-                    None => park_paused(&mut tx, &sid, now).await?,
-                }
-            }
-            let Some(r) = row else {
+        let (unkeyed, one) = SQL.get_or_init(|| {
+            (
+                sql("id IN (SELECT value FROM json_each(?1)) AND concurrency_key IS NULL"),
+                sql("id = ?1"),
+            )
+        });
+        let (unkeyed, one) = (unkeyed.as_str(), one.as_str());
+        let claim = |sql: &'static str, ids: String| {
+            sqlx::query(sql)
+                .bind(ids)
+                .bind(now + ms(lease))
+                .bind(worker.to_owned())
+                .bind(now)
+                .bind(JobStatus::Running.as_str())
+        };
+        // Jobs without a key start in one statement; the rest one by one,
+        // as their keys admit them.
+        let mut rows = claim(unkeyed, list).fetch_all(&mut *tx).await?;
+        let mut seen: std::collections::HashSet<String> = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()?;
+        for (id, sid) in ids.iter().zip(&sids) {
+            if !seen.insert(sid.clone()) {
                 continue;
-            };
-            event(&mut tx, &sid, EventType::Started, &self.bell).await?;
+            }
+            // The one writer makes the count the next claim sees exact.
+            match admit_keyed(&mut tx, *id, now).await? {
+                Some(true) => rows.extend(claim(one, sid.clone()).fetch_optional(&mut *tx).await?),
+                Some(false) => {}
+                None => park_paused(&mut tx, sid, now).await?,
+            }
+        }
+        let claimed: Vec<String> = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()?;
+        events(&mut tx, &claimed, EventType::Started, &self.bell).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (r, sid) in rows.iter().zip(&claimed) {
             let payload: String = r.try_get("payload")?;
             out.push(Claimed {
-                id: *id,
+                id: parse_id(sid)?,
                 kind: r.try_get("kind")?,
                 payload: serde_json::from_str(&payload).context("stored payload")?,
                 attempt: r.try_get("attempt")?,
                 attempt_limit: r.try_get("attempt_limit")?,
                 max_attempts: r.try_get("max_attempts")?,
                 timeout_secs: r.try_get("timeout_secs")?,
-                backoff: backoff(&r)?,
+                backoff: backoff(r)?,
                 created_at: from_ms(r.try_get("created_at")?).unwrap_or_default(),
                 concurrency_key: r.try_get("concurrency_key")?,
-                due_at: from_ms(due).unwrap_or_default(),
+                due_at: from_ms(due.get(sid).copied().flatten()).unwrap_or_default(),
                 traceparent: traceparent(r.try_get("traceparent")?),
             });
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::SqliteConnection;
 
 use super::apply::{outbox, row_to_state};
-use super::{now_ms, parse_id, SqliteStore};
+use super::{json_list, now_ms, parse_id, SqliteStore};
 use crate::model::lifecycle::JobState;
 use crate::model::JobStatus;
 use crate::store::{ms, publish_all, sql_list, Outgoing, Publisher, StoreResult, STATE_COLUMNS};
@@ -46,14 +46,11 @@ impl SqliteStore {
         // transaction is held while publishing; rows are deleted only after
         // the publish, so a crash in between re-sends, never loses.
         publish_all(publisher, outgoing).await?;
-        let mut tx = self.pool.begin().await?;
-        for (rowid, ..) in &rows {
-            sqlx::query("DELETE FROM outbox WHERE id = ?")
-                .bind(rowid)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
+        let ids: Vec<i64> = rows.iter().map(|(rowid, ..)| *rowid).collect();
+        sqlx::query("DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(json_list(&ids))
+            .execute(&self.pool)
+            .await?;
         Ok(rows.len())
     }
 

@@ -65,6 +65,13 @@ fn from_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
     v.and_then(|v| Utc.timestamp_millis_opt(v).single())
 }
 
+/// A list as one JSON array parameter: set-based statements read it with
+/// `json_each`, so a batch costs one statement instead of one per row (each
+/// statement is a round trip to the connection's thread).
+pub(crate) fn json_list<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
+}
+
 fn parse_id(s: &str) -> anyhow::Result<Uuid> {
     Uuid::parse_str(s).with_context(|| format!("bad job id {s:?} in the database"))
 }

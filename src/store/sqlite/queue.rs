@@ -5,7 +5,7 @@
 
 use sqlx::SqlitePool;
 
-use super::now_ms;
+use super::{json_list, now_ms};
 
 #[derive(Clone)]
 pub struct QueueTable {
@@ -22,25 +22,25 @@ impl QueueTable {
         Ok(())
     }
 
-    /// Adds one message per body, visible at once, in one transaction.
+    /// Adds one message per body, visible at once, in one statement (in
+    /// the bodies' order, so FIFO within a priority holds).
     pub async fn push(
         &self,
         pool: &str,
         priority: i16,
         bodies: &[String],
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let now = now_ms();
-        for body in bodies {
-            sqlx::query("INSERT INTO queue (pool, body, visible_at, priority) VALUES (?, ?, ?, ?)")
-                .bind(pool)
-                .bind(body)
-                .bind(now)
-                .bind(priority)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await
+        sqlx::query(
+            "INSERT INTO queue (pool, body, visible_at, priority)
+             SELECT ?1, value, ?2, ?3 FROM json_each(?4) ORDER BY key",
+        )
+        .bind(pool)
+        .bind(now_ms())
+        .bind(priority)
+        .bind(json_list(bodies))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     pub async fn depth(&self, pool: &str) -> Result<i64, sqlx::Error> {
@@ -89,13 +89,10 @@ impl QueueTable {
     }
 
     pub async fn delete(&self, rows: &[i64]) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        for row in rows {
-            sqlx::query("DELETE FROM queue WHERE id = ?")
-                .bind(row)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await
+        sqlx::query("DELETE FROM queue WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(json_list(rows))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }

@@ -2,7 +2,7 @@
 //! model's transitions row by row inside the caller's transaction, each
 //! fenced on the status and attempt it was decided from.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
 use sqlx::sqlite::SqliteRow;
@@ -108,10 +108,21 @@ pub(super) async fn insert_in(
     bell: &Notify,
 ) -> StoreResult<Vec<Inserted>> {
     let mut out = Vec::with_capacity(jobs.len());
+    let mut rows = Vec::with_capacity(jobs.len());
     let mut created = Vec::with_capacity(jobs.len());
-    let now = now_ms();
+    // A key named twice in one batch makes one job, as if the second
+    // submit came after the first.
+    let mut keys_here: HashMap<&str, Uuid> = HashMap::new();
     for j in jobs {
         if let Some(key) = &j.idempotency_key {
+            if let Some(first) = keys_here.get(key.as_str()) {
+                out.push(Inserted {
+                    id: *first,
+                    status: JobStatus::Queued,
+                    created: false,
+                });
+                continue;
+            }
             let found: Option<(String, String)> =
                 sqlx::query_as("SELECT id, status FROM jobs WHERE idempotency_key = ?")
                     .bind(key)
@@ -125,70 +136,75 @@ pub(super) async fn insert_in(
                 });
                 continue;
             }
+            keys_here.insert(key, j.id);
         }
-        let id = j.id.to_string();
-        let run_at = j.run_at.map(to_ms);
-        sqlx::query(
-            "INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
-               backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
-               created_at, updated_at, webhook, tenant, priority, schedule, scheduled_for,
-               concurrency_key, traceparent)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                     coalesce((SELECT tenant FROM jobs WHERE id = ?17), ?18),
-                     coalesce((SELECT priority FROM jobs WHERE id = ?17), ?19), ?20, ?21, ?22, ?23)",
-        )
-        .bind(&id)
-        .bind(&j.kind)
-        .bind(j.payload.to_string())
-        .bind(JobStatus::Queued.as_str())
-        .bind(j.max_attempts)
-        .bind(j.max_attempts)
-        .bind(j.backoff.base_ms as i64)
-        .bind(j.backoff.max_ms as i64)
-        .bind(j.timeout_secs)
-        .bind(run_at)
-        .bind(run_at)
-        .bind(&j.idempotency_key)
-        .bind(j.parent_id.map(|p| p.to_string()))
-        .bind(now)
-        .bind(now)
-        .bind(
-            j.webhook
-                .as_ref()
-                .map(serde_json::to_string)
-                .transpose()
-                .context("encoding the job's webhook")?,
-        )
-        .bind(j.parent_id.map(|p| p.to_string()))
-        .bind(&j.tenant)
-        .bind(j.priority)
-        .bind(j.scheduled.as_ref().map(|(n, _)| n.as_str()))
-        .bind(j.scheduled.as_ref().map(|(_, at)| to_ms(*at)))
-        .bind(j.concurrency_key.as_deref())
-        .bind(j.traceparent.as_ref().map(|t| t.as_str()))
-        .execute(&mut *conn)
-        .await?;
-        created.push(id);
+        let webhook = j
+            .webhook
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .context("encoding the job's webhook")?;
+        rows.push(serde_json::json!([
+            j.id.to_string(),
+            j.kind,
+            j.payload.to_string(),
+            j.max_attempts,
+            j.backoff.base_ms,
+            j.backoff.max_ms,
+            j.timeout_secs,
+            j.run_at.map(to_ms),
+            j.idempotency_key,
+            j.parent_id.map(|p| p.to_string()),
+            webhook,
+            j.tenant,
+            j.priority,
+            j.scheduled.as_ref().map(|(n, _)| n.as_str()),
+            j.scheduled.as_ref().map(|(_, at)| to_ms(*at)),
+            j.concurrency_key,
+            j.traceparent.as_ref().map(|t| t.as_str()),
+        ]));
+        created.push(j.id.to_string());
         out.push(Inserted {
             id: j.id,
             status: JobStatus::Queued,
             created: true,
         });
     }
-    if !created.is_empty() {
-        // The rows carry the jobs' priorities, so the relay need not read
-        // jobs.
-        sqlx::query(
-            "INSERT INTO outbox (job_id, pool, available_at, priority)
-             SELECT j.id, j.kind, coalesce(j.run_at, ?2), j.priority
-             FROM json_each(?1) x CROSS JOIN jobs j ON j.id = x.value ORDER BY x.key",
-        )
-        .bind(json_list(&created))
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        events(conn, &created, EventType::Queued, bell).await?;
+    if created.is_empty() {
+        return Ok(out);
     }
+    let now = now_ms();
+    // One statement for the batch (see `json_list`). A child takes its
+    // parent's tenant and priority, whatever it says.
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, payload, status, max_attempts, attempt_limit, backoff_base_ms,
+           backoff_max_ms, timeout_secs, run_at, next_run_at, idempotency_key, parent_id,
+           created_at, updated_at, webhook, tenant, priority, schedule, scheduled_for,
+           concurrency_key, traceparent)
+         SELECT value ->> 0, value ->> 1, value ->> 2, ?3, value ->> 3, value ->> 3, value ->> 4,
+                value ->> 5, value ->> 6, value ->> 7, value ->> 7, value ->> 8, value ->> 9,
+                ?2, ?2, value ->> 10,
+                coalesce((SELECT tenant FROM jobs p WHERE p.id = x.value ->> 9), value ->> 11),
+                coalesce((SELECT priority FROM jobs p WHERE p.id = x.value ->> 9), value ->> 12),
+                value ->> 13, value ->> 14, value ->> 15, value ->> 16
+         FROM json_each(?1) x ORDER BY x.key",
+    )
+    .bind(json_list(&rows))
+    .bind(now)
+    .bind(JobStatus::Queued.as_str())
+    .execute(&mut *conn)
+    .await?;
+    // The rows carry the jobs' priorities, so the relay need not read jobs.
+    sqlx::query(
+        "INSERT INTO outbox (job_id, pool, available_at, priority)
+         SELECT j.id, j.kind, coalesce(j.run_at, ?2), j.priority
+         FROM json_each(?1) x CROSS JOIN jobs j ON j.id = x.value ORDER BY x.key",
+    )
+    .bind(json_list(&created))
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    events(conn, &created, EventType::Queued, bell).await?;
     Ok(out)
 }
 
@@ -260,7 +276,7 @@ pub(super) async fn apply_in(
     .bind(now)
     .fetch_all(&mut *conn)
     .await?;
-    let moved: std::collections::HashMap<Uuid, (String, Option<String>)> = moved
+    let moved: HashMap<Uuid, (String, Option<String>)> = moved
         .into_iter()
         .map(|(id, kind, key)| Ok((parse_id(&id)?, (kind, key))))
         .collect::<anyhow::Result<_>>()?;

@@ -1,8 +1,8 @@
 //! The `local` provider with the real SmolLM2 file: tokenizer ids against
 //! llama.cpp's, the fixture quizzes end to end through the handler, prompt
 //! injection, determinism, the tiny-model notice, each answer (scored or
-//! cached) reported as a partial result, and the errors for a missing model and for GGUF files it
-//! cannot run faithfully.
+//! cached) reported as a partial result, and the errors for a missing model
+//! and for GGUF files it cannot run faithfully.
 
 mod support;
 

@@ -42,25 +42,7 @@ async fn receiver() -> (std::net::SocketAddr, Received) {
             ),
         )
         .with_state(got.clone());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(l, app).await });
-    (addr, got)
-}
-
-/// Reads events until one matches `until`; answers all read, that one last.
-async fn read_until(c: &mut SseClient, until: impl Fn(&Sse) -> bool) -> Vec<Sse> {
-    let mut got = Vec::new();
-    loop {
-        let e = c.next(30).await.expect("the awaited event arrives");
-        let done = until(&e);
-        got.push(e);
-        if done {
-            return got;
-        }
-    }
+    (support::serve(app).await, got)
 }
 
 fn of_job(events: &[Sse], id: Uuid, kind: &str) -> Vec<Value> {
@@ -124,10 +106,9 @@ async fn a_job_reports_progress_to_get_the_stream_and_webhooks_that_ask(flavor: 
     assert!(job["progress"]["at"].is_string(), "{job}");
     assert!(job["progress"].get("partial").is_none(), "{job}");
 
-    let events = read_until(&mut stream, |e| {
-        e.data["job_id"] == id.to_string() && e.data["type"] == "job.succeeded"
-    })
-    .await;
+    let events = stream
+        .read_until(|e| e.data["job_id"] == id.to_string() && e.data["type"] == "job.succeeded")
+        .await;
     let progress = of_job(&events, id, "job.progress");
     assert!(progress.len() >= 2, "{progress:?}");
     let ids: Vec<i64> = progress
@@ -199,12 +180,7 @@ async fn slow_quiz_server() -> u16 {
             axum::response::Html(include_str!("../fixtures/quiz/moodle-multichoice.html"))
         }),
     );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    tokio::spawn(async move { axum::serve(l, app).await });
-    port
+    support::serve(app).await.port()
 }
 
 async fn scrape_reports_its_stages_and_analyze_each_answer(flavor: Flavor) {

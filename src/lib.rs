@@ -11,6 +11,7 @@
 //! - [`broker`]: the `Broker` trait, Redis Streams and the embedded queue.
 //! - [`dispatcher`]: outbox relay, lease rescue, lost-message repair.
 //! - [`worker`]: claim, run, heartbeat, finish, ack; graceful shutdown.
+//! - [`progress`]: the attempts' progress reports, throttled, to the store.
 //! - [`notifier`]: events to stream clients and signed webhooks.
 //! - [`auth`]: API keys, scopes and tenants (no I/O); `api::auth` checks
 //!   every request against them.
@@ -36,6 +37,7 @@ pub mod kinds;
 pub mod metrics;
 pub mod model;
 pub mod notifier;
+pub mod progress;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;

@@ -133,7 +133,7 @@ pub fn set_pools<'a>(states: &[crate::store::PoolState], kinds: impl Iterator<It
 pub static FENCED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "stevedore_fenced_writes_total",
-        "Writes refused because the attempt lost its lease (heartbeat or finish).",
+        "Writes refused because the attempt lost its lease (heartbeat, finish or progress).",
         &["op"],
     )
 });
@@ -303,7 +303,7 @@ pub fn init() {
     // Rare events start at an explicit zero: `increase()` over a series
     // that appears only with its first event misses that event, and alert
     // rules on them would name a series no process exports yet.
-    for op in ["heartbeat", "finish"] {
+    for op in ["heartbeat", "finish", "progress"] {
         FENCED.with_label_values(&[op]);
     }
     for transport in ["sse", "ws"] {

@@ -25,6 +25,7 @@ use crate::kinds::Kinds;
 use crate::metrics;
 use crate::model::job::NewJob;
 use crate::model::lifecycle::{self, Outcome, Transition};
+use crate::progress::ProgressWriter;
 use crate::store::{Claimed, Store};
 use crate::telemetry;
 
@@ -186,6 +187,7 @@ impl Worker {
             .instrument(span.clone()),
         );
         let sem = Arc::new(Semaphore::new(cfg.concurrency));
+        let progress = ProgressWriter::new(self.store.clone());
         let tracker = TaskTracker::new();
         tracing::info!(parent: &span, concurrency = cfg.concurrency, "Worker started.");
 
@@ -241,6 +243,7 @@ impl Worker {
                 done: done_tx.clone(),
                 tracker: tracker.clone(),
                 span: span.clone(),
+                progress: progress.clone(),
             };
             tracker.spawn(intake.claim_and_run(deliveries, permits, stop.clone()));
         }
@@ -281,6 +284,7 @@ struct Intake {
     done: mpsc::Sender<Done>,
     tracker: TaskTracker,
     span: tracing::Span,
+    progress: ProgressWriter,
 }
 
 impl Intake {
@@ -333,6 +337,7 @@ impl Intake {
             telemetry::continue_trace(&attempt_span, job.traceparent.as_ref());
             let fut = run_attempt(
                 self.kinds.clone(),
+                self.progress.attempt(job.id, job.attempt),
                 job,
                 token,
                 self.running.clone(),
@@ -379,8 +384,11 @@ impl Intake {
     }
 }
 
+// One argument per thing the attempt owns until its finish is sent.
+#[allow(clippy::too_many_arguments)]
 async fn run_attempt(
     kinds: Kinds,
+    progress: Arc<crate::progress::AttemptProgress>,
     job: Claimed,
     token: CancellationToken,
     running: RunningMap,
@@ -393,7 +401,8 @@ async fn run_attempt(
         job.id,
         u32::try_from(job.attempt).unwrap_or(0),
         token.clone(),
-    );
+    )
+    .with_progress(progress.clone());
     let outcome: Result<serde_json::Value, JobError> = match kinds.get(&job.kind) {
         None => Err(JobError::permanent(format!(
             "no handler for kind {:?} in this worker",
@@ -414,6 +423,8 @@ async fn run_attempt(
             }
         }
     };
+    // Its last reports land before its finish can.
+    progress.end().await;
     let why = lock(&running).remove(&job.id).and_then(|r| r.why);
     let cool = match (&outcome, &job.concurrency_key) {
         (

@@ -16,9 +16,11 @@ use chrono::Utc;
 use serde_json::json;
 use stevedore::model::job::{Backoff, NewJob};
 use stevedore::model::lifecycle::{next, Outcome, Transition};
+use stevedore::model::progress::{JobProgress, ProgressReport};
 use stevedore::model::schedule::{self, NewSchedule};
 use stevedore::model::trace::TraceParent;
 use stevedore::model::JobStatus;
+use stevedore::store::events::EventStore;
 use stevedore::store::postgres::PgStore;
 use stevedore::store::sqlite::SqliteStore;
 use stevedore::store::{CancelOutcome, Claimed, DeadLetterOutcome, ListFilter, Publisher, Store};
@@ -31,6 +33,8 @@ const LEASE: Duration = Duration::from_secs(30);
 /// A migrated store of one kind, dropped with the test.
 struct Db {
     store: Arc<dyn Store>,
+    /// The same store, as the notifier reads it.
+    notifier: Arc<dyn EventStore>,
     pg_url: Option<String>,
     _dir: tempfile::TempDir,
 }
@@ -44,22 +48,23 @@ enum Kind {
 impl Db {
     async fn open(kind: Kind) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, pg_url): (Arc<dyn Store>, _) = match kind {
+        let (store, notifier, pg_url): (Arc<dyn Store>, Arc<dyn EventStore>, _) = match kind {
             Kind::Postgres => {
                 let url = support::fresh_pg_database().await;
                 let pg = PgStore::connect(&url, 4).await.expect("connect");
-                (Arc::new(pg), Some(url))
+                (Arc::new(pg.clone()), Arc::new(pg), Some(url))
             }
             Kind::Sqlite => {
                 let lite = SqliteStore::open(&dir.path().join("s.db"))
                     .await
                     .expect("open");
-                (Arc::new(lite), None)
+                (Arc::new(lite.clone()), Arc::new(lite), None)
             }
         };
         store.migrate().await.expect("migrate");
         Self {
             store,
+            notifier,
             pg_url,
             _dir: dir,
         }
@@ -776,6 +781,11 @@ async fn pruning_removes_old_finished_jobs_and_their_events_and_keeps_the_rest(k
     let (old, dead_one) = (ids[0], ids[1]);
     let done = db.claim_one(old).await;
     let keyed_claim = db.claim_one(keyed.id).await;
+    let reported = s
+        .record_progress(&[report(old, 1, 0.5, "half way")])
+        .await
+        .expect("progress");
+    assert_eq!(reported.written, vec![old]);
     s.apply(&[success(&done, 1), success(&keyed_claim, 2)])
         .await
         .expect("finish");
@@ -1161,6 +1171,161 @@ async fn concurrency_keys_cap_running_jobs_per_key_and_release_on_finish(kind: K
     db.close().await;
 }
 
+fn report(id: Uuid, attempt: i32, fraction: f32, message: &str) -> ProgressReport {
+    ProgressReport {
+        job_id: id,
+        progress: JobProgress {
+            fraction,
+            message: message.into(),
+            partial: None,
+            attempt,
+            at: Utc::now(),
+        },
+    }
+}
+
+async fn progress_is_recorded_fenced_by_attempt_and_announced(kind: Kind) {
+    let db = Db::open(kind).await;
+    let s = &db.store;
+    let ids = db.insert(2).await;
+    let (a, waiting) = (ids[0], ids[1]);
+    let first = db.claim_one(a).await;
+    let mut half = report(a, 1, 0.5, "two");
+    half.progress.partial = Some(json!({"answer": {"question": 0, "choice": 1}}));
+    let out = s
+        .record_progress(&[
+            report(a, 1, 0.25, "one"),
+            half.clone(),
+            report(waiting, 0, 0.1, "not running"),
+        ])
+        .await
+        .expect("progress");
+    assert_eq!((out.written, out.busy), (vec![a], vec![]));
+    let job = s.get_job(a).await.expect("get").expect("found");
+    let shown = job.progress.expect("the latest report is shown");
+    assert_eq!(
+        (
+            shown.fraction,
+            shown.message.as_str(),
+            &shown.partial,
+            shown.attempt
+        ),
+        (0.5, "two", &half.progress.partial, 1)
+    );
+    assert_eq!(
+        (job.status, job.attempt),
+        (JobStatus::Running, 1),
+        "no transition"
+    );
+    let waiting_job = s.get_job(waiting).await.expect("get").expect("found");
+    assert!(
+        waiting_job.progress.is_none(),
+        "a queued job reports nothing"
+    );
+
+    // Every report is an event, in order, with its own report on it.
+    let page = db.notifier.read_after(0, 100).await.expect("read");
+    let reports: Vec<(String, f32, Option<serde_json::Value>)> = page
+        .events
+        .iter()
+        .filter(|e| e.job_id == a && e.event_type == "job.progress")
+        .map(|e| {
+            let p = e
+                .progress
+                .clone()
+                .expect("a progress event carries its report");
+            (p.message, p.fraction, p.partial)
+        })
+        .collect();
+    assert_eq!(
+        reports,
+        vec![
+            ("one".into(), 0.25, None),
+            ("two".into(), 0.5, half.progress.partial.clone())
+        ]
+    );
+    assert!(page
+        .events
+        .iter()
+        .filter(|e| e.event_type != "job.progress")
+        .all(|e| e.progress.is_none()));
+
+    // Attempt 1 is handed back and the job claimed again: only attempt 2
+    // may report now, and the end of the job ends its reports.
+    s.apply(&[ended(&first, Outcome::HandedBack)])
+        .await
+        .expect("hand back");
+    let second = db.claim_one(a).await;
+    assert_eq!(second.attempt, 2);
+    let late = s
+        .record_progress(&[report(a, 1, 0.9, "stale")])
+        .await
+        .expect("progress");
+    assert!(late.written.is_empty() && late.busy.is_empty(), "{late:?}");
+    let now = s
+        .record_progress(&[report(a, 2, 0.1, "again")])
+        .await
+        .expect("progress");
+    assert_eq!(now.written, vec![a]);
+    s.apply(&[success(&second, 1)]).await.expect("finish");
+    let after = s
+        .record_progress(&[report(a, 2, 1.0, "after the end")])
+        .await
+        .expect("progress");
+    assert!(after.written.is_empty(), "{after:?}");
+    let job = s.get_job(a).await.expect("get").expect("found");
+    assert_eq!(
+        job.progress.map(|p| (p.message, p.attempt)),
+        Some(("again".into(), 2)),
+        "the last accepted report stays with the ended job"
+    );
+    let kinds: Vec<(String, i32)> = db.events(a).await;
+    assert_eq!(
+        kinds,
+        [
+            ("job.queued", 0),
+            ("job.started", 1),
+            ("job.progress", 1),
+            ("job.progress", 1),
+            ("job.queued", 1),
+            ("job.started", 2),
+            ("job.progress", 2),
+            ("job.succeeded", 2),
+        ]
+        .map(|(k, n)| (k.to_owned(), n))
+    );
+
+    // On Postgres a row another transaction holds is skipped, not waited
+    // for, and answered busy.
+    if let Some(url) = &db.pg_url {
+        let b = db.insert(1).await[0];
+        db.claim_one(b).await;
+        let pool = sqlx::PgPool::connect(url).await.expect("connect");
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(b)
+            .execute(&mut *tx)
+            .await
+            .expect("lock");
+        let held = tokio::time::timeout(
+            Duration::from_secs(5),
+            s.record_progress(&[report(b, 1, 0.3, "held")]),
+        )
+        .await
+        .expect("does not wait for the lock")
+        .expect("progress");
+        assert_eq!((held.written, held.busy), (vec![], vec![b]));
+        tx.rollback().await.expect("rollback");
+        let free = s
+            .record_progress(&[report(b, 1, 0.3, "free")])
+            .await
+            .expect("progress");
+        assert_eq!(free.written, vec![b]);
+        pool.close().await;
+    }
+    db.close().await;
+}
+
 macro_rules! both_stores {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -1191,4 +1356,5 @@ both_stores!(
     pruning_removes_old_finished_jobs_and_their_events_and_keeps_the_rest,
     schedules_make_one_job_per_fire_time_and_only_the_latest_missed,
     concurrency_keys_cap_running_jobs_per_key_and_release_on_finish,
+    progress_is_recorded_fenced_by_attempt_and_announced,
 );

@@ -36,19 +36,6 @@ fn job_of(e: &Sse) -> Uuid {
         .expect("uuid")
 }
 
-/// Reads events until `until` matches one; returns all read, that one last.
-async fn read_until(c: &mut SseClient, until: impl Fn(&Sse) -> bool) -> Vec<Sse> {
-    let mut got = Vec::new();
-    loop {
-        let e = c.next(30).await.expect("the awaited event arrives");
-        let done = until(&e);
-        got.push(e);
-        if done {
-            return got;
-        }
-    }
-}
-
 async fn filters_narrow_the_stream_to_what_was_asked(flavor: Flavor) {
     let port = quiz_server().await;
     let args = KindsArgs {
@@ -109,7 +96,7 @@ async fn filters_narrow_the_stream_to_what_was_asked(flavor: Flavor) {
         .await;
     assert_eq!(s, reqwest::StatusCode::OK);
 
-    let got = read_until(&mut ended, |e| job_of(e) == cancelled).await;
+    let got = ended.read_until(|e| job_of(e) == cancelled).await;
     let seen: Vec<(String, Uuid)> = got.iter().map(|e| (e.event.clone(), job_of(e))).collect();
     assert_eq!(
         seen,
@@ -136,7 +123,7 @@ async fn filters_narrow_the_stream_to_what_was_asked(flavor: Flavor) {
         .expect("a chained child")
         .parse()
         .expect("uuid");
-    let got = read_until(&mut family, |e| job_of(e) == child).await;
+    let got = family.read_until(|e| job_of(e) == child).await;
     let jobs: HashSet<Uuid> = got.iter().map(job_of).collect();
     assert_eq!(
         jobs,
@@ -170,7 +157,7 @@ async fn filters_narrow_the_stream_to_what_was_asked(flavor: Flavor) {
         Some(0),
     )
     .await;
-    let again = read_until(&mut replay, |e| job_of(e) == cancelled).await;
+    let again = replay.read_until(|e| job_of(e) == cancelled).await;
     assert_eq!(again.len(), 2, "{again:?}");
     f.shutdown().await;
 }

@@ -234,7 +234,8 @@ pub(crate) fn output(c: &ClientArgs, v: &Value, human: impl Fn(&Value)) {
 }
 
 /// Submits a job; with `wait` (`Some(timeout)`), follows it to its end,
-/// printing each state it enters on stderr.
+/// printing each state it enters and each progress report it shows on
+/// stderr.
 pub async fn submit(
     c: &ClientArgs,
     kind: &str,
@@ -261,6 +262,7 @@ pub async fn submit(
     }
     let started = std::time::Instant::now();
     let mut last = String::new();
+    let mut last_progress = Value::Null;
     loop {
         let job = call(http.get(format!("{}/v1/jobs/{id}", c.url))).await?;
         let status = s(&job, "status");
@@ -271,6 +273,14 @@ pub async fn submit(
                 started.elapsed().as_secs_f64()
             );
             last = status.clone();
+        }
+        let progress = &job["progress"];
+        if !progress.is_null() && *progress != last_progress && !c.json {
+            let pct = progress["fraction"].as_f64().unwrap_or(0.0) * 100.0;
+            let message = progress["message"].as_str().unwrap_or_default();
+            let at = started.elapsed().as_secs_f64();
+            eprintln!("  {at:>6.1}s  {pct:>3.0}% {message}");
+            last_progress = progress.clone();
         }
         if let Some(t) = timeout.filter(|t| started.elapsed() >= *t) {
             eprintln!(

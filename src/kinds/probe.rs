@@ -1,6 +1,7 @@
 //! The `probe` kind: a real job for synthetic end-to-end checks, drills and
-//! benchmarks. It sleeps, snoozes for `snooze_ms` while the attempt number
-//! (all attempts ever made, replays and snoozes included) is at most
+//! benchmarks. It sleeps (in `progress_steps` equal steps, reporting
+//! `step i of n` after each), snoozes for `snooze_ms` while the attempt
+//! number (all attempts ever made, replays and snoozes included) is at most
 //! `snooze_attempts`, then fails while it is at most `fail_attempts`. Its
 //! result says how many probe handlers of its kind set were running when it
 //! started, so tests can check a pool's concurrency from the handlers' side.
@@ -33,6 +34,8 @@ pub struct ProbePayload {
     pub snooze_attempts: u32,
     #[serde(default)]
     pub snooze_ms: u64,
+    #[serde(default)]
+    pub progress_steps: u32,
 }
 
 impl Payload for ProbePayload {
@@ -45,6 +48,9 @@ impl Payload for ProbePayload {
         }
         if self.snooze_ms > 3_600_000 {
             return Err(FieldError::new("snooze_ms", "must be at most 3600000"));
+        }
+        if self.progress_steps > 100 {
+            return Err(FieldError::new("progress_steps", "must be at most 100"));
         }
         if self.fail_attempts > 1_000 {
             return Err(FieldError::new("fail_attempts", "must be at most 1000"));
@@ -84,8 +90,14 @@ impl Handler for Probe {
     async fn run(&self, ctx: &JobContext, p: ProbePayload) -> Result<ProbeOutput, JobError> {
         let running_at_start = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         let _running = Running(self.running.clone());
-        if p.sleep_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(p.sleep_ms)).await;
+        let steps = p.progress_steps.max(1);
+        for i in 1..=steps {
+            if p.sleep_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(p.sleep_ms / u64::from(steps))).await;
+            }
+            if p.progress_steps > 0 {
+                ctx.progress(i as f32 / steps as f32, format!("step {i} of {steps}"));
+            }
         }
         if ctx.attempt <= p.snooze_attempts {
             return Err(JobError::snooze(

@@ -1,6 +1,7 @@
-//! What watchers see: one [`Event`] per recorded transition, with the job's
-//! result or last error on terminal events, and the [`EventFilter`] that the
-//! stream, the CLI and webhooks share.
+//! What watchers see: one [`Event`] per recorded transition (and per
+//! recorded progress report), with the job's result or last error on
+//! terminal events, and the [`EventFilter`] that the stream, the CLI and
+//! webhooks share.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -8,6 +9,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::job::JobWebhook;
+use super::progress::JobProgress;
 use super::status::EventType;
 
 /// One transition as the stream and webhooks carry it (`data` of an SSE
@@ -34,6 +36,10 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub error: Option<serde_json::Value>,
+    /// On `job.progress`: the report, as it was when it was made (the job
+    /// itself shows only its latest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<JobProgress>,
     /// The job's own webhook, for the notifier; never shown.
     #[serde(skip)]
     pub webhook: Option<JobWebhook>,
@@ -135,6 +141,7 @@ mod tests {
             at: Utc::now(),
             result: None,
             error: None,
+            progress: None,
             webhook: None,
             tenant: Some("a".into()),
         }

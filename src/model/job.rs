@@ -8,6 +8,7 @@ use stevedore_handler::FieldError;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::progress::JobProgress;
 use super::secret::Secret;
 use super::status::JobStatus;
 use super::trace::TraceParent;
@@ -290,6 +291,9 @@ pub struct Job {
     #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
     pub errors: Vec<AttemptError>,
+    /// The latest progress its handler reported (null before the first
+    /// report); kept once the job has ended.
+    pub progress: Option<JobProgress>,
     pub parent_id: Option<Uuid>,
     pub children: Vec<ChildRef>,
     /// The schedule that made the job, and the fire time it was made for.

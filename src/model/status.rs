@@ -59,7 +59,9 @@ impl JobStatus {
     }
 }
 
-/// What a recorded transition is called on the stream and in webhooks.
+/// What a recorded transition is called on the stream and in webhooks;
+/// `Progress` is the one event that is no transition (a running job's
+/// report of itself, which leaves its status and attempt as they are).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventType {
     Queued,
@@ -68,16 +70,18 @@ pub enum EventType {
     Succeeded,
     Dead,
     Cancelled,
+    Progress,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 6] = [
+    pub const ALL: [EventType; 7] = [
         Self::Queued,
         Self::Started,
         Self::Retrying,
         Self::Succeeded,
         Self::Dead,
         Self::Cancelled,
+        Self::Progress,
     ];
 
     /// How jobs end: the default webhook subscription.
@@ -91,6 +95,7 @@ impl EventType {
             Self::Succeeded => "job.succeeded",
             Self::Dead => "job.dead",
             Self::Cancelled => "job.cancelled",
+            Self::Progress => "job.progress",
         }
     }
 

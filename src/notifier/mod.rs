@@ -274,6 +274,7 @@ mod tests {
             at: chrono::Utc::now(),
             result: None,
             error: None,
+            progress: None,
             webhook: None,
             tenant: tenant.map(str::to_owned),
         }

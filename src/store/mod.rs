@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::model::job::{Backoff, Inserted, Job, NewJob};
 use crate::model::lifecycle::{Illegal, JobState, Outcome, Transition};
+use crate::model::progress::ProgressReport;
 use crate::model::schedule::{Firing, NewSchedule, Schedule};
 use crate::model::{EventType, JobStatus};
 
@@ -280,6 +281,12 @@ pub trait Store: Send + Sync + 'static {
     /// Extends the leases still held; the ones missing from the answer were
     /// lost (expired and re-claimed, or finished elsewhere).
     async fn heartbeat(&self, held: &[(Uuid, i32)], lease: Duration) -> StoreResult<Vec<Held>>;
+    /// Records progress reports (oldest first) in one transaction: a job
+    /// still running at its reports' attempt keeps the last one as its
+    /// progress and gets a `job.progress` event per report, its status and
+    /// attempt untouched. Reports of any other attempt are refused (fenced,
+    /// like heartbeats). Never waits for a row another transaction holds.
+    async fn record_progress(&self, reports: &[ProgressReport]) -> StoreResult<ProgressRecorded>;
     /// Applies transitions in one transaction, each only while its job is
     /// still in `from` at `attempt`; returns the ids applied (the others
     /// were fenced). At most one transition per job applies in a batch. A
@@ -410,6 +417,15 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// What [`Store::record_progress`] did; a job in neither list was fenced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProgressRecorded {
+    pub written: Vec<Uuid>,
+    /// Still running at the reports' attempt, but its row was held by
+    /// another transaction (a heartbeat, a finish): nothing was written.
+    pub busy: Vec<Uuid>,
+}
+
 /// A concurrency limit as `GET /v1/concurrency-limits` shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct LimitState {
@@ -490,7 +506,8 @@ pub(crate) fn sql_list(statuses: &[JobStatus]) -> String {
 }
 
 /// The event columns both dialects read: the job's result rides on the
-/// success event and its last error on the events that carry one.
+/// success event and its last error on the events that carry one; a
+/// progress event carries its own report.
 /// `last_error` is the dialect's expression for the last of `j.errors`.
 pub(crate) fn event_columns(last_error: &str) -> String {
     let carrying: Vec<String> = EventType::ALL
@@ -502,7 +519,7 @@ pub(crate) fn event_columns(last_error: &str) -> String {
         "e.id, e.type, e.job_id, e.kind, e.status, e.attempt, e.parent_id, e.at,
          CASE WHEN e.type = '{}' THEN j.result END AS result,
          CASE WHEN e.type IN ({}) THEN {last_error} END AS error,
-         j.webhook, j.tenant",
+         e.progress, j.webhook, j.tenant",
         EventType::Succeeded.as_str(),
         carrying.join(", ")
     )

@@ -542,6 +542,32 @@ impl SseClient {
     }
 }
 
+impl SseClient {
+    /// Reads events until one matches `until` (each within 30 s); answers
+    /// all it read, that one last.
+    pub async fn read_until(&mut self, until: impl Fn(&Sse) -> bool) -> Vec<Sse> {
+        let mut got = Vec::new();
+        loop {
+            let e = self.next(30).await.expect("the awaited event arrives");
+            let done = until(&e);
+            got.push(e);
+            if done {
+                return got;
+            }
+        }
+    }
+}
+
+/// Serves `app` on 127.0.0.1 (a free port) in the background.
+pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr
+}
+
 /// Submits `n` no-op probe jobs in batches; returns their ids.
 pub async fn submit_probes(f: &TestFleet, n: usize) -> Vec<Uuid> {
     submit_probes_at(f, n, 0).await

@@ -27,6 +27,7 @@ static EVENT_COLUMNS: LazyLock<String> = LazyLock::new(|| event_columns("j.error
 
 fn row_to_event(r: &PgRow) -> anyhow::Result<Event> {
     let webhook: Option<serde_json::Value> = r.try_get("webhook")?;
+    let progress: Option<serde_json::Value> = r.try_get("progress")?;
     Ok(Event {
         id: r.try_get("id")?,
         event_type: r.try_get("type")?,
@@ -38,6 +39,10 @@ fn row_to_event(r: &PgRow) -> anyhow::Result<Event> {
         at: r.try_get("at")?,
         result: r.try_get("result")?,
         error: r.try_get("error")?,
+        progress: progress
+            .map(serde_json::from_value)
+            .transpose()
+            .context("stored progress report")?,
         webhook: webhook
             .map(serde_json::from_value)
             .transpose()

@@ -17,6 +17,7 @@ use crate::store::{sql_list, DeadLetterOutcome, Depths, JobEvent, ListFilter, St
 
 fn row_to_job(r: &PgRow) -> anyhow::Result<Job> {
     let errors: serde_json::Value = r.try_get("errors")?;
+    let progress: Option<serde_json::Value> = r.try_get("progress")?;
     Ok(Job {
         id: r.try_get("id")?,
         kind: r.try_get("kind")?,
@@ -34,6 +35,10 @@ fn row_to_job(r: &PgRow) -> anyhow::Result<Job> {
         tenant: r.try_get("tenant")?,
         result: r.try_get("result")?,
         errors: serde_json::from_value(errors).context("errors column")?,
+        progress: progress
+            .map(serde_json::from_value)
+            .transpose()
+            .context("progress column")?,
         parent_id: r.try_get("parent_id")?,
         children: vec![],
         schedule: r.try_get("schedule")?,

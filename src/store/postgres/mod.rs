@@ -1,7 +1,8 @@
 //! The Postgres store: production source of truth. `apply.rs` writes the
 //! lifecycle, `claim.rs` claims and extends leases, `jobs.rs` reads jobs,
 //! `maintenance.rs` holds the dispatcher's queries, `schedules.rs` the cron
-//! schedules, `events.rs` the notifier's and `keys.rs` the API keys.
+//! schedules, `progress.rs` records progress reports, `events.rs` the
+//! notifier's queries and `keys.rs` the API keys.
 
 mod apply;
 mod bulk;
@@ -12,6 +13,7 @@ mod jobs;
 mod keys;
 mod maintenance;
 mod pools;
+mod progress;
 mod schedules;
 
 use std::collections::HashMap;
@@ -26,10 +28,11 @@ use uuid::Uuid;
 use self::apply::{apply_in, insert_in, row_to_state};
 use super::{
     parse_status, Claimed, DeadLetterOutcome, Decision, Depths, Held, JobEvent, ListFilter,
-    Publisher, Store, StoreResult, STATE_COLUMNS,
+    ProgressRecorded, Publisher, Store, StoreResult, STATE_COLUMNS,
 };
 use crate::model::job::{Inserted, Job, NewJob};
 use crate::model::lifecycle::{self, Outcome, Transition};
+use crate::model::progress::ProgressReport;
 use crate::model::JobStatus;
 
 #[derive(Clone)]
@@ -142,6 +145,10 @@ impl Store for PgStore {
 
     async fn heartbeat(&self, held: &[(Uuid, i32)], lease: Duration) -> StoreResult<Vec<Held>> {
         self.extend_leases(held, lease).await
+    }
+
+    async fn record_progress(&self, reports: &[ProgressReport]) -> StoreResult<ProgressRecorded> {
+        self.record_progress_batch(reports).await
     }
 
     async fn apply(&self, batch: &[Transition]) -> StoreResult<Vec<Uuid>> {

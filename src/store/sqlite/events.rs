@@ -53,6 +53,10 @@ fn row_to_event(r: &SqliteRow) -> anyhow::Result<Event> {
         at: t(r.try_get("at")?).unwrap_or_default(),
         result: json("result")?,
         error: json("error")?,
+        progress: json("progress")?
+            .map(serde_json::from_value)
+            .transpose()
+            .context("stored progress report")?,
         webhook: webhook.as_deref().map(serde_json::from_str).transpose()?,
         tenant: r.try_get("tenant")?,
     })

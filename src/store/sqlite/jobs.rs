@@ -18,6 +18,7 @@ fn row_to_job(r: &SqliteRow) -> anyhow::Result<Job> {
     let result: Option<String> = r.try_get("result")?;
     let errors: String = r.try_get("errors")?;
     let parent: Option<String> = r.try_get("parent_id")?;
+    let progress: Option<String> = r.try_get("progress")?;
     Ok(Job {
         id: parse_id(r.try_get("id")?)?,
         kind: r.try_get("kind")?,
@@ -35,6 +36,7 @@ fn row_to_job(r: &SqliteRow) -> anyhow::Result<Job> {
         tenant: r.try_get("tenant")?,
         result: result.as_deref().map(serde_json::from_str).transpose()?,
         errors: serde_json::from_str(&errors)?,
+        progress: progress.as_deref().map(serde_json::from_str).transpose()?,
         parent_id: parent.as_deref().map(parse_id).transpose()?,
         children: vec![],
         schedule: r.try_get("schedule")?,

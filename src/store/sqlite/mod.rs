@@ -5,9 +5,9 @@
 //! SQLite costs little because the commit is the expensive part.
 //! `apply.rs` writes the lifecycle, `claim.rs` claims and extends leases,
 //! `jobs.rs` reads, `maintenance.rs` serves the dispatcher, `schedules.rs`
-//! keeps the cron schedules, `events.rs` the notifier, `queue.rs` the
-//! embedded broker, `keys.rs` the API keys and `analyze.rs` the analyze
-//! kind's limits and cache.
+//! keeps the cron schedules, `progress.rs` records progress reports,
+//! `events.rs` the notifier, `queue.rs` the embedded broker, `keys.rs` the
+//! API keys and `analyze.rs` the analyze kind's limits and cache.
 
 pub mod analyze;
 mod apply;
@@ -19,6 +19,7 @@ mod jobs;
 mod keys;
 mod maintenance;
 mod pools;
+mod progress;
 pub mod queue;
 mod schedules;
 
@@ -39,10 +40,11 @@ use uuid::Uuid;
 use self::apply::{apply_in, insert_in, state_in};
 use super::{
     parse_status, Claimed, DeadLetterOutcome, Decision, Depths, Held, JobEvent, ListFilter,
-    Publisher, Store, StoreResult,
+    ProgressRecorded, Publisher, Store, StoreResult,
 };
 use crate::model::job::{Inserted, Job, NewJob};
 use crate::model::lifecycle::{self, Outcome, Transition};
+use crate::model::progress::ProgressReport;
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -162,6 +164,10 @@ impl Store for SqliteStore {
 
     async fn heartbeat(&self, held: &[(Uuid, i32)], lease: Duration) -> StoreResult<Vec<Held>> {
         self.extend_leases(held, lease).await
+    }
+
+    async fn record_progress(&self, reports: &[ProgressReport]) -> StoreResult<ProgressRecorded> {
+        self.record_progress_batch(reports).await
     }
 
     async fn apply(&self, batch: &[Transition]) -> StoreResult<Vec<Uuid>> {

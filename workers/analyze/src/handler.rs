@@ -4,9 +4,11 @@
 //! One run: look every question up in the answer cache, send the misses to
 //! the provider in one call (after the shared rate limit allows it, for
 //! `openai`), check every answer, store the new ones, and return them all in
-//! question order.
+//! question order. Each answered question is reported as a partial result
+//! as soon as it is known ([`Partials`]).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -228,6 +230,8 @@ impl Inner {
     ) -> Result<AnalyzeOutput, JobError> {
         let keys = cache_keys(provider, model, &questions);
         let mut answers = self.cached(&keys, &questions).await;
+        let partials = Partials::new(ctx, &questions);
+        answers.iter().flatten().for_each(|a| partials.answered(a));
         let cached = answers.iter().filter(|a| a.is_some()).count();
         let missed: Vec<(usize, Question)> = questions
             .iter()
@@ -237,7 +241,15 @@ impl Inner {
             .collect();
         let mut usage = Usage::default();
         if !missed.is_empty() {
-            let (fresh, used) = self.call(ctx, provider, model, missed).await?;
+            ctx.progress(
+                cached as f32 / questions.len() as f32,
+                format!(
+                    "asking {model} about {} question{}",
+                    missed.len(),
+                    if missed.len() == 1 { "" } else { "s" }
+                ),
+            );
+            let (fresh, used) = self.call(ctx, provider, model, missed, &partials).await?;
             usage = used;
             let mut entries = Vec::with_capacity(fresh.len());
             for a in fresh {
@@ -317,6 +329,7 @@ impl Inner {
         provider: ProviderKind,
         model: &str,
         missed: Vec<(usize, Question)>,
+        partials: &Partials,
     ) -> Result<(Vec<Answer>, Usage), JobError> {
         let labels = [provider.as_str(), model];
         let limit_key = format!("{}:{model}", provider.as_str());
@@ -347,19 +360,22 @@ impl Inner {
                 Some(o) => {
                     let asked: Vec<(usize, &Question)> =
                         missed.iter().map(|(i, q)| (*i, q)).collect();
-                    o.complete(model, &asked)
-                        .await
-                        .map(|c| (c.answers, c.usage))
+                    o.complete(model, &asked).await.map(|c| {
+                        c.answers.iter().for_each(|a| partials.answered(a));
+                        (c.answers, c.usage)
+                    })
                 }
                 None => Err(ProviderError::Misconfigured(
                     "no openai endpoint configured".into(),
                 )),
             },
-            ProviderKind::Local => self
-                .local
-                .answer(missed, &ctx.cancelled)
-                .await
-                .map(|c| (c.answers, c.usage)),
+            ProviderKind::Local => {
+                let partials = partials.clone();
+                self.local
+                    .answer_each(missed, &ctx.cancelled, move |a| partials.answered(a))
+                    .await
+                    .map(|c| (c.answers, c.usage))
+            }
         };
         if let Err(ProviderError::RateLimited { retry_after, .. }) = &result {
             // Every process sharing the bucket backs off, not only this job:
@@ -414,11 +430,60 @@ fn estimate_tokens(missed: &[(usize, Question)]) -> u64 {
     (chars / 4 + missed.len() * 40) as u64
 }
 
+/// Whether an answer points at an existing option (`options[i]`: how many
+/// question `i` has) with a confidence in 0..=1, whatever produced it.
+fn points_at_option(a: &Answer, options: &[usize]) -> bool {
+    options.get(a.question).is_some_and(|n| a.choice < *n) && (0.0..=1.0).contains(&a.confidence)
+}
+
+fn option_counts(questions: &[Question]) -> Vec<usize> {
+    questions.iter().map(|q| q.options.len()).collect()
+}
+
+/// Reports each answered question as a partial result,
+/// `{"answer": {"question", "choice", "confidence", "reason"?}}` (an item
+/// of the result's `answers`), with the share of questions answered so far.
+/// Only answers that pass the result's own check are reported: a partial is
+/// stored, and model output is checked before anything is.
+#[derive(Clone)]
+struct Partials(Arc<PartialsInner>);
+
+struct PartialsInner {
+    ctx: JobContext,
+    options: Vec<usize>,
+    answered: AtomicUsize,
+}
+
+impl Partials {
+    fn new(ctx: &JobContext, questions: &[Question]) -> Self {
+        Self(Arc::new(PartialsInner {
+            ctx: ctx.clone(),
+            options: option_counts(questions),
+            answered: AtomicUsize::new(0),
+        }))
+    }
+
+    fn answered(&self, a: &Answer) {
+        let p = &self.0;
+        if !points_at_option(a, &p.options) {
+            return;
+        }
+        let n = p.answered.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = p.options.len();
+        p.ctx.partial(
+            n as f32 / total as f32,
+            format!("answered question {} of {total}", a.question + 1),
+            serde_json::json!({ "answer": a }),
+        );
+    }
+}
+
 /// The last word before anything is stored: every answer points at an
 /// existing option with a confidence in 0..=1, whatever produced it.
 fn check_answers(answers: &[Answer], questions: &[Question]) -> Result<(), JobError> {
-    for (i, (a, q)) in answers.iter().zip(questions).enumerate() {
-        if a.question != i || a.choice >= q.options.len() || !(0.0..=1.0).contains(&a.confidence) {
+    let options = option_counts(questions);
+    for (i, a) in answers.iter().enumerate() {
+        if a.question != i || !points_at_option(a, &options) {
             return Err(JobError::permanent(format!(
                 "invalid answer for question {i}: {a:?}"
             )));

@@ -1,11 +1,12 @@
 //! The `local` provider with the real SmolLM2 file: tokenizer ids against
 //! llama.cpp's, the fixture quizzes end to end through the handler, prompt
-//! injection, determinism, the tiny-model notice, and the errors for a
-//! missing model and for GGUF files it cannot run faithfully.
+//! injection, determinism, the tiny-model notice, each answer (scored or
+//! cached) reported as a partial result, and the errors for a missing model
+//! and for GGUF files it cannot run faithfully.
 
 mod support;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::Registry;
@@ -15,7 +16,7 @@ use stevedore_analyze::{
     AnalyzeConfig, AnalyzeHandler, AnalyzeOutput, AnalyzePayload, MemoryAnswerCache, ProviderKind,
     Question,
 };
-use stevedore_handler::{parse_payload, Handler};
+use stevedore_handler::{parse_payload, Handler, Progress, ProgressSink};
 
 async fn model() -> Arc<LocalModel> {
     LocalProvider::new(support::model_path(), WeightFormat::default())
@@ -163,8 +164,13 @@ async fn prompt_injection_in_a_question_still_yields_an_option() {
             correct: Some(0),
         },
     ];
-    let out = analyze(&h, &questions).await;
+    // Each answer is reported as it is scored, after the model was asked.
+    let (out, reported) = analyze_reporting(&h, &questions).await;
     assert_valid(&out, &questions);
+    assert!(
+        reported[0].message.starts_with("asking SmolLM2") && reported[0].partial.is_none(),
+        "{reported:?}"
+    );
     let again = analyze(&h, &questions).await;
     assert_eq!(out.answers, again.answers);
 }
@@ -379,7 +385,9 @@ async fn answers_all_from_the_cache_still_carry_the_notice() {
     let mut config = AnalyzeConfig::in_process(None, &path);
     config.cache = cache;
     let h = AnalyzeHandler::new(config, &Registry::new()).expect("handler");
-    let out = analyze(&h, &questions).await;
+    // A cached answer is reported too, and there is nothing to ask.
+    let (out, reported) = analyze_reporting(&h, &questions).await;
+    assert_eq!(reported.len(), 1, "{reported:?}");
     assert_eq!((out.cached, out.answers[0].choice), (1, 1));
     assert!(
         out.notice
@@ -388,4 +396,38 @@ async fn answers_all_from_the_cache_still_carry_the_notice() {
         "{:?}",
         out.notice
     );
+}
+
+/// What a handler reported, in order.
+#[derive(Default)]
+struct Reports(Mutex<Vec<Progress>>);
+
+impl ProgressSink for Reports {
+    fn report(&self, p: Progress) {
+        self.0.lock().expect("lock").push(p);
+    }
+}
+
+/// Runs the handler with a sink; answers its output and the partial
+/// results it reported, after checking each is the item of the result's
+/// `answers` it names, with the share of questions answered so far.
+async fn analyze_reporting(
+    h: &AnalyzeHandler,
+    questions: &[Question],
+) -> (AnalyzeOutput, Vec<Progress>) {
+    let reports = Arc::new(Reports::default());
+    let ctx = support::ctx(1).with_progress(reports.clone());
+    let payload: AnalyzePayload =
+        parse_payload(&json!({ "questions": questions })).expect("payload");
+    let out = h.run(&ctx, payload).await.expect("analysis");
+    let got = reports.0.lock().expect("lock").clone();
+    let n = questions.len();
+    let partials: Vec<&Progress> = got.iter().filter(|p| p.partial.is_some()).collect();
+    assert_eq!(partials.len(), n, "one per question: {got:?}");
+    for (i, p) in partials.iter().enumerate() {
+        assert_eq!(p.partial, Some(json!({"answer": out.answers[i]})));
+        assert_eq!(p.fraction, (i + 1) as f32 / n as f32);
+        assert_eq!(p.message, format!("answered question {} of {n}", i + 1));
+    }
+    (out, got)
 }

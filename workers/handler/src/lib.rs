@@ -4,7 +4,8 @@
 //! worker crate. The core knows kinds only through this crate: it validates
 //! payloads at submit time ([`Payload::validate`]), runs handlers with a
 //! [`JobContext`], and maps a [`JobError`] to the job's next state. Worker
-//! crates never see the store or the broker.
+//! crates never see the store or the broker: progress reports leave through
+//! a [`ProgressSink`] the worker installs.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -113,6 +114,28 @@ pub struct ChildJob {
     pub payload: serde_json::Value,
 }
 
+/// Longest progress message kept, in characters; longer ones are cut.
+pub const MAX_PROGRESS_MESSAGE: usize = 200;
+
+/// How far a running attempt got, as its handler reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// 0.0 to 1.0.
+    pub fraction: f32,
+    /// What the attempt is doing, at most [`MAX_PROGRESS_MESSAGE`] characters.
+    pub message: String,
+    /// A piece of the result ready before the whole (analyze: one answered
+    /// question). Unlike plain reports, partials are never merged away.
+    pub partial: Option<serde_json::Value>,
+}
+
+/// Where an attempt's progress reports go. The worker installs one that
+/// records them, throttled; `report` is called from handler code (also
+/// from blocking threads), so it must return at once and never do I/O.
+pub trait ProgressSink: Send + Sync {
+    fn report(&self, progress: Progress);
+}
+
 /// What a handler knows about the attempt it runs.
 #[derive(Debug, Clone)]
 pub struct JobContext {
@@ -123,6 +146,17 @@ pub struct JobContext {
     /// result will be discarded anyway.
     pub cancelled: CancellationToken,
     children: Arc<Mutex<Vec<ChildJob>>>,
+    progress: Option<Sink>,
+}
+
+/// The installed sink; a newtype so that [`JobContext`] stays `Debug`.
+#[derive(Clone)]
+struct Sink(Arc<dyn ProgressSink>);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressSink")
+    }
 }
 
 impl JobContext {
@@ -132,7 +166,50 @@ impl JobContext {
             attempt,
             cancelled,
             children: Arc::default(),
+            progress: None,
         }
+    }
+
+    /// Sends this attempt's progress reports to `sink` (without one, as in
+    /// tests and tools, they go nowhere).
+    pub fn with_progress(mut self, sink: Arc<dyn ProgressSink>) -> Self {
+        self.progress = Some(Sink(sink));
+        self
+    }
+
+    /// Reports how far the attempt got: `fraction` from 0 to 1 (clamped)
+    /// and a short message. Cheap and non-blocking: call it at every stage.
+    /// The worker writes the latest report at most a few times a second
+    /// (`GET /v1/jobs/{id}` shows it, the stream carries it as
+    /// `job.progress`), so reports in quick succession merge.
+    pub fn progress(&self, fraction: f32, message: impl Into<String>) {
+        self.send(fraction, message.into(), None);
+    }
+
+    /// Reports progress with a piece of the result ready before the whole.
+    /// Each partial is written (several in one write when they come fast),
+    /// so a watcher sees every one.
+    pub fn partial(&self, fraction: f32, message: impl Into<String>, partial: serde_json::Value) {
+        self.send(fraction, message.into(), Some(partial));
+    }
+
+    fn send(&self, fraction: f32, mut message: String, partial: Option<serde_json::Value>) {
+        let Some(Sink(sink)) = &self.progress else {
+            return;
+        };
+        if let Some((cut, _)) = message.char_indices().nth(MAX_PROGRESS_MESSAGE) {
+            message.truncate(cut);
+        }
+        let fraction = if fraction.is_nan() {
+            0.0
+        } else {
+            fraction.clamp(0.0, 1.0)
+        };
+        sink.report(Progress {
+            fraction,
+            message,
+            partial,
+        });
     }
 
     /// Queues a child job, submitted only if this attempt succeeds.
@@ -227,6 +304,32 @@ mod tests {
                 .n,
             3
         );
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Progress>>);
+    impl ProgressSink for Recorder {
+        fn report(&self, p: Progress) {
+            self.0.lock().expect("lock").push(p);
+        }
+    }
+
+    #[test]
+    fn progress_is_clamped_and_cut_and_goes_nowhere_without_a_sink() {
+        JobContext::new(Uuid::nil(), 1, CancellationToken::new()).progress(0.5, "dropped");
+        let rec = Arc::new(Recorder::default());
+        let ctx =
+            JobContext::new(Uuid::nil(), 1, CancellationToken::new()).with_progress(rec.clone());
+        ctx.progress(1.5, "é".repeat(MAX_PROGRESS_MESSAGE + 5));
+        ctx.progress(f32::NAN, "nan");
+        ctx.partial(-1.0, "part", serde_json::json!({"answer": 1}));
+        let got = rec.0.lock().expect("lock").clone();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].fraction, 1.0);
+        assert_eq!(got[0].message.chars().count(), MAX_PROGRESS_MESSAGE);
+        assert_eq!(got[1].fraction, 0.0);
+        assert_eq!(got[2].fraction, 0.0);
+        assert_eq!(got[2].partial, Some(serde_json::json!({"answer": 1})));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The `scrape` Handler: load (HTTP, browser, or HTTP then browser for
-//! `auto`), extract, classify errors, chain a child job.
+//! `auto`), extract, classify errors, chain a child job. It reports its
+//! stages as progress: loading, rendering, extracting, what it found.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -138,7 +139,12 @@ impl ScrapeHandler {
         self.metrics.pages.with_label_values(&[mode, outcome]).inc();
     }
 
-    async fn over_http(&self, p: &ScrapePayload) -> Result<(String, Extracted), JobError> {
+    async fn over_http(
+        &self,
+        ctx: &JobContext,
+        p: &ScrapePayload,
+    ) -> Result<(String, Extracted), JobError> {
+        ctx.progress(0.1, "loading over HTTP");
         let started = Instant::now();
         let cfg = LoadConfig {
             timeout: self.cfg.timeout,
@@ -147,17 +153,23 @@ impl ScrapeHandler {
         let page = load(self.guard.as_ref(), &p.url, &cfg).await;
         self.observe("http", started, &page);
         let page = page.map_err(classify)?;
+        ctx.progress(0.3, "extracting questions");
         let found = extract_off_runtime(page.html, p.selectors.clone()).await?;
         Ok((page.final_url, found))
     }
 
-    async fn in_browser(&self, p: &ScrapePayload) -> Result<(String, Extracted), JobError> {
+    async fn in_browser(
+        &self,
+        ctx: &JobContext,
+        p: &ScrapePayload,
+    ) -> Result<(String, Extracted), JobError> {
         // Refused before a browser is even asked; the proxy judges every
         // connection the page then makes, redirects included.
         self.guard
             .check(&p.url)
             .await
             .map_err(|e| classify(LoadError::from(e)))?;
+        ctx.progress(0.4, "rendering in the browser");
         let started = Instant::now();
         let selectors = p.selectors.clone();
         // The readiness check extracts the page already; what it found on
@@ -180,6 +192,7 @@ impl ScrapeHandler {
         let page = self.browser.render(&p.url, wait).await;
         self.observe("browser", started, &page);
         let page = page.map_err(classify_browser)?;
+        ctx.progress(0.9, "extracting questions");
         let t = Instant::now();
         let known = last.lock().unwrap_or_else(|p| p.into_inner()).take();
         let found = match known {
@@ -283,12 +296,12 @@ impl Handler for ScrapeHandler {
 
     async fn run(&self, ctx: &JobContext, p: ScrapePayload) -> Result<ScrapeOutput, JobError> {
         let (rendered_with, (final_url, found)) = match p.render {
-            Render::Browser => ("browser", self.in_browser(&p).await?),
-            Render::Http => ("http", self.over_http(&p).await?),
+            Render::Browser => ("browser", self.in_browser(ctx, &p).await?),
+            Render::Http => ("http", self.over_http(ctx, &p).await?),
             Render::Auto => {
-                let (final_url, found) = self.over_http(&p).await?;
+                let (final_url, found) = self.over_http(ctx, &p).await?;
                 if found.questions.is_empty() {
-                    ("browser", self.in_browser(&p).await?)
+                    ("browser", self.in_browser(ctx, &p).await?)
                 } else {
                     ("http", (final_url, found))
                 }
@@ -299,6 +312,14 @@ impl Handler for ScrapeHandler {
                 "no questions found on {final_url} (rendered with {rendered_with})"
             )));
         }
+        ctx.progress(
+            1.0,
+            format!(
+                "found {} question{}",
+                found.questions.len(),
+                if found.questions.len() == 1 { "" } else { "s" }
+            ),
+        );
         if let Some(then) = &p.then {
             let mut payload = then.clone();
             let kind = payload

@@ -172,6 +172,17 @@ impl LocalProvider {
         asked: Vec<(usize, Question)>,
         cancelled: &CancellationToken,
     ) -> Result<LocalCompletion, ProviderError> {
+        self.answer_each(asked, cancelled, |_| {}).await
+    }
+
+    /// [`Self::answer`], calling `answered` with each answer as soon as it
+    /// is scored (on the blocking thread that scores: keep it cheap).
+    pub async fn answer_each(
+        &self,
+        asked: Vec<(usize, Question)>,
+        cancelled: &CancellationToken,
+        answered: impl Fn(&Answer) + Send + 'static,
+    ) -> Result<LocalCompletion, ProviderError> {
         let model = self.model().await?;
         let cancelled = cancelled.clone();
         let run = tokio::task::spawn_blocking(move || {
@@ -183,12 +194,14 @@ impl LocalProvider {
                 }
                 let scored = model.score(q)?;
                 tokens += scored.tokens;
-                answers.push(Answer {
+                let answer = Answer {
                     question: *index,
                     choice: scored.choice,
                     confidence: scored.confidence,
                     reason: None,
-                });
+                };
+                answered(&answer);
+                answers.push(answer);
             }
             Ok(LocalCompletion {
                 answers,

@@ -239,13 +239,15 @@ async fn schemathesis(port: u16, key: &str, report: &Path) -> bool {
         .arg(format!("http://127.0.0.1:{port}/openapi.json"))
         .args([
             "--checks",
-            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "not_a_server_error,status_code_conformance,content_type_conformance,\
+             response_schema_conformance,response_headers_conformance,unsupported_method,\
+             missing_required_header,ignored_auth",
             // A few cases per operation, valid and invalid ones, within a
             // bounded time (the whole test stays near a minute).
             "--max-examples",
             "8",
             "--max-time",
-            "60",
+            "45",
             "--workers",
             "2",
             "--phases",

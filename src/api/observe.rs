@@ -114,7 +114,7 @@ fn method_label(m: &Method) -> &'static str {
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Prometheus metrics of this API process, in the text exposition format.
-#[utoipa::path(get, path = "/metrics", security(("metrics_token" = [])), responses(
+#[utoipa::path(get, path = "/metrics", security((), ("metrics_token" = [])), responses(
     (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain; version=0.0.4"),
     (status = 401, description = "`STEVEDORE_METRICS_TOKEN` is set and was not sent", body = super::error::ErrorBody)))]
 pub(super) async fn api_metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {

@@ -106,10 +106,10 @@ fn shared_answers(path: &str, method: &str, op: &mut Operation) {
          (`unavailable`, `overloaded`, `timeout`); retry later",
     );
     if !path.starts_with("/v1/") {
-        if path != "/metrics" {
-            // No key: an empty list overrides the document-wide bearer rule.
-            op.security = Some(Vec::<SecurityRequirement>::new());
-        }
+        // No key (`/metrics` says what it takes itself): an empty list
+        // overrides the document-wide bearer rule.
+        op.security
+            .get_or_insert_with(Vec::<SecurityRequirement>::new);
         return;
     }
     add(

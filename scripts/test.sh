@@ -8,6 +8,9 @@ scripts/services.sh
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 # The analyze tests run the real local model.
 scripts/fetch-model.sh >/dev/null
+# tests/openapi.rs fuzzes the running API with schemathesis (PyPI).
+python3 -c 'import schemathesis.cli' 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/schemathesis/requirements.txt
 
 # Test databases are dropped by each test; a test that failed leaves its own.
 admin_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}

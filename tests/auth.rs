@@ -95,6 +95,7 @@ async fn keys_scopes_and_revocation_hold_on_every_api_process() {
     let ports = [free_port(), free_port()];
     let mut env_api = env.clone();
     env_api.push(("STEVEDORE_LOG", "debug".to_owned()));
+    env_api.push(("STEVEDORE_METRICS_TOKEN", "scrape-token-1".to_owned()));
     let apis: Vec<Proc> = ports
         .iter()
         .enumerate()
@@ -145,6 +146,27 @@ async fn keys_scopes_and_revocation_hold_on_every_api_process() {
     // Health and the pages need no key.
     let (s, _) = call(&http, M::GET, &format!("{url}/healthz"), None, None).await;
     assert_eq!(s, StatusCode::OK);
+    // /metrics takes its scrape token, not an API key.
+    let metrics = format!("{url}/metrics");
+    let (s, v) = call(&http, M::GET, &metrics, None, None).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
+    let (s, _) = call(&http, M::GET, &metrics, Some(&read), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "an API key is not the token");
+    let r = http
+        .get(&metrics)
+        .bearer_auth("scrape-token-1")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r
+        .text()
+        .await
+        .unwrap_or_default()
+        .contains("stevedore_http_requests_total"));
 
     // Scopes: read reads, submit submits and cancels, admin administers.
     let job = json!({"kind": "probe", "payload": {}, "run_at": "2099-01-01T00:00:00Z"});

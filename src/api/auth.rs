@@ -323,24 +323,22 @@ pub async fn stream_ticket(State(s): State<AppState>, req: Request) -> Json<Stre
     }
 }
 
-/// `/metrics` with `STEVEDORE_METRICS_TOKEN` set needs that bearer token.
-pub async fn metrics_token(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(want) = &s.metrics_token {
-        let got = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !constant_time_eq(got.as_bytes(), want.as_bytes()) {
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "send Authorization: Bearer <STEVEDORE_METRICS_TOKEN>",
-            );
-        }
-    }
-    next.run(req).await
+/// `/metrics` with `STEVEDORE_METRICS_TOKEN` set needs that bearer token:
+/// the refusal when it is missing or wrong.
+pub fn metrics_refusal(s: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let want = s.metrics_token.as_ref()?;
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    (!constant_time_eq(got.as_bytes(), want.as_bytes())).then(|| {
+        refuse(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer <STEVEDORE_METRICS_TOKEN>",
+        )
+    })
 }
 
 /// Headers every response carries: the pages load only their own scripts

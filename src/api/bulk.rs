@@ -27,6 +27,7 @@ use crate::store::{decide_all, Selection, StoreResult, BULK_BATCH};
 pub struct DeadFilter {
     pub kind: Option<String>,
     /// Text in one of the job's error messages, ignoring case.
+    #[schema(min_length = 1)]
     pub error_contains: Option<String>,
     /// Died at or after (RFC 3339).
     pub since: Option<DateTime<Utc>>,
@@ -39,10 +40,29 @@ pub struct DeadFilter {
 #[serde(deny_unknown_fields)]
 pub struct ActiveFilter {
     pub kind: Option<String>,
-    /// `queued`, `retrying` or `running`; all three when absent.
-    pub status: Option<JobStatus>,
+    /// All three when absent.
+    pub status: Option<ActiveStatus>,
     /// Only jobs with this concurrency key.
     pub concurrency_key: Option<String>,
+}
+
+/// The statuses of jobs a cancel can reach.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ActiveStatus {
+    Queued,
+    Retrying,
+    Running,
+}
+
+impl From<ActiveStatus> for JobStatus {
+    fn from(s: ActiveStatus) -> Self {
+        match s {
+            ActiveStatus::Queued => Self::Queued,
+            ActiveStatus::Retrying => Self::Retrying,
+            ActiveStatus::Running => Self::Running,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -161,16 +181,9 @@ pub async fn cancel(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Cancelled>, ApiError> {
     let f: ActiveFilter = parse_body(body)?;
-    let active = [JobStatus::Queued, JobStatus::Retrying, JobStatus::Running];
     let statuses = match f.status {
-        None => active.to_vec(),
-        Some(st) if active.contains(&st) => vec![st],
-        Some(_) => {
-            return Err(ApiError::Invalid(FieldError::new(
-                "status",
-                "must be queued, retrying or running",
-            )))
-        }
+        None => vec![JobStatus::Queued, JobStatus::Retrying, JobStatus::Running],
+        Some(st) => vec![st.into()],
     };
     let sel = Selection {
         statuses,

@@ -24,6 +24,7 @@ use crate::store::LimitState;
 pub struct LimitRequest {
     /// 1..=100000: at most this many jobs of each key with the prefix run
     /// at once.
+    #[schema(minimum = 1, maximum = 100_000)]
     pub max_running: i32,
 }
 
@@ -47,7 +48,7 @@ pub async fn list(
 
 /// Sets the limit for keys starting with `prefix` (each key on its own).
 /// Raising it lets waiting jobs go at once.
-#[utoipa::path(put, path = "/v1/concurrency-limits/{prefix}", params(("prefix" = String, Path)),
+#[utoipa::path(put, path = "/v1/concurrency-limits/{prefix}", params(("prefix" = String, Path, min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")),
     request_body = LimitRequest, responses(
     (status = 200, body = LimitState),
     (status = 403, body = super::error::ErrorBody),
@@ -78,7 +79,7 @@ pub async fn put(
 
 /// Removes the limit: keys with the prefix run without one (or under a
 /// shorter prefix's), and what waited for room goes at once.
-#[utoipa::path(delete, path = "/v1/concurrency-limits/{prefix}", params(("prefix" = String, Path)),
+#[utoipa::path(delete, path = "/v1/concurrency-limits/{prefix}", params(("prefix" = String, Path, min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")),
     responses((status = 204, description = "Removed"), (status = 404, body = super::error::ErrorBody)))]
 pub async fn remove(
     State(s): State<AppState>,
@@ -96,7 +97,11 @@ pub async fn remove(
 }
 
 fn check_prefix(prefix: &str) -> Result<(), ApiError> {
-    if prefix.is_empty() || prefix.len() > PREFIX_MAX || prefix.chars().any(char::is_control) {
+    // Characters, not bytes: what the documented maxLength counts.
+    if prefix.is_empty()
+        || prefix.chars().count() > PREFIX_MAX
+        || prefix.chars().any(char::is_control)
+    {
         return Err(ApiError::Invalid(FieldError::new(
             "prefix",
             format!("1 to {PREFIX_MAX} characters, none of them control characters"),

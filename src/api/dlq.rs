@@ -23,6 +23,8 @@ use crate::store::DeadLetterOutcome;
 #[serde(deny_unknown_fields)]
 pub struct DeadQuery {
     pub kind: Option<String>,
+    /// 1..=500, default 50.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     pub cursor: Option<Uuid>,
 }
@@ -77,7 +79,7 @@ fn outcome(o: DeadLetterOutcome) -> Result<(), ApiError> {
 
 /// Put a dead job back in the queue with a fresh budget of attempts.
 #[utoipa::path(post, path = "/v1/dead-letters/{id}/replay", params(("id" = Uuid, Path)), responses(
-    (status = 200, description = "Queued again"), (status = 404, body = super::error::ErrorBody),
+    (status = 200, description = "Queued again", body = super::Acted), (status = 404, body = super::error::ErrorBody),
     (status = 409, description = "Not dead", body = super::error::ErrorBody)))]
 pub async fn replay(
     State(s): State<AppState>,
@@ -92,7 +94,7 @@ pub async fn replay(
     if let Some(w) = &s.wake {
         w.notify_one();
     }
-    Ok(Json(serde_json::json!({"id": id, "status": "queued"})).into_response())
+    Ok(Json(super::Acted::new(id, "queued")).into_response())
 }
 
 /// Delete a dead job for good.

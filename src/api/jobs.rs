@@ -2,6 +2,8 @@
 //! A submit stores the trace context its jobs' attempts continue (see
 //! [`crate::telemetry`]).
 
+use std::collections::BTreeMap;
+
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -54,6 +56,7 @@ impl From<Inserted> for Accepted {
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
     /// 1 to 1000 jobs, inserted in one transaction.
+    #[schema(min_items = 1, max_items = 1000)]
     pub jobs: Vec<SubmitRequest>,
 }
 
@@ -96,9 +99,8 @@ async fn insert(s: &AppState, jobs: Vec<NewJob>) -> Result<Vec<Inserted>, ApiErr
 #[utoipa::path(post, path = "/v1/jobs", request_body = SubmitRequest, responses(
     (status = 202, description = "Accepted", body = Accepted),
     (status = 200, description = "The idempotency key was seen before: the first job", body = Accepted),
-    (status = 400, description = "Not JSON", body = super::error::ErrorBody),
-    (status = 413, description = "Body over 1 MiB", body = super::error::ErrorBody),
-    (status = 422, description = "Invalid job; `field` names the path", body = super::error::ErrorBody)))]
+    (status = 422, description = "Invalid job (`invalid_job`); `field` names the path, e.g. `payload.url`", body = super::error::ErrorBody),
+    (status = 429, description = "The tenant has as many jobs waiting as the key allows (`queue_full`), or the key's rate is used up (`rate_limited`); see `Retry-After`", body = super::error::ErrorBody)))]
 pub async fn submit(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -141,7 +143,8 @@ async fn submit_one(
 /// Submit up to 1000 jobs in one transaction.
 #[utoipa::path(post, path = "/v1/jobs/batch", request_body = BatchRequest, responses(
     (status = 202, description = "Accepted", body = BatchAccepted),
-    (status = 422, description = "A job is invalid; `field` is e.g. `jobs[3].payload.sleep_ms`", body = super::error::ErrorBody)))]
+    (status = 422, description = "A job is invalid (`invalid_job`); `field` is e.g. `jobs[3].payload.sleep_ms`", body = super::error::ErrorBody),
+    (status = 429, description = "The batch would take the tenant past the key's cap on waiting jobs (`queue_full`; nothing is inserted), or the key's rate is used up (`rate_limited`)", body = super::error::ErrorBody)))]
 pub async fn submit_batch(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -219,9 +222,11 @@ pub async fn get(
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    #[param(value_type = Option<JobStatus>, inline)]
     pub status: Option<String>,
     pub kind: Option<String>,
     /// 1..=500, default 50.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<Uuid>,
@@ -286,8 +291,8 @@ pub async fn list(
 /// Cancel a job: queued and retrying jobs at once, a running job at its
 /// worker's next lease check.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = Uuid, Path)), responses(
-    (status = 200, description = "Cancelled"),
-    (status = 202, description = "Running: cancellation requested"),
+    (status = 200, description = "Cancelled", body = super::Acted),
+    (status = 202, description = "Running: cancellation requested", body = super::Acted),
     (status = 404, body = super::error::ErrorBody),
     (status = 409, description = "Already finished", body = super::error::ErrorBody)))]
 pub async fn cancel(
@@ -300,14 +305,15 @@ pub async fn cancel(
         return Err(ApiError::NotFound("job"));
     }
     match s.store.cancel(id).await? {
-        CancelOutcome::Cancelled => Ok((
-            StatusCode::OK,
-            Json(serde_json::json!({"id": id, "status": "cancelled"})),
-        )
-            .into_response()),
+        CancelOutcome::Cancelled => {
+            Ok((StatusCode::OK, Json(super::Acted::new(id, "cancelled"))).into_response())
+        }
         CancelOutcome::Requested => Ok((
             StatusCode::ACCEPTED,
-            Json(serde_json::json!({"id": id, "status": "running", "cancel_requested": true})),
+            Json(super::Acted {
+                cancel_requested: true,
+                ..super::Acted::new(id, "running")
+            }),
         )
             .into_response()),
         CancelOutcome::AlreadyFinished(st) => Err(ApiError::Conflict(format!(
@@ -316,6 +322,16 @@ pub async fn cancel(
         ))),
         CancelOutcome::NotFound => Err(ApiError::NotFound("job")),
     }
+}
+
+/// `GET /v1/stats`.
+#[derive(Serialize, ToSchema)]
+pub struct Stats {
+    /// The tenant's jobs by status.
+    pub counts: BTreeMap<String, i64>,
+    /// Per pool (kind), every tenant's queued, retrying and running jobs.
+    pub pools: BTreeMap<String, BTreeMap<String, i64>>,
+    pub dead_letters: i64,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -328,24 +344,24 @@ pub struct StatsQuery {
 
 /// Jobs by status (for `stevedore bench`), queue depth per pool and the
 /// dead-letter count (for the display page).
-#[utoipa::path(get, path = "/v1/stats", params(StatsQuery), responses((status = 200, description = "`{\"counts\": {status: n}, \"pools\": {pool: {status: n}}, \"dead_letters\": n}`; `pools` counts queued, retrying and running jobs")))]
+#[utoipa::path(get, path = "/v1/stats", params(StatsQuery), responses((status = 200, body = Stats)))]
 pub async fn stats(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
     q: Result<Query<StatsQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Stats>, ApiError> {
     let q = query(q)?;
     let counts = s
         .store
         .counts(q.since, q.kind.as_deref(), Some(&who.tenant))
         .await?;
     let depths = s.store.depths().await?;
-    let mut pools: std::collections::BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
-        s.kinds
-            .names()
-            .into_iter()
-            .map(|k| (k.to_owned(), Default::default()))
-            .collect();
+    let mut pools: BTreeMap<String, BTreeMap<String, i64>> = s
+        .kinds
+        .names()
+        .into_iter()
+        .map(|k| (k.to_owned(), Default::default()))
+        .collect();
     let mut dead = 0;
     for ((kind, status), n) in depths.by_kind_status {
         if status == JobStatus::Dead {
@@ -354,10 +370,12 @@ pub async fn stats(
             pools
                 .entry(kind)
                 .or_default()
-                .insert(status.as_str().to_owned(), n.into());
+                .insert(status.as_str().to_owned(), n);
         }
     }
-    Ok(Json(
-        serde_json::json!({"counts": counts, "pools": pools, "dead_letters": dead}),
-    ))
+    Ok(Json(Stats {
+        counts: counts.into_iter().collect(),
+        pools,
+        dead_letters: dead,
+    }))
 }

@@ -3,8 +3,8 @@
 //! (SSE and WebSocket), `webhooks`, `display` (the live page) and `console`
 //! (the operator console and its job-events route), `pools` (pausing),
 //! `bulk` (actions by filter), `schedules` (cron), `concurrency` (limits per
-//! concurrency key); the OpenAPI document is
-//! assembled in `openapi`; keys, scopes and the browser rules are checked in
+//! concurrency key). Routes are registered with their OpenAPI operations
+//! in [`documented`] (the document is completed in `openapi`); keys, scopes and the browser rules are checked in
 //! `auth`; request ids and request metrics are layered on in `observe`.
 
 pub mod auth;
@@ -27,15 +27,17 @@ use std::sync::Arc;
 
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::middleware;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use stevedore_handler::FieldError;
 use tokio::sync::Notify;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 pub use error::ApiError;
@@ -74,43 +76,60 @@ pub struct AppState {
     pub limits: limits::Limits,
 }
 
+/// Every API route: each `routes!` puts the handlers of one path into the
+/// router and their operations into the OpenAPI document, from the
+/// handlers' `#[utoipa::path]` annotations, so no route goes undocumented.
+fn documented() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::head())
+        .routes(routes!(jobs::submit, jobs::list))
+        .routes(routes!(jobs::submit_batch))
+        .routes(routes!(bulk::cancel))
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(console::job_events))
+        .routes(routes!(dlq::list))
+        .routes(routes!(bulk::replay))
+        .routes(routes!(bulk::purge))
+        .routes(routes!(dlq::show, dlq::purge))
+        .routes(routes!(dlq::replay))
+        .routes(routes!(jobs::stats))
+        .routes(routes!(pools::list))
+        .routes(routes!(pools::pause))
+        .routes(routes!(pools::resume))
+        .routes(routes!(concurrency::list))
+        .routes(routes!(concurrency::put, concurrency::remove))
+        .routes(routes!(schedules::put, schedules::list))
+        .routes(routes!(schedules::get, schedules::remove))
+        .routes(routes!(schedules::pause))
+        .routes(routes!(schedules::resume))
+        .routes(routes!(stream::sse))
+        .routes(routes!(stream::ws))
+        .routes(routes!(auth::stream_ticket))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::remove))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(webhooks::retry))
+        .routes(routes!(webhooks::signing_secret))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(observe::api_metrics))
+}
+
+/// The OpenAPI document `/openapi.json` serves.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    openapi::finish(documented().into_openapi())
+}
+
 pub fn router(state: AppState) -> Router {
-    let routes = Router::new()
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-        .route("/v1/jobs/batch", post(jobs::submit_batch))
-        .route("/v1/jobs/cancel", post(bulk::cancel))
-        .route("/v1/jobs/{id}", get(jobs::get))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/v1/jobs/{id}/events", get(console::job_events))
-        .route("/v1/dead-letters", get(dlq::list))
-        .route("/v1/dead-letters/replay", post(bulk::replay))
-        .route("/v1/dead-letters/purge", post(bulk::purge))
-        .route("/v1/dead-letters/{id}", get(dlq::show).delete(dlq::purge))
-        .route("/v1/dead-letters/{id}/replay", post(dlq::replay))
-        .route("/v1/stats", get(jobs::stats))
-        .route("/v1/pools", get(pools::list))
-        .route("/v1/pools/{pool}/pause", post(pools::pause))
-        .route("/v1/pools/{pool}/resume", post(pools::resume))
-        .route("/v1/concurrency-limits", get(concurrency::list))
+    let (api, doc) = documented().split_for_parts();
+    // Serialised once: the document cannot change while the process runs.
+    let doc = Bytes::from(serde_json::to_vec(&openapi::finish(doc)).unwrap_or_default());
+    let routes = api
         .route(
-            "/v1/concurrency-limits/{prefix}",
-            axum::routing::put(concurrency::put).delete(concurrency::remove),
+            "/openapi.json",
+            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc) }),
         )
-        .route("/v1/schedules", post(schedules::put).get(schedules::list))
-        .route(
-            "/v1/schedules/{name}",
-            get(schedules::get).delete(schedules::remove),
-        )
-        .route("/v1/schedules/{name}/pause", post(schedules::pause))
-        .route("/v1/schedules/{name}/resume", post(schedules::resume))
-        .route("/v1/events", get(stream::sse))
-        .route("/v1/stream", get(stream::ws))
-        .route("/v1/stream-tickets", post(auth::stream_ticket))
-        .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
-        .route("/v1/webhooks/{id}", axum::routing::delete(webhooks::remove))
-        .route("/v1/webhook-deliveries", get(webhooks::deliveries))
-        .route("/v1/webhook-deliveries/{id}/retry", post(webhooks::retry))
-        .route("/v1/webhook-signing-secret", get(webhooks::signing_secret))
+        // The pages and their assets: for people, not part of the API.
         .route("/", get(display::page))
         .route("/display/app.js", get(display::script))
         .route("/display/style.css", get(display::style))
@@ -119,16 +138,7 @@ pub fn router(state: AppState) -> Router {
         .route("/console/app.js", get(console::script))
         .route("/console/views.js", get(console::views))
         .route("/console/style.css", get(console::style))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(observe::api_metrics).route_layer(middleware::from_fn_with_state(
-                state.clone(),
-                auth::metrics_token,
-            )),
-        )
-        .route("/openapi.json", get(openapi::document))
+        .route_layer(middleware::from_fn(refuse_nul))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::gate))
         .route_layer(middleware::from_fn_with_state(state.clone(), limits::limit))
         .fallback(not_found)
@@ -172,11 +182,90 @@ pub(crate) fn parse_body<T: DeserializeOwned>(
     })?;
     let value: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::NotJson(e.to_string()))?;
+    if let Some(field) = nul_in(&value, "") {
+        return Err(ApiError::Invalid(FieldError::new(field, NUL)));
+    }
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { String::new() } else { path };
         ApiError::Invalid(FieldError::new(field, e.inner().to_string()))
     })
+}
+
+/// Postgres text and JSON cannot hold U+0000, so it is refused at the door
+/// (on SQLite too: an API answers the same whatever its store).
+const NUL: &str = "must not contain the NUL character (U+0000)";
+
+/// The path (`jobs[2].payload.url`) of the first string or key holding a
+/// NUL character.
+fn nul_in(v: &serde_json::Value, at: &str) -> Option<String> {
+    let join = |k: &str| {
+        if at.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{at}.{k}")
+        }
+    };
+    match v {
+        serde_json::Value::String(s) => s.contains('\0').then(|| at.to_owned()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_in(item, &format!("{at}[{i}]"))),
+        serde_json::Value::Object(m) => m.iter().find_map(|(k, item)| {
+            if k.contains('\0') {
+                Some(join(k))
+            } else {
+                nul_in(item, &join(k))
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// Refuses a path or query parameter holding a NUL character with a 400
+/// naming it (the route's `{name}` for a path segment), before any handler
+/// passes it to the store.
+async fn refuse_nul(
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let decoded = |raw: &str| percent_decoded(raw).contains('\0');
+    let mut field = None;
+    if decoded(req.uri().path()) {
+        let template = req
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(|m| m.as_str().to_owned())
+            .unwrap_or_default();
+        field = Some(
+            req.uri()
+                .path()
+                .split('/')
+                .zip(template.split('/'))
+                .find(|(seg, _)| decoded(seg))
+                .map(|(_, t)| t.trim_matches(|c| c == '{' || c == '}').to_owned())
+                .unwrap_or_else(|| "path".to_owned()),
+        );
+    } else if let Some(q) = req.uri().query().filter(|q| decoded(q)) {
+        field = Some(
+            q.split('&')
+                .find(|pair| decoded(pair))
+                .and_then(|pair| pair.split('=').next())
+                .map(percent_decoded)
+                .unwrap_or_else(|| "query".to_owned()),
+        );
+    }
+    match field {
+        Some(f) => ApiError::BadParam(FieldError::new(f, NUL)).into_response(),
+        None => next.run(req).await,
+    }
+}
+
+fn percent_decoded(raw: &str) -> String {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// A query string, or a 400 naming it.
@@ -198,47 +287,91 @@ pub(crate) async fn own_job(
         .filter(|j| j.tenant == who.tenant))
 }
 
+/// The answer to an action on one job or delivery: its id and the status
+/// the action left it in.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Acted {
+    pub id: Uuid,
+    pub status: &'static str,
+    /// Only on a running job's cancel: its worker stops it at its next
+    /// lease check.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
+}
+
+impl Acted {
+    pub fn new(id: Uuid, status: &'static str) -> Self {
+        Self {
+            id,
+            status,
+            cancel_requested: false,
+        }
+    }
+}
+
 pub(crate) fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::BadParam(FieldError::new("id", "not a UUID")))
 }
 
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is up")))]
-async fn healthz() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "ok"}))
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Health {
+    /// Always `ok`.
+    status: &'static str,
 }
 
+/// The process is up (it says nothing of its dependencies: `/readyz` does).
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Readiness {
+    ready: bool,
+    /// `ok` or `unreachable`.
+    database: &'static str,
+    /// Each broker in use: `ok` or `unreachable`.
+    brokers: std::collections::BTreeMap<String, &'static str>,
+}
+
+/// Whether the database and every broker in use answer; which one is down,
+/// without the driver's error text (the log has it).
 #[utoipa::path(get, path = "/readyz", responses(
-    (status = 200, description = "Database and every broker in use are reachable"),
-    (status = 503, description = "A dependency is down")))]
+    (status = 200, description = "Database and every broker in use are reachable", body = Readiness),
+    (status = 503, description = "A dependency is down", body = Readiness)))]
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     // Say which dependency is down, not the driver's error text (which can
     // carry host names and credentials' shape); the log has the detail.
-    let db = match s.store.ping().await {
-        Ok(()) => "ok".to_owned(),
+    let database = match s.store.ping().await {
+        Ok(()) => "ok",
         Err(e) => {
             tracing::warn!(error = %e, "Readiness: database unreachable.");
-            "unreachable".to_owned()
+            "unreachable"
         }
     };
-    let mut ready = db == "ok";
-    let mut brokers = serde_json::Map::new();
+    let mut ready = database == "ok";
+    let mut brokers = std::collections::BTreeMap::new();
     for b in s.brokers.all() {
         let state = match b.ping().await {
-            Ok(()) => "ok".to_owned(),
+            Ok(()) => "ok",
             Err(e) => {
                 ready = false;
                 tracing::warn!(broker = b.name(), error = %e, "Readiness: broker unreachable.");
-                "unreachable".to_owned()
+                "unreachable"
             }
         };
-        brokers.insert(b.name().to_owned(), state.into());
+        brokers.insert(b.name().to_owned(), state);
     }
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = serde_json::json!({"ready": ready, "database": db, "brokers": brokers});
+    let body = Readiness {
+        ready,
+        database,
+        brokers,
+    };
     (status, Json(body))
 }
 

@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderName, Method};
+use axum::http::{HeaderMap, HeaderName, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -113,7 +113,14 @@ fn method_label(m: &Method) -> &'static str {
 /// hung database cannot make the scrape itself time out.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub(super) async fn api_metrics(State(s): State<AppState>) -> impl IntoResponse {
+/// Prometheus metrics of this API process, in the text exposition format.
+#[utoipa::path(get, path = "/metrics", security((), ("metrics_token" = [])), responses(
+    (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain; version=0.0.4"),
+    (status = 401, description = "`STEVEDORE_METRICS_TOKEN` is set and was not sent", body = super::error::ErrorBody)))]
+pub(super) async fn api_metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(refused) = super::auth::metrics_refusal(&s, &headers) {
+        return refused;
+    }
     let db = tokio::time::timeout(PING_TIMEOUT, s.store.ping()).await;
     metrics::DEPENDENCY_UP
         .with_label_values(&["database"])
@@ -127,5 +134,5 @@ pub(super) async fn api_metrics(State(s): State<AppState>) -> impl IntoResponse 
             .with_label_values(&[b.name()])
             .set(i64::from(ok));
     }
-    super::metrics().await
+    super::metrics().await.into_response()
 }

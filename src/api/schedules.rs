@@ -69,7 +69,7 @@ pub async fn list(
 }
 
 /// One schedule: its pattern, next and last fire, and the last job it made.
-#[utoipa::path(get, path = "/v1/schedules/{name}", params(("name" = String, Path)), responses(
+#[utoipa::path(get, path = "/v1/schedules/{name}", params(("name" = String, Path, pattern = "^[A-Za-z0-9._-]{1,100}$")), responses(
     (status = 200, body = Schedule), (status = 404, body = super::error::ErrorBody)))]
 pub async fn get(
     State(s): State<AppState>,
@@ -80,7 +80,7 @@ pub async fn get(
 }
 
 /// Stops the schedule for good; the jobs it made stay.
-#[utoipa::path(delete, path = "/v1/schedules/{name}", params(("name" = String, Path)), responses(
+#[utoipa::path(delete, path = "/v1/schedules/{name}", params(("name" = String, Path, pattern = "^[A-Za-z0-9._-]{1,100}$")), responses(
     (status = 204, description = "Deleted"), (status = 404, body = super::error::ErrorBody)))]
 pub async fn remove(
     State(s): State<AppState>,
@@ -95,7 +95,7 @@ pub async fn remove(
 }
 
 /// No fires until resumed.
-#[utoipa::path(post, path = "/v1/schedules/{name}/pause", params(("name" = String, Path)), responses(
+#[utoipa::path(post, path = "/v1/schedules/{name}/pause", params(("name" = String, Path, pattern = "^[A-Za-z0-9._-]{1,100}$")), responses(
     (status = 200, body = Schedule), (status = 404, body = super::error::ErrorBody)))]
 pub async fn pause(
     State(s): State<AppState>,
@@ -114,7 +114,7 @@ pub async fn pause(
 
 /// Fires again from the next fire time after now: what it missed while
 /// paused is not made up.
-#[utoipa::path(post, path = "/v1/schedules/{name}/resume", params(("name" = String, Path)), responses(
+#[utoipa::path(post, path = "/v1/schedules/{name}/resume", params(("name" = String, Path, pattern = "^[A-Za-z0-9._-]{1,100}$")), responses(
     (status = 200, body = Schedule), (status = 404, body = super::error::ErrorBody)))]
 pub async fn resume(
     State(s): State<AppState>,

@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
@@ -237,16 +238,28 @@ pub async fn sse(
 /// keepalive. A slow client is closed with code 1013 and a reason.
 #[utoipa::path(get, path = "/v1/stream", params(StreamQuery), responses(
     (status = 101, description = "WebSocket of job events (JSON text frames)", body = crate::model::event::Event),
-    (status = 400, description = "Bad filter", body = super::error::ErrorBody)))]
+    (status = 400, description = "Bad filter, or not a WebSocket handshake (`websocket_required`)", body = super::error::ErrorBody),
+    (status = 426, description = "The connection cannot be upgraded to a WebSocket (`websocket_required`)", body = super::error::ErrorBody)))]
 pub async fn ws(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let (mut filter, start) = parse_query(raw, &headers)?;
     filter.tenant = Some(who.tenant);
+    // axum's own refusal is plain text; every answer of the API is JSON.
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(e) => {
+            return Ok(super::error::respond(
+                e.status(),
+                "websocket_required",
+                &e.body_text(),
+            ))
+        }
+    };
     let feed = Feed::new(&s, filter, start)?;
     Ok(upgrade
         .on_upgrade(move |socket| serve_ws(socket, feed))

@@ -27,8 +27,10 @@ use crate::store::events::{DeliveryView, RetryOutcome, Webhook};
 pub struct CreateWebhook {
     /// http or https; must pass the SSRF guard
     /// (`STEVEDORE_WEBHOOK_ALLOW_HOSTS` lets named local receivers through).
+    #[schema(pattern = "^https?://")]
     pub url: String,
     /// Event types; default `job.succeeded`, `job.dead`, `job.cancelled`.
+    #[schema(value_type = Option<Vec<EventType>>, min_items = 1)]
     pub events: Option<Vec<String>>,
     /// Job kinds; default all.
     pub kinds: Option<Vec<String>>,
@@ -198,12 +200,25 @@ pub async fn signing_secret(
     }))
 }
 
+/// A delivery's state (documentation of the `status` filter).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    Pending,
+    Delivering,
+    Delivered,
+    Failed,
+}
+
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryQuery {
     /// `pending`, `delivering`, `delivered` or `failed` (the webhook dead letters).
+    #[param(value_type = Option<DeliveryStatus>, inline)]
     pub status: Option<String>,
     /// 1..=500, default 50.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 
@@ -240,7 +255,7 @@ pub async fn deliveries(
 
 /// Send a failed delivery again, with a fresh schedule and the same `webhook-id`.
 #[utoipa::path(post, path = "/v1/webhook-deliveries/{id}/retry", params(("id" = Uuid, Path)), responses(
-    (status = 202, description = "Queued again"), (status = 404, body = super::error::ErrorBody),
+    (status = 202, description = "Queued again", body = super::Acted), (status = 404, body = super::error::ErrorBody),
     (status = 409, description = "Not failed", body = super::error::ErrorBody)))]
 pub async fn retry(
     State(s): State<AppState>,
@@ -249,11 +264,9 @@ pub async fn retry(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     match s.events.retry_delivery(id, Some(&who.tenant)).await? {
-        RetryOutcome::Queued => Ok((
-            StatusCode::ACCEPTED,
-            Json(serde_json::json!({"id": id, "status": "pending"})),
-        )
-            .into_response()),
+        RetryOutcome::Queued => {
+            Ok((StatusCode::ACCEPTED, Json(super::Acted::new(id, "pending"))).into_response())
+        }
         RetryOutcome::NotFailed(st) => Err(ApiError::Conflict(format!(
             "delivery is {st}; only failed deliveries can be retried"
         ))),

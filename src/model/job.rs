@@ -19,7 +19,10 @@ use crate::kinds::Kinds;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backoff {
+    #[schema(minimum = 1, maximum = 3_600_000)]
     pub base_ms: u64,
+    /// At least `base_ms`.
+    #[schema(minimum = 1, maximum = 86_400_000)]
     pub max_ms: u64,
 }
 
@@ -52,21 +55,33 @@ pub struct AttemptError {
 pub struct SubmitRequest {
     /// `probe`, `scrape` or `analyze`.
     pub kind: String,
+    /// The kind's own fields, checked by the kind at submit.
     #[schema(value_type = Object)]
     pub payload: serde_json::Value,
     /// 1..=25, default 5.
+    #[schema(minimum = 1, maximum = 25)]
     pub max_attempts: Option<i32>,
     /// 1..=86400, default 300.
+    #[schema(minimum = 1, maximum = 86_400)]
     pub timeout_secs: Option<i32>,
     pub backoff: Option<Backoff>,
     /// RFC 3339; the job does not start before then.
     pub run_at: Option<DateTime<Utc>>,
+    /// 1 to 200 characters; a second submit with the same key (in the
+    /// tenant) returns the first job.
+    #[schema(min_length = 1, max_length = 200)]
     pub idempotency_key: Option<String>,
     /// -100..=100, default 0: higher runs first; FIFO within one priority.
+    #[schema(minimum = -100, maximum = 100)]
     pub priority: Option<i32>,
     /// Jobs with the same key share its limit on how many run at once
     /// (`PUT /v1/concurrency-limits/{prefix}`), across every worker. 1 to
-    /// 200 characters, e.g. `tenant:acme`.
+    /// 200 characters, no control characters, e.g. `tenant:acme`.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub concurrency_key: Option<String>,
     /// Where to POST this job's terminal event (signed with `secret`, or
     /// with the tenant's signing secret, `GET /v1/webhook-signing-secret`,
@@ -79,9 +94,11 @@ pub struct SubmitRequest {
 #[serde(deny_unknown_fields)]
 pub struct JobWebhook {
     /// http or https; must pass the SSRF guard.
+    #[schema(pattern = "^https?://")]
     pub url: String,
     /// `whsec_` + base64 of 24 to 64 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^whsec_[A-Za-z0-9+/=]+$")]
     pub secret: Option<String>,
 }
 
@@ -178,7 +195,8 @@ impl NewJob {
                 .ok_or_else(|| FieldError::new("priority", "must be between -100 and 100"))?,
         };
         if let Some(key) = &req.concurrency_key {
-            if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
+            // Characters, not bytes: what the documented maxLength counts.
+            if key.is_empty() || key.chars().count() > 200 || key.chars().any(char::is_control) {
                 return Err(FieldError::new(
                     "concurrency_key",
                     "must be 1 to 200 characters, none of them control characters",
@@ -186,7 +204,7 @@ impl NewJob {
             }
         }
         if let Some(key) = &req.idempotency_key {
-            if key.is_empty() || key.len() > 200 {
+            if key.is_empty() || key.chars().count() > 200 {
                 return Err(FieldError::new(
                     "idempotency_key",
                     "must be 1 to 200 characters",

@@ -27,13 +27,15 @@ pub const JITTER_MAX: u32 = 86_400;
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleRequest {
-    /// Letters, digits, `-`, `_` and `.`; unique within the tenant.
+    /// 1 to 100 letters, digits, `-`, `_` and `.`; unique within the tenant.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,100}$")]
     pub name: String,
     /// Five fields (minute hour day month weekday) or six with seconds first.
     pub cron: String,
     /// IANA name such as `Europe/Berlin`; default `UTC`.
     pub timezone: Option<String>,
     /// Each job runs up to this many seconds after its fire time (0..=86400).
+    #[schema(maximum = 86_400)]
     pub jitter_secs: Option<u32>,
     /// The job each fire submits, as `POST /v1/jobs` takes it (without
     /// `run_at`, `idempotency_key` and `webhook`).

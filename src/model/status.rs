@@ -130,6 +130,18 @@ impl EventType {
     }
 }
 
+/// In the OpenAPI document: a string, one of [`EventType::ALL`]'s names.
+impl utoipa::PartialSchema for EventType {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .enum_values(Some(Self::ALL.map(Self::as_str)))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventType {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

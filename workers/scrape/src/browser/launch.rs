@@ -218,6 +218,10 @@ async fn forward_devtools(ns: &Netns, ws: &str) -> std::io::Result<(String, Join
                 let Ok(mut inside) = TcpStream::from_std(inside) else {
                     return;
                 };
+                // Each hop relays DevTools messages as they come; Nagle would
+                // hold one back for the other side's delayed ACK.
+                let _ = client.set_nodelay(true);
+                let _ = inside.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut inside).await;
             });
         }

@@ -367,6 +367,9 @@ async fn bad_gateway(client: &mut TcpStream, why: &str) -> io::Result<()> {
 }
 
 async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
+    // A response goes out as head then body, in separate writes: with Nagle
+    // on, the body waits for the browser's delayed ACK of the head (~40 ms).
+    let _ = client.set_nodelay(true);
     let (buf, head_len) = read_head(&mut client).await?;
     let mut headers = [httparse::EMPTY_HEADER; 96];
     let mut req = httparse::Request::new(&mut headers);
@@ -386,6 +389,7 @@ async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
             Ok(u) => u,
             Err(e) => return bad_gateway(&mut client, &e.to_string()).await,
         };
+        let _ = upstream.set_nodelay(true);
         client
             .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             .await?;
@@ -447,6 +451,7 @@ async fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
         Ok(u) => u,
         Err(e) => return bad_gateway(&mut client, &e.to_string()).await,
     };
+    let _ = upstream.set_nodelay(true);
     upstream.write_all(&out).await?;
     // Only this request's body goes upstream, streamed rather than held:
     // whatever the client sends after it is never read, so it cannot reach

@@ -330,3 +330,58 @@ async fn a_browser_that_served_its_share_is_replaced() {
     }
     assert!(gone, "the retired browser {old} still runs");
 }
+
+/// The browser's renderer processes now: each names the browser's profile.
+fn renderers(profile: &std::path::Path) -> std::collections::BTreeSet<u32> {
+    let profile = format!("--user-data-dir={}", profile.display());
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("--type=renderer") && cmdline.contains(&profile)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_job_costs_the_browser_one_renderer() {
+    // Chromium gives every context a window whose omnibox popup is a WebUI
+    // page with a renderer of its own, and a spare renderer for the
+    // context's next navigation; both would be started for every job and
+    // thrown away with its context.
+    let canary = Canary::start().await;
+    let port = fixtures(&canary).await;
+    let h = handler(port);
+    let moodle = format!("http://127.0.0.1:{port}/moodle");
+    let (res, _) = scrape(&h, json!({"url": moodle, "render": "browser"})).await;
+    assert_eq!(res.expect("warm-up").questions.len(), 5);
+    let profile = h.browser().profile_dir().await.expect("a profile");
+    let before = renderers(&profile);
+
+    // The page stays open for a second and a half after its load, time
+    // enough for anything started for the job to show up.
+    let job = {
+        let h = h.clone();
+        tokio::spawn(async move {
+            scrape(
+                &h,
+                json!({"url": moodle, "render": "browser", "wait_ms": 1500}),
+            )
+            .await
+        })
+    };
+    let mut started = std::collections::BTreeSet::<u32>::new();
+    while !job.is_finished() {
+        started.extend(renderers(&profile).difference(&before).copied());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (res, _) = job.await.expect("job ran");
+    assert_eq!(res.expect("scraped").questions.len(), 5);
+    assert_eq!(
+        started.len(),
+        1,
+        "renderers started for one job: {started:?}"
+    );
+}

@@ -122,7 +122,10 @@ impl Drop for Driver {
 
 impl Cdp {
     pub async fn connect(url: &str) -> Result<(Self, Driver), CdpError> {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
+        // Without TCP_NODELAY a command written while the previous one is
+        // still unacknowledged waits for the browser's delayed ACK (~40 ms
+        // on Linux): most of a job's close phase, and some of its setup.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
             .await
             .map_err(|e| CdpError::Other(format!("connecting to {url}: {e}")))?;
         let (mut sink, mut stream) = ws.split();

@@ -51,11 +51,16 @@ const FLAGS: &[&str] = &[
     "no-service-autorun",
     "disable-client-side-phishing-detection",
     "enable-features=NetworkService,NetworkServiceInProcess",
-    // One list: Chromium honours only the last --disable-features. Each of
-    // these is background chatter (time sync, hints, media routing,
+    // One list: Chromium honours only the last --disable-features. The
+    // first group is background chatter (time sync, hints, media routing,
     // translation) that costs CPU per context and would only be refused by
-    // the deny-all proxy anyway.
-    "disable-features=Translate,TranslateUI,OptimizationHints,OptimizationGuideModelDownloading,OptimizationHintsFetching,NetworkTimeServiceQuerying,MediaRouter,DialMediaRouteProvider,CertificateTransparencyComponentUpdater,AutofillServerCommunication,LensOverlay,PaintHolding,InterestFeedContentSuggestions",
+    // the deny-all proxy anyway. The second is work done for every job's
+    // context and thrown away with it: each context gets a browser window
+    // whose omnibox popup is a WebUI page of its own (two more pages and a
+    // renderer per job), and a spare renderer kept ready for the context's
+    // next navigation, which never comes. Together they were more than
+    // half of the browser's CPU per job.
+    "disable-features=Translate,TranslateUI,OptimizationHints,OptimizationGuideModelDownloading,OptimizationHintsFetching,NetworkTimeServiceQuerying,MediaRouter,DialMediaRouteProvider,CertificateTransparencyComponentUpdater,AutofillServerCommunication,LensOverlay,PaintHolding,InterestFeedContentSuggestions,WebUIOmniboxPopup,WebUIOmniboxAimPopup,WebUIOmniboxFullPopup,SpareRendererForSitePerProcess",
     // Without it WebRTC sends STUN straight past the proxy.
     "webrtc-ip-handling-policy=disable_non_proxied_udp",
     "force-webrtc-ip-handling-policy",
@@ -213,6 +218,10 @@ async fn forward_devtools(ns: &Netns, ws: &str) -> std::io::Result<(String, Join
                 let Ok(mut inside) = TcpStream::from_std(inside) else {
                     return;
                 };
+                // Each hop relays DevTools messages as they come; Nagle would
+                // hold one back for the other side's delayed ACK.
+                let _ = client.set_nodelay(true);
+                let _ = inside.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut inside).await;
             });
         }

@@ -52,6 +52,7 @@ pub struct AttemptError {
 /// `POST /v1/jobs` body, as the client sends it.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"kind": "probe", "payload": {"sleep_ms": 10}, "priority": 5})))]
 pub struct SubmitRequest {
     /// `probe`, `scrape` or `analyze`.
     pub kind: String,

@@ -26,6 +26,12 @@ pub const JITTER_MAX: u32 = 86_400;
 /// `POST /v1/schedules` body.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({
+    "name": "nightly-probe",
+    "cron": "0 3 * * *",
+    "timezone": "Europe/Berlin",
+    "job": {"kind": "probe", "payload": {}}
+})))]
 pub struct ScheduleRequest {
     /// 1 to 100 letters, digits, `-`, `_` and `.`; unique within the tenant.
     #[schema(pattern = "^[A-Za-z0-9._-]{1,100}$")]

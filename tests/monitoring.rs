@@ -329,7 +329,9 @@ async fn otlp_receiver(spans: Arc<Mutex<Vec<Got>>>) -> String {
 
 /// Waits (with a deadline) until `ok` holds for the spans received.
 async fn spans_until(spans: &Mutex<Vec<Got>>, what: &str, ok: impl Fn(&[Got]) -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // Generous: on a saturated machine the worker processes' batch
+    // exporters were seen to need more than a minute.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
     loop {
         let now: Vec<Got> = spans.lock().expect("lock").clone();
         if ok(&now) {

@@ -1,6 +1,7 @@
 //! Writing the lifecycle on SQLite: inserting jobs and applying the
-//! model's transitions row by row inside the caller's transaction, each
-//! fenced on the status and attempt it was decided from.
+//! model's transitions inside the caller's transaction, a batch in one
+//! statement where it can, each row fenced on the status and attempt it was
+//! decided from.
 
 use std::collections::{HashMap, HashSet};
 

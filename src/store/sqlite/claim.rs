@@ -69,25 +69,27 @@ impl SqliteStore {
         // Jobs without a key start in one statement; the rest one by one,
         // as their keys admit them.
         let mut rows = claim(unkeyed, list).fetch_all(&mut *tx).await?;
-        let mut seen: std::collections::HashSet<String> = rows
+        let mut claimed: Vec<String> = rows
             .iter()
             .map(|r| r.try_get::<String, _>("id"))
             .collect::<Result<_, _>>()?;
+        let mut seen: std::collections::HashSet<String> = claimed.iter().cloned().collect();
         for (id, sid) in ids.iter().zip(&sids) {
             if !seen.insert(sid.clone()) {
                 continue;
             }
             // The one writer makes the count the next claim sees exact.
             match admit_keyed(&mut tx, *id, now).await? {
-                Some(true) => rows.extend(claim(one, sid.clone()).fetch_optional(&mut *tx).await?),
+                Some(true) => {
+                    if let Some(r) = claim(one, sid.clone()).fetch_optional(&mut *tx).await? {
+                        rows.push(r);
+                        claimed.push(sid.clone());
+                    }
+                }
                 Some(false) => {}
                 None => park_paused(&mut tx, sid, now).await?,
             }
         }
-        let claimed: Vec<String> = rows
-            .iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<Result<_, _>>()?;
         events(&mut tx, &claimed, EventType::Started, &self.bell).await?;
         let mut out = Vec::with_capacity(rows.len());
         for (r, sid) in rows.iter().zip(&claimed) {

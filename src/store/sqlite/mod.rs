@@ -1,8 +1,9 @@
 //! The SQLite store for `stevedore dev`: the same lifecycle on one file.
 //! The pool holds a single connection, so writes are serialised inside the
 //! process and SQLite never answers "database is locked" to our own
-//! transactions; batches loop over rows inside one transaction, which on
-//! SQLite costs little because the commit is the expensive part.
+//! transactions. Each statement is a round trip to that connection's
+//! thread, so the hot path writes a batch in one statement per step
+//! (`json_each` over a JSON array, see [`json_list`]), not one per row.
 //! `apply.rs` writes the lifecycle, `claim.rs` claims and extends leases,
 //! `jobs.rs` reads, `maintenance.rs` serves the dispatcher, `schedules.rs`
 //! keeps the cron schedules, `progress.rs` records progress reports,
